@@ -1,0 +1,142 @@
+"""The Python entry point: `Llama.load(path)` then `complete`, `chat`, `logits`."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from .config import ModelArgs
+from .formats import Checkpoint, load_checkpoint
+from .generate import ContextOverflow, generate, generate_batch
+from .model import Transformer
+from .sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Completion:
+    text: str
+    tokens: list[int]
+    finish_reason: str
+    prompt_tokens: int
+    logprobs: list[float] | None = None
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.tokens)
+
+
+class Llama:
+    """A loaded model with its tokenizer and chat template."""
+
+    def __init__(self, model: Transformer, tokenizer, chat_template: str | None = None,
+                 checkpoint: Checkpoint | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.chat_template = chat_template
+        self.checkpoint = checkpoint
+
+    @property
+    def args(self) -> ModelArgs:
+        return self.model.args
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, *, adapter: str | Path | None = None, dtype: str = "float32",
+             quantize: str | None = None, max_seq_len: int | None = None, device: str = "cpu",
+             progress: bool = False) -> "Llama":
+        """Load a Meta folder, HF folder or GGUF file (the bundled SmolLM2 when path is None).
+
+        quantize: None keeps float weights; "int8"/"int4" swap Linears for packed weight-only kernels.
+        adapter: a PEFT-format LoRA folder applied on top.
+        """
+        from .paths import default_model_path
+        path = Path(path) if path is not None else default_model_path()
+        ckpt = load_checkpoint(path, progress=progress)
+        if ckpt.args is None:
+            raise ValueError(f"{path}: holds a vocabulary only, no model weights")
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+        args = ckpt.args if max_seq_len is None else ckpt.args.replace(max_seq_len=max_seq_len)
+        tensors = {k: t.to(DTYPES[dtype]) for k, t in ckpt.tensors.items()}
+        model = Transformer.empty(args, device=device).load_tensors(tensors).to(device).eval()
+        ckpt.tensors = {}  # the model owns the weights now
+        if adapter is not None:
+            from .lora import load_adapter
+            load_adapter(model, adapter)
+        if quantize is not None:
+            from .quant import quantize_model
+            quantize_model(model, quantize)
+        tok = ckpt.tokenizer
+        if tok is None:
+            raise ValueError(f"{path}: no tokenizer found next to the weights")
+        template = ckpt.chat_template or getattr(tok, "chat_template", None)
+        return cls(model, tok, template, ckpt)
+
+    # -- scoring -------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def logits(self, ids: Sequence[int]) -> torch.Tensor:
+        """Float32 logits [len(ids), vocab] of a full causal pass."""
+        if len(ids) > self.args.max_seq_len:
+            raise ContextOverflow(f"{len(ids)} tokens exceed the context window of {self.args.max_seq_len}")
+        x = torch.tensor([list(ids)], device=self.model.rope_cos.device)
+        return self.model(x)[0].float()
+
+    # -- generation ----------------------------------------------------------------------------
+    def encode_prompt(self, prompt: str | Sequence[int], bos: bool | None = None) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt, bos=self.tokenizer.add_bos if bos is None else bos)
+        return [int(t) for t in prompt]
+
+    def encode_chat(self, messages: Sequence[dict[str, Any]]) -> list[int]:
+        from .chat import encode_chat
+        return encode_chat(self.tokenizer, messages, self.chat_template)
+
+    def complete(self, prompt: str | Sequence[int], *, stream: bool = False, echo: bool = False,
+                 **sampling: Any) -> Completion | Iterator[str]:
+        """Continue a prompt. Sampling options are SamplingParams fields (max_tokens, temperature, ...)."""
+        ids = self.encode_prompt(prompt)
+        params = SamplingParams(**sampling)
+        prefix = (prompt if isinstance(prompt, str) else self.tokenizer.decode(ids)) if echo else ""
+        return self._run(ids, params, stream, prefix)
+
+    def chat(self, messages: Sequence[dict[str, Any]], *, stream: bool = False, **sampling: Any) -> Completion | Iterator[str]:
+        """Answer the last user message with the model's chat format (Llama 2 [INST], or its Jinja template)."""
+        return self._run(self.encode_chat(messages), SamplingParams(**sampling), stream, "")
+
+    def complete_batch(self, prompts: Sequence[str | Sequence[int]], **sampling: Any) -> list[Completion]:
+        """Several prompts decoded together in one batch."""
+        ids = [self.encode_prompt(p) for p in prompts]
+        params = SamplingParams(**sampling)
+        seqs = generate_batch(self.model, ids, params, self.tokenizer)
+        return [Completion(s.stream.text if s.stream else "", list(s.out), s.finish_reason or "length", len(s.prompt),
+                           s.logprobs if params.logprobs else None) for s in seqs]
+
+    def _run(self, ids: list[int], params: SamplingParams, stream: bool, prefix: str):
+        if len(ids) >= self.args.max_seq_len:
+            raise ContextOverflow(f"the prompt has {len(ids)} tokens but the context window is {self.args.max_seq_len}")
+        events = generate(self.model, ids, params, self.tokenizer)
+        if stream:
+            return self._stream(events, prefix)
+        out, lps, pieces, reason = [], [], [prefix], "length"
+        for ev in events:
+            pieces.append(ev.text)
+            if ev.finish_reason != "stop" or ev.id not in self.tokenizer.eog_ids:
+                out.append(ev.id)
+                if ev.logprob is not None:
+                    lps.append(ev.logprob)
+            reason = ev.finish_reason or reason
+        return Completion("".join(pieces), out, reason, len(ids), lps if params.logprobs else None)
+
+    @staticmethod
+    def _stream(events, prefix: str) -> Iterator[str]:
+        if prefix:
+            yield prefix
+        for ev in events:
+            if ev.text:
+                yield ev.text
