@@ -1,0 +1,313 @@
+"""GGUF files (llama.cpp), read with the ``gguf`` package's memory-mapped reader.
+
+llama.cpp's converter stores attn_q/attn_k rows in Meta's interleaved RoPE order (it undoes HF's
+permutation), so tensors map to Meta names with no permutation. GGUF lists dimensions fastest-first
+(ne0 = columns); the reader returns torch order [out, in].
+"""
+from __future__ import annotations
+
+import logging
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..config import ModelArgs, from_gguf_kv
+from ..quant.gguf_blocks import FLOAT_TYPES, QUANT_TYPES, WRITABLE_QUANT_TYPES, QTensor, block_sizes
+from . import Checkpoint, CheckpointError
+from .meta import as_float, atomic_write, check_tensors, drop_tied_output, progress_iter, writer_inputs
+
+log = logging.getLogger(__name__)
+
+_LAYER = {
+    "attn_q": "attention.wq", "attn_k": "attention.wk", "attn_v": "attention.wv", "attn_output": "attention.wo",
+    "ffn_gate": "feed_forward.w1", "ffn_down": "feed_forward.w2", "ffn_up": "feed_forward.w3",
+    "attn_norm": "attention_norm", "ffn_norm": "ffn_norm",
+}
+_LAYER_INV = {v: k for k, v in _LAYER.items()}
+_TOP = {"token_embd.weight": "tok_embeddings.weight", "output_norm.weight": "norm.weight",
+        "output.weight": "output.weight"}
+_TOP_INV = {v: k for k, v in _TOP.items()}
+# token arrays are huge; the tokenizer gets them, Checkpoint.metadata does not
+_BIG_KEYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type", "tokenizer.ggml.merges")
+
+
+def gguf_to_meta_name(name: str) -> str | None:
+    if name in _TOP:
+        return _TOP[name]
+    m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.weight", name)
+    if m and m.group(2) in _LAYER:
+        return f"layers.{m.group(1)}.{_LAYER[m.group(2)]}.weight"
+    return None
+
+
+def meta_to_gguf_name(name: str) -> str:
+    if name in _TOP_INV:
+        return _TOP_INV[name]
+    m = re.fullmatch(r"layers\.(\d+)\.(.+)\.weight", name)
+    if m and m.group(2) in _LAYER_INV:
+        return f"blk.{m.group(1)}.{_LAYER_INV[m.group(2)]}.weight"
+    raise ValueError(f"no GGUF name for tensor {name!r}")
+
+
+# ---------------------------------------------------------------- reading
+
+def _open(path: Path):
+    import gguf
+    try:
+        # copy-on-write mapping: tensors are writable views (torch needs that) yet the file is never modified
+        reader = gguf.GGUFReader(path, mode="c")
+    except Exception as e:  # noqa: BLE001 - the reader raises ValueError/IndexError/... on bad bytes
+        raise CheckpointError(f"{path}: not a readable GGUF file (truncated or corrupt?): "
+                              f"{type(e).__name__}: {e}") from e
+    size = path.stat().st_size
+    for t in reader.tensors:
+        if t.data_offset + t.n_bytes > size:
+            raise CheckpointError(f"{path}: truncated GGUF: tensor {t.name} ends at byte "
+                                  f"{t.data_offset + t.n_bytes} but the file has {size}")
+    return reader
+
+
+def _kv(reader, path: Path) -> dict[str, Any]:
+    kv = {}
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        try:
+            kv[key] = field.contents()
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(f"{path}: unreadable metadata value {key!r}: {e}") from e
+    return kv
+
+
+def _tokenizer(kv: dict[str, Any], path: Path) -> Any:
+    if "tokenizer.ggml.model" not in kv:
+        return None
+    try:
+        from ..tokenizer import Tokenizer
+    except ImportError:
+        log.warning("llamaforge.tokenizer is not available; %s loaded without a tokenizer", path)
+        return None
+    try:
+        return Tokenizer.from_gguf(kv)
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"{path}: cannot build the tokenizer from its GGUF metadata: {e}") from e
+
+
+def _to_torch(t, qtype: str, shape: tuple[int, ...], dequantize: bool) -> torch.Tensor | QTensor:
+    data = t.data
+    if qtype == "F32":
+        return torch.from_numpy(data).reshape(shape)
+    if qtype == "F16":
+        out = torch.from_numpy(data).reshape(shape)
+        return out.float() if dequantize else out
+    if qtype == "BF16":  # the gguf reader hands BF16 over as raw bytes
+        out = torch.from_numpy(data).view(torch.bfloat16).reshape(shape)
+        return out.float() if dequantize else out
+    q = QTensor(data, qtype, shape)  # type: ignore[arg-type]
+    return q.dequantize() if dequantize else q
+
+
+def read(path: str | Path, *, dequantize: bool = True, progress: bool = False) -> Checkpoint:
+    """Read a GGUF model (architecture ``llama``) or a vocabulary-only GGUF.
+
+    dequantize=True: every tensor float32. dequantize=False: F32/F16/BF16 tensors as stored
+    (zero-copy views of the mapped file), block-quantized ones as packed QTensor.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such GGUF file")
+    reader = _open(path)
+    kv = _kv(reader, path)
+    tokenizer = _tokenizer(kv, path)
+    small_kv = {k: v for k, v in kv.items() if k not in _BIG_KEYS}
+    types = Counter(t.tensor_type.name for t in reader.tensors)
+    metadata = {"gguf_kv": small_kv, "tensor_types": dict(types), "file_type": kv.get("general.file_type"),
+                "name": kv.get("general.name"), "gguf_version": reader.fields["GGUF.version"].contents()}
+    common = dict(tokenizer=tokenizer, chat_template=kv.get("tokenizer.chat_template"),
+                  license=kv.get("general.license"), format="gguf", path=path, metadata=metadata)
+    if not reader.tensors:
+        return Checkpoint(args=None, tensors={}, **common)
+
+    arch = kv.get("general.architecture")
+    if arch != "llama":
+        raise CheckpointError(f"{path}: GGUF architecture {arch!r} is not supported (only 'llama')")
+    supported = FLOAT_TYPES + QUANT_TYPES
+    names: dict[str, Any] = {}
+    for t in reader.tensors:
+        if t.tensor_type.name not in supported:
+            raise CheckpointError(f"{path}: tensor {t.name} has unsupported type {t.tensor_type.name} "
+                                  f"(supported: {', '.join(supported)})")
+        meta = gguf_to_meta_name(t.name)
+        if meta is None:
+            raise CheckpointError(f"{path}: unexpected tensor {t.name!r} for a Llama model")
+        names[meta] = t
+    tokens = kv.get("tokenizer.ggml.tokens")
+    try:
+        args = from_gguf_kv(kv, vocab_size=len(tokens) if tokens else None, has_output="output.weight" in names)
+    except (KeyError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: invalid llama metadata: {e}") from e
+
+    shapes = {n: tuple(int(d) for d in reversed(t.shape.tolist())) for n, t in names.items()}
+    check_tensors(args, {n: torch.empty(s, device="meta") for n, s in shapes.items()}, path)
+    tensors = {}
+    for name in progress_iter(list(names), progress, f"reading {path.name}"):
+        t = names[name]
+        tensors[name] = _to_torch(t, t.tensor_type.name, shapes[name], dequantize)
+    return Checkpoint(args=args, tensors=tensors, **common)
+
+
+# ---------------------------------------------------------------- writing
+
+_FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0",
+               "q4_0": "MOSTLY_Q4_0", "q4_1": "MOSTLY_Q4_1"}
+
+
+def _target_type(name: str, shape: tuple[int, ...], qtype: str, tied: bool) -> str:
+    """GGML type of one tensor under llama.cpp's conventions for a file type."""
+    if len(shape) < 2 or qtype == "f32":
+        return "F32"  # norms stay F32 whatever the file type
+    if qtype in ("f16", "bf16"):
+        return qtype.upper()
+    t = qtype.upper()
+    # llama-quantize keeps the output projection at higher precision (Q6_K; we can only write Q8_0)
+    if t in ("Q4_0", "Q4_1") and (name == "output.weight" or (tied and name == "tok_embeddings.weight")):
+        t = "Q8_0"
+    if shape[-1] % block_sizes(t)[0]:
+        log.warning("%s: %d columns are not a multiple of the %s block; writing F16", name, shape[-1], t)
+        return "F16"
+    return t
+
+
+def _encode(name: str, value: Any, target: str) -> tuple[np.ndarray, Any]:
+    """(array for GGUFWriter.add_tensor, raw GGML type or None)."""
+    from gguf import GGMLQuantizationType
+    if isinstance(value, QTensor) and value.qtype == target:
+        return np.asarray(value.data), GGMLQuantizationType[target]  # already packed: copy the blocks as is
+    t = as_float(value).detach().cpu()
+    if target == "F32":
+        return t.to(torch.float32).contiguous().numpy(), None
+    if target == "F16":
+        return t.to(torch.float16).contiguous().numpy(), None
+    if target == "BF16":
+        raw = t.to(torch.bfloat16).contiguous().view(torch.uint8).numpy()
+        return raw, GGMLQuantizationType.BF16
+    q = QTensor.quantize(t, target)
+    return q.data, GGMLQuantizationType[target]
+
+
+def _add_kv(w, key: str, value: Any) -> None:
+    """Add one metadata value with the GGUF type llama.cpp expects for it."""
+    from gguf import GGUFValueType as V
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    if isinstance(value, (list, tuple)):
+        if not value:
+            return  # GGUF cannot store empty arrays
+        if key == "tokenizer.ggml.scores" or any(isinstance(v, float) for v in value):
+            w.add_array(key, [float(v) for v in value])
+        elif key == "tokenizer.ggml.token_type":
+            w.add_array(key, [int(v) for v in value])
+        else:
+            w.add_array(key, list(value))
+    elif isinstance(value, bool):
+        w.add_bool(key, value)
+    elif isinstance(value, int):
+        if value < 0:
+            w.add_int32(key, value)
+        elif value >= 2**32:
+            w.add_uint64(key, value)
+        else:
+            w.add_key_value(key, value, V.UINT32)
+    elif isinstance(value, float):
+        w.add_float32(key, value)
+    elif isinstance(value, str):
+        w.add_string(key, value)
+    else:
+        raise ValueError(f"cannot store metadata {key!r} of type {type(value).__name__} in GGUF")
+
+
+def _tokenizer_kv(tokenizer: Any, vocab_size: int) -> dict[str, Any]:
+    kv = dict(tokenizer.gguf_kv())
+    tokens = list(kv.get("tokenizer.ggml.tokens") or [])
+    if len(tokens) > vocab_size:
+        raise ValueError(f"tokenizer has {len(tokens)} tokens but the model's vocab_size is {vocab_size}")
+    if tokens and len(tokens) < vocab_size:
+        # llama.cpp sizes the embedding from the token list: pad it as convert_hf_to_gguf does
+        pad = vocab_size - len(tokens)
+        kv["tokenizer.ggml.tokens"] = tokens + [f"[PAD{i}]" for i in range(len(tokens), vocab_size)]
+        if kv.get("tokenizer.ggml.scores"):
+            kv["tokenizer.ggml.scores"] = list(kv["tokenizer.ggml.scores"]) + [0.0] * pad
+        if kv.get("tokenizer.ggml.token_type"):
+            kv["tokenizer.ggml.token_type"] = list(kv["tokenizer.ggml.token_type"]) + [5] * pad  # UNUSED
+    return kv
+
+
+def write(path: str | Path, args: ModelArgs | Checkpoint, tensors: dict[str, Any] | None = None,
+          tokenizer: Any = None, chat_template: str | None = None, qtype: str = "f16",
+          metadata: dict | None = None, *, progress: bool = False) -> Path:
+    """Write a llama-architecture GGUF file atomically (temporary file, then rename).
+
+    qtype: f32 | f16 | bf16 | q8_0 | q4_0 | q4_1. 1-D tensors stay F32; with q4_* the output
+    projection (or the tied embedding) is Q8_0; a QTensor already of the target type is copied as is.
+    metadata: "name", "license", and any extra GGUF keys ("general.author": ...).
+    """
+    import gguf
+
+    qtype = qtype.lower()
+    if qtype not in _FILE_TYPES:
+        raise ValueError(f"qtype {qtype!r} not writable; choose one of {', '.join(_FILE_TYPES)}")
+    args, tensors, tokenizer, chat_template, metadata = writer_inputs(args, tensors, tokenizer, chat_template, metadata)
+    drop_tied_output(args, tensors)
+    check_tensors(args, tensors, "tensors to write")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tok_kv = _tokenizer_kv(tokenizer, args.vocab_size) if tokenizer is not None else {}
+    if tokenizer is None:
+        log.warning("%s: written without a tokenizer; llama.cpp cannot load it", path)
+
+    def _write(tmp: Path) -> None:
+        w = gguf.GGUFWriter(tmp, "llama")
+        w.add_name(str(metadata.get("name") or "llamaforge"))
+        w.add_context_length(args.max_seq_len)
+        w.add_embedding_length(args.dim)
+        w.add_block_count(args.n_layers)
+        w.add_feed_forward_length(args.ffn_hidden)
+        w.add_rope_dimension_count(args.head_dim)
+        w.add_head_count(args.n_heads)
+        w.add_head_count_kv(args.kv_heads)
+        w.add_layer_norm_rms_eps(args.norm_eps)
+        w.add_rope_freq_base(args.rope_theta)
+        w.add_vocab_size(args.vocab_size)
+        w.add_file_type(int(gguf.LlamaFileType[_FILE_TYPES[qtype]]))
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        if metadata.get("license"):
+            w.add_license(str(metadata["license"]))
+        written = {"general.architecture", "general.name", "general.file_type", "general.quantization_version",
+                   "general.license", "general.alignment"}
+        extra = {k: v for k, v in (metadata.get("gguf_kv") or {}).items() if k.startswith("general.")}
+        extra.update({k: v for k, v in metadata.items() if "." in k})
+        for key, value in {**extra, **tok_kv}.items():
+            if key not in written and not key.startswith("GGUF."):
+                _add_kv(w, key, value)
+                written.add(key)
+        if chat_template:
+            w.add_chat_template(chat_template)
+        # llama.cpp's tensor order: embeddings, blocks, final norm, output
+        order = sorted(tensors, key=lambda n: (0, 0, n) if n == "tok_embeddings.weight" else
+                       (1, int(n.split(".")[1]), n) if n.startswith("layers.") else (2, 0, n))
+        for name in progress_iter(order, progress, f"writing {path.name}"):
+            value = tensors[name]
+            target = _target_type(name, tuple(value.shape), qtype, args.tie_embeddings)
+            arr, raw = _encode(name, value, target)
+            w.add_tensor(meta_to_gguf_name(name), arr, raw_dtype=raw)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+
+    atomic_write(path, _write)
+    return path

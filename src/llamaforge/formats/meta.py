@@ -1,0 +1,261 @@
+"""Meta's original layout: ``params.json`` + ``consolidated.NN.pth`` shards + ``tokenizer.model``.
+
+Also the home of what every format shares, since Meta's names and shapes are the canonical ones:
+the expected tensor shapes of a config, the checks against them, tokenizer/licence/template lookup.
+
+Model-parallel shards split each matrix the way the reference's fairscale layers do:
+ColumnParallelLinear (wq, wk, wv, w1, w3, output) on dim 0, RowParallelLinear (wo, w2) on dim 1,
+ParallelEmbedding (tok_embeddings) on dim 1; norms are replicated.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+
+from ..config import ModelArgs, from_params_json, to_params_json
+from . import Checkpoint, CheckpointError
+
+log = logging.getLogger(__name__)
+
+_DIM0 = ("attention.wq", "attention.wk", "attention.wv", "feed_forward.w1", "feed_forward.w3", "output")
+_DIM1 = ("attention.wo", "feed_forward.w2", "tok_embeddings")
+_IGNORED = ("rope.freqs",)  # LLaMA-1 checkpoints carry the RoPE table; it is recomputed
+
+
+# ---------------------------------------------------------------- shared by meta, hf and gguf
+
+def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
+    """Meta name -> torch shape for a config (output.weight omitted when tied)."""
+    d, h, q, kv = args.dim, args.ffn_hidden, args.n_heads * args.head_dim, args.kv_heads * args.head_dim
+    out: dict[str, tuple[int, ...]] = {"tok_embeddings.weight": (args.vocab_size, d)}
+    for i in range(args.n_layers):
+        p = f"layers.{i}."
+        out.update({
+            p + "attention.wq.weight": (q, d), p + "attention.wk.weight": (kv, d),
+            p + "attention.wv.weight": (kv, d), p + "attention.wo.weight": (d, q),
+            p + "feed_forward.w1.weight": (h, d), p + "feed_forward.w2.weight": (d, h),
+            p + "feed_forward.w3.weight": (h, d),
+            p + "attention_norm.weight": (d,), p + "ffn_norm.weight": (d,),
+        })
+    out["norm.weight"] = (d,)
+    if not args.tie_embeddings:
+        out["output.weight"] = (args.vocab_size, d)
+    return out
+
+
+def check_tensors(args: ModelArgs, tensors: dict[str, Any], where: Path | str) -> None:
+    """CheckpointError unless ``tensors`` are exactly the config's tensors with the config's shapes."""
+    want = expected_shapes(args)
+    missing = [n for n in want if n not in tensors]
+    unexpected = [n for n in tensors if n not in want]
+    if missing or unexpected:
+        raise CheckpointError(f"{where}: tensors do not match the config: missing {missing[:5]}"
+                              f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}")
+    for name, shape in want.items():
+        got = tuple(tensors[name].shape)
+        if got != shape:
+            raise CheckpointError(f"{where}: shape mismatch vs config: {name} is {got}, config expects {shape}")
+
+
+def drop_tied_output(args: ModelArgs, tensors: dict[str, Any]) -> None:
+    if args.tie_embeddings:
+        tensors.pop("output.weight", None)
+
+
+def load_tokenizer(path: Path) -> Any:
+    """llamaforge Tokenizer from a file or folder; None when there is none (or the module is absent)."""
+    try:
+        from ..tokenizer import Tokenizer
+    except ImportError:
+        log.warning("llamaforge.tokenizer is not available; %s loaded without a tokenizer", path)
+        return None
+    try:
+        return Tokenizer.load(path)
+    except Exception as e:  # noqa: BLE001 - any tokenizer failure is a bad checkpoint
+        raise CheckpointError(f"{path}: cannot load the tokenizer: {e}") from e
+
+
+def find_license(*folders: Path) -> str | None:
+    """'llama2' when a LICENSE / USE_POLICY.md in one of the folders is Meta's Llama 2 licence."""
+    for folder in folders:
+        for name in ("LICENSE", "LICENSE.txt", "LICENSE.md", "USE_POLICY.md"):
+            f = folder / name
+            if f.is_file():
+                text = f.read_text(encoding="utf-8", errors="replace")[:20000].upper()
+                if "LLAMA 2 COMMUNITY LICENSE" in text:
+                    return "llama2"
+    return None
+
+
+def read_text_if(path: Path) -> str | None:
+    return path.read_text(encoding="utf-8") if path.is_file() else None
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp)`` on a temporary file next to ``path``, then rename it into place."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"))
+
+
+def writer_inputs(args: Any, tensors: dict | None, tokenizer: Any, chat_template: str | None,
+                  metadata: dict | None) -> tuple[ModelArgs, dict[str, Any], Any, str | None, dict]:
+    """Let writers take either (args, tensors, ...) or a whole Checkpoint as ``args``."""
+    if isinstance(args, Checkpoint):
+        ck = args
+        meta = dict(ck.metadata)
+        if ck.license and "license" not in meta:
+            meta["license"] = ck.license
+        meta.update(metadata or {})
+        return (ck.args, dict(tensors if tensors is not None else ck.tensors), tokenizer or ck.tokenizer,
+                chat_template or ck.chat_template, meta)
+    if args is None or tensors is None:
+        raise ValueError("write() needs args and tensors (or a Checkpoint)")
+    return args, dict(tensors), tokenizer, chat_template, dict(metadata or {})
+
+
+def as_float(t: Any) -> torch.Tensor:
+    """A torch tensor whatever it is (packed GGUF tensors are dequantized)."""
+    return t if isinstance(t, torch.Tensor) else t.dequantize()
+
+
+def progress_iter(items: Iterable, enabled: bool, desc: str, total: int | None = None) -> Iterable:
+    if not enabled:
+        return items
+    from tqdm import tqdm
+    return tqdm(items, desc=desc, total=total, unit="tensor")
+
+
+# ---------------------------------------------------------------- Meta reader / writer
+
+def _split_dim(name: str) -> int | None:
+    """Shard dimension of a Meta tensor, None for replicated (1-D) ones."""
+    base = name.rsplit(".weight", 1)[0]
+    base = re.sub(r"^layers\.\d+\.", "", base)
+    if base in _DIM0:
+        return 0
+    if base in _DIM1:
+        return 1
+    return None
+
+
+def _shards(folder: Path) -> list[Path]:
+    files = sorted(folder.glob("consolidated.*.pth"))
+    if not files:
+        raise CheckpointError(f"{folder}: no consolidated.NN.pth weight files")
+    nums = []
+    for f in files:
+        m = re.fullmatch(r"consolidated\.(\d+)\.pth", f.name)
+        if not m:
+            raise CheckpointError(f"{f}: unexpected shard file name")
+        nums.append(int(m.group(1)))
+    nums, files = zip(*sorted(zip(nums, files)))
+    missing = sorted(set(range(max(nums) + 1)) - set(nums))
+    if missing:
+        raise CheckpointError(f"{folder}: missing shard(s) " +
+                              ", ".join(f"consolidated.{i:02d}.pth" for i in missing))
+    return list(files)
+
+
+def read(path: str | Path, *, progress: bool = False, dtype: torch.dtype | None = None) -> Checkpoint:
+    """Read a Meta folder; tensors keep their stored dtype unless ``dtype`` is given."""
+    folder = Path(path)
+    if folder.is_file():
+        folder = folder.parent
+    pj = folder / "params.json"
+    if not pj.is_file():
+        raise CheckpointError(f"{pj}: missing params.json (a Meta checkpoint folder needs it)")
+    try:
+        params = json.loads(pj.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{pj}: unreadable params.json: {e}") from e
+    files = _shards(folder)
+
+    states = []
+    for f in progress_iter(files, progress and len(files) > 1, "shards"):
+        try:
+            states.append(torch.load(f, map_location="cpu", weights_only=True, mmap=True))
+        except Exception as e:  # noqa: BLE001 - pickle/zip errors of all kinds
+            raise CheckpointError(f"{f}: cannot load shard: {e}") from e
+    names = [n for n in states[0] if n not in _IGNORED]
+    for f, s in zip(files[1:], states[1:]):
+        if set(n for n in s if n not in _IGNORED) != set(names):
+            raise CheckpointError(f"{f}: holds different tensor names than {files[0].name}")
+
+    tensors: dict[str, torch.Tensor] = {}
+    for name in progress_iter(names, progress, "tensors"):
+        parts = [s[name] for s in states]
+        dim = _split_dim(name)
+        t = parts[0] if len(parts) == 1 or dim is None or parts[0].ndim < 2 else torch.cat(parts, dim=dim)
+        tensors[name] = t.to(dtype) if dtype is not None else t
+
+    emb = tensors.get("tok_embeddings.weight")
+    try:
+        args = from_params_json(params, vocab_size=None if emb is None else int(emb.shape[0]))
+    except (KeyError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{pj}: invalid params.json: {e}") from e
+    drop_tied_output(args, tensors)
+    check_tensors(args, tensors, folder)
+
+    tok_file = next((f for f in (folder / "tokenizer.model", folder.parent / "tokenizer.model",
+                                 folder / "tokenizer.json") if f.is_file()), None)
+    return Checkpoint(
+        args=args, tensors=tensors, tokenizer=load_tokenizer(tok_file) if tok_file else None,
+        chat_template=read_text_if(folder / "chat_template.jinja"),
+        license=find_license(folder, folder.parent), format="meta", path=folder,
+        metadata={"shards": len(files), "params": params},
+    )
+
+
+def write(path: str | Path, args: ModelArgs | Checkpoint, tensors: dict[str, Any] | None = None,
+          tokenizer: Any = None, chat_template: str | None = None, metadata: dict | None = None, *,
+          shards: int = 1, dtype: torch.dtype | None = None, progress: bool = False) -> Path:
+    """Write a Meta folder with ``shards`` model-parallel shards (split as the reference does).
+
+    Tied embeddings are recorded as ``"tie_embeddings": true`` in params.json with no output.weight;
+    a chat template goes to ``chat_template.jinja``.
+    """
+    args, tensors, tokenizer, chat_template, metadata = writer_inputs(args, tensors, tokenizer, chat_template, metadata)
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {n: as_float(t) for n, t in tensors.items()}
+    drop_tied_output(args, tensors)
+    check_tensors(args, tensors, "tensors to write")
+    for name, t in tensors.items():
+        dim = _split_dim(name)
+        if dim is not None and t.shape[dim] % shards:
+            raise ValueError(f"{name} {tuple(t.shape)} cannot be split into {shards} shards on dim {dim}")
+    for old in folder.glob("consolidated.*.pth"):  # stale shards would be merged into the new ones
+        old.unlink()
+
+    for i in progress_iter(range(shards), progress, "shards"):
+        state = {}
+        for name, t in tensors.items():
+            dim = _split_dim(name)
+            part = t if dim is None else t.chunk(shards, dim=dim)[i]
+            # clone: torch.save of a view would serialise the whole underlying storage
+            state[name] = part.to(dtype if dtype is not None else part.dtype).contiguous().clone()
+        atomic_write(folder / f"consolidated.{i:02d}.pth", lambda p, s=state: torch.save(s, p))
+    write_json(folder / "params.json", to_params_json(args))
+    if tokenizer is not None:
+        tokenizer.save(folder)
+    if chat_template:
+        atomic_write(folder / "chat_template.jinja", lambda p: p.write_text(chat_template, encoding="utf-8"))
+    return folder
