@@ -4,6 +4,7 @@ disk in every format, and the bundled SmolLM2 GGUF. Everything here is quick (we
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,10 @@ import torch
 
 from llamaforge.config import PRESETS
 from llamaforge.model import Transformer
+
+# Tiny models gain nothing from intra-op threads, and on a small shared machine OpenMP threads
+# spinning against other processes make each matmul ~50x slower. LLAMAFORGE_TEST_THREADS overrides.
+torch.set_num_threads(int(os.environ.get("LLAMAFORGE_TEST_THREADS", "1")))
 
 TINY_TEXT = ([f"the quick brown fox jumps over the lazy dog {i} times" for i in range(200)]
              + ["Hello world, llamas are great. [INST] hi [/INST] Sure!"] * 20)

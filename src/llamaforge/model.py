@@ -7,6 +7,7 @@ Quantization, LoRA and tensor parallelism replace modules from outside; nothing 
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -147,7 +148,7 @@ class Transformer(nn.Module):
         a = self.args
         p = self.rope_cos
         return KVCache(a.n_layers, batch, a.kv_heads, max_seq or a.max_seq_len, a.head_dim,
-                       dtype=dtype or self.tok_embeddings.weight.dtype, device=p.device)
+                       dtype=dtype or self.norm.weight.dtype, device=p.device)
 
     def init_weights(self, seed: int | None = None) -> "Transformer":
         """Fresh weights for pretraining: N(0, 0.02), residual projections scaled by 1/sqrt(2 n_layers)."""
@@ -186,9 +187,22 @@ class Transformer(nn.Module):
 
     @classmethod
     def empty(cls, args: ModelArgs, device: str | torch.device = "cpu") -> "Transformer":
-        """A model whose parameters are allocated lazily (meta device) until load_tensors assigns them."""
-        with torch.device("meta"):
+        """A model with uninitialised parameters, to be filled by load_tensors (no wasted random init)."""
+        with _skip_init():
             m = cls(args)
-        cos, sin = rope_table(args.head_dim, args.max_seq_len, args.rope_theta)
-        m.rope_cos, m.rope_sin = cos.to(device), sin.to(device)
-        return m
+        return m.to(device)
+
+
+@contextlib.contextmanager
+def _skip_init():
+    """Make nn.init a no-op while modules are built: torch.empty pages are not touched until loaded over."""
+    names = ("normal_", "uniform_", "kaiming_uniform_", "kaiming_normal_", "trunc_normal_", "xavier_uniform_",
+             "xavier_normal_", "zeros_", "ones_", "constant_")
+    saved = {n: getattr(nn.init, n) for n in names}
+    for n in names:
+        setattr(nn.init, n, lambda t, *a, **k: t)
+    try:
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(nn.init, n, f)

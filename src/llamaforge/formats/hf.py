@@ -27,10 +27,12 @@ _LAYER = {
     "self_attn.o_proj": "attention.wo", "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2",
     "mlp.up_proj": "feed_forward.w3", "input_layernorm": "attention_norm", "post_attention_layernorm": "ffn_norm",
 }
+_LAYER_INV = {v: k for k, v in _LAYER.items()}
 _TOP = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
         "lm_head.weight": "output.weight"}
 _LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)\.weight")
 _META_LAYER_RE = re.compile(r"layers\.(\d+)\.(.+)\.weight")
+_TOP_INV = {v: k for k, v in _TOP.items()}
 _IGNORED_RE = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")  # old exports carry it
 
 
@@ -44,13 +46,11 @@ def hf_to_meta_name(name: str) -> str | None:
 
 
 def meta_to_hf_name(name: str) -> str:
-    for hf, meta in _TOP.items():
-        if name == meta:
-            return hf
+    if name in _TOP_INV:
+        return _TOP_INV[name]
     m = _META_LAYER_RE.fullmatch(name)
-    inv = {v: k for k, v in _LAYER.items()}
-    if m and m.group(2) in inv:
-        return f"model.layers.{m.group(1)}.{inv[m.group(2)]}.weight"
+    if m and m.group(2) in _LAYER_INV:
+        return f"model.layers.{m.group(1)}.{_LAYER_INV[m.group(2)]}.weight"
     raise ValueError(f"no Hugging Face name for tensor {name!r}")
 
 
@@ -248,7 +248,8 @@ def write(path: str | Path, args: ModelArgs | Checkpoint, tensors: dict[str, Any
             atomic_write(folder / fname, lambda p, g=g: save_file(g, str(p), metadata=st_meta))
             weight_map.update(dict.fromkeys(g, fname))
         total = sum(t.numel() * t.element_size() for t in out.values())
-        write_json(folder / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
+        write_json(folder / "model.safetensors.index.json",
+                   {"metadata": {"total_size": total}, "weight_map": weight_map})
 
     bos = getattr(tokenizer, "bos_id", None)
     eos = getattr(tokenizer, "eos_id", None)

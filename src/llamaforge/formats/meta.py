@@ -124,10 +124,11 @@ def writer_inputs(args: Any, tensors: dict | None, tokenizer: Any, chat_template
         if ck.license and "license" not in meta:
             meta["license"] = ck.license
         meta.update(metadata or {})
-        return (ck.args, dict(tensors if tensors is not None else ck.tensors), tokenizer or ck.tokenizer,
-                chat_template or ck.chat_template, meta)
+        args, tensors = ck.args, ck.tensors if tensors is None else tensors
+        tokenizer, chat_template, metadata = tokenizer or ck.tokenizer, chat_template or ck.chat_template, meta
     if args is None or tensors is None:
-        raise ValueError("write() needs args and tensors (or a Checkpoint)")
+        raise ValueError("write() needs args and tensors (or a Checkpoint with a model)")
+    chat_template = chat_template or getattr(tokenizer, "chat_template", None)
     return args, dict(tensors), tokenizer, chat_template, dict(metadata or {})
 
 
