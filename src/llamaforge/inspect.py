@@ -31,6 +31,7 @@ def describe(path: Path) -> dict[str, Any]:
         })
     if tok is not None:
         out["tokenizer"] = f"{tok.kind} (vocab {tok.vocab_size}, bos {tok.bos_id}, eos {tok.eos_id})"
-    out["license"] = ckpt.license or "unknown"
+    from .safety.license import identify
+    out["license"] = identify(ckpt) or "unknown"
     out["chat_template"] = ckpt.chat_template or "(none: Llama 2 [INST] format)" if tok is not None and tok.kind == "sentencepiece" and not ckpt.chat_template else (ckpt.chat_template or "(none)")
     return out

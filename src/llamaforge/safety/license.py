@@ -1,0 +1,99 @@
+"""Which licence a checkpoint carries, and the Llama 2 Community License notice (once per machine)."""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+from .policy import AUP_URL
+
+log = logging.getLogger(__name__)
+
+LLAMA2 = "llama2"
+LICENSE_URL = "https://ai.meta.com/llama/license/"
+NOTICE = (
+    "Llama 2 is licensed under the LLAMA 2 Community License, Copyright (c) Meta Platforms, Inc. "
+    f"All Rights Reserved. Its terms: {LICENSE_URL}. Use of Llama 2 must follow the Acceptable Use "
+    f"Policy: {AUP_URL} (`llamaforge guard` and `--guard` check prompts and answers against its categories). "
+    "This notice is shown once per machine."
+)
+
+_LLAMA2_LICENSE = re.compile(r"^\s*(llama[\s_-]?2)([\s_-]community([\s_-]licen[cs]e)?)?\s*$", re.I)
+_LLAMA2_NAME = re.compile(r"llama[\s_-]?2(?![\d.])", re.I)
+_LICENSE_FILES = ("LICENSE", "LICENSE.txt", "LICENSE.md", "USE_POLICY.md")
+
+
+def normalise(license: str | None) -> str | None:
+    """'llama2' for the spellings of the Llama 2 Community License; other licences unchanged."""
+    if not license or not str(license).strip():
+        return None
+    text = str(license).strip()
+    if _LLAMA2_LICENSE.match(text) or "LLAMA 2 COMMUNITY LICENSE" in text.upper():
+        return LLAMA2
+    return text
+
+
+def _folder_license(folder: Path) -> str | None:
+    for name in _LICENSE_FILES:
+        f = folder / name
+        if f.is_file():
+            head = f.read_text(encoding="utf-8", errors="replace")[:20000].upper()
+            if "LLAMA 2 COMMUNITY LICENSE" in head or ("LLAMA 2" in head and "ACCEPTABLE USE POLICY" in head):
+                return LLAMA2
+    return None
+
+
+def identify(ckpt: Any) -> str | None:
+    """The checkpoint's licence ('llama2' for Llama 2), from what the checkpoint says about itself.
+
+    Looks at, in order: ``ckpt.license`` (GGUF general.license, HF config / README front matter,
+    Meta folder licence file as the readers found them), LICENSE / USE_POLICY.md next to the
+    weights, and the model name (GGUF general.name, HF _name_or_path) when it names Llama 2.
+    """
+    lic = normalise(getattr(ckpt, "license", None))
+    if lic:
+        return lic
+    path = getattr(ckpt, "path", None)
+    if path is not None:
+        p = Path(path)
+        for folder in ([p] if p.is_dir() else []) + [p.parent]:
+            found = _folder_license(folder)
+            if found:
+                return found
+    meta = getattr(ckpt, "metadata", None) or {}
+    for key in ("name", "general.name", "_name_or_path", "basename", "general.basename"):
+        name = meta.get(key)
+        # Llama Guard (v1) is a fine-tuned Llama 2 and carries its licence
+        if isinstance(name, str) and (_LLAMA2_NAME.search(name) or re.search(r"llama[\s_-]?guard(?![\s_-]?[23])", name, re.I)):
+            return LLAMA2
+    return None
+
+
+def notice_file() -> Path:
+    from ..paths import state_dir
+    return state_dir() / "notices" / "llama2-license-shown"
+
+
+def notice_once(ckpt: Any) -> bool:
+    """Show the Llama 2 licence notice if ``ckpt`` is Llama 2 and it was never shown on this machine.
+
+    The notice goes to the ``llamaforge`` logger at WARNING level (stderr by default); a state file
+    under ``llamaforge.paths.state_dir()`` remembers it. Returns True when the notice was shown.
+    """
+    if identify(ckpt) != LLAMA2:
+        return False
+    marker = notice_file()
+    if marker.exists():
+        return False
+    log.warning("%s", NOTICE)
+    try:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        tmp = marker.with_name(marker.name + f".{os.getpid()}.tmp")
+        tmp.write_text(f"shown {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n{NOTICE}\n", encoding="utf-8")
+        os.replace(tmp, marker)
+    except OSError as e:  # a read-only home must not stop a model from loading
+        log.info("could not record the licence notice in %s: %s", marker, e)
+    return True
