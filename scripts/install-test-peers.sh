@@ -5,9 +5,9 @@
 set -euo pipefail
 VENV=${1:-.venv}
 PIP="$VENV/bin/pip -q --disable-pip-version-check"
-if ! "$VENV/bin/python" -c "import llama_cpp" 2>/dev/null; then
+if ! "$VENV/bin/python" -c "import llama_cpp, llama_cpp.server.app" 2>/dev/null; then
   echo "installing llama-cpp-python (compiles llama.cpp once; cached afterwards)"
-  $PIP install llama-cpp-python
+  $PIP install 'llama-cpp-python[server]'
 fi
 if ! command -v chromium >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then

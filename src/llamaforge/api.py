@@ -52,24 +52,33 @@ class Llama:
              progress: bool = False) -> "Llama":
         """Load a Meta folder, HF folder or GGUF file (the bundled SmolLM2 when path is None).
 
-        quantize: None keeps float weights; "int8"/"int4" swap Linears for packed weight-only kernels.
+        quantize: None keeps float weights; "int8"/"int4" swap Linears for packed weight-only kernels;
+            "auto" repacks a GGUF's quantized tensors directly (float checkpoints stay float).
         adapter: a PEFT-format LoRA folder applied on top.
         """
         from .paths import default_model_path
         path = Path(path) if path is not None else default_model_path()
-        ckpt = load_checkpoint(path, progress=progress)
+        # "auto": GGUF block-quantized tensors stay packed (memory-mapped) and are repacked for the kernels
+        packed = quantize == "auto"
+        ckpt = load_checkpoint(path, progress=progress, dequantize=not packed)
+        from .safety.license import notice_once
+        notice_once(ckpt)  # the Llama 2 licence notice and the Acceptable Use Policy, once per machine
         if ckpt.args is None:
             raise ValueError(f"{path}: holds a vocabulary only, no model weights")
         if dtype not in DTYPES:
             raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
         args = ckpt.args if max_seq_len is None else ckpt.args.replace(max_seq_len=max_seq_len)
-        tensors = {k: t.to(DTYPES[dtype]) for k, t in ckpt.tensors.items()}
-        model = Transformer.empty(args, device=device).load_tensors(tensors).to(device).eval()
+        if packed and any(not isinstance(t, torch.Tensor) for t in ckpt.tensors.values()):
+            from .quant.repack import load_packed
+            model = load_packed(args, ckpt.tensors, device, DTYPES[dtype], progress=progress)
+        else:
+            tensors = {k: t.to(DTYPES[dtype]) for k, t in ckpt.tensors.items()}
+            model = Transformer.empty(args, device=device).load_tensors(tensors).to(device).eval()
         ckpt.tensors = {}  # the model owns the weights now
         if adapter is not None:
             from .lora import load_adapter
             load_adapter(model, adapter)
-        if quantize is not None:
+        if quantize not in (None, "auto"):
             from .quant import quantize_model
             quantize_model(model, quantize)
         tok = ckpt.tokenizer

@@ -18,21 +18,43 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.max_seq = max_seq
         self.slots = slots
+        self.kv_len = 0                           # keys to attend in the current forward (set by prepare)
+        self._row: tuple[int, int] | None = None  # (slot, first position) when one row writes a contiguous run
+
+    def prepare(self, pos: torch.Tensor, slots: torch.Tensor | None) -> bool:
+        """Plan one forward pass's writes (one host sync per forward, not per layer).
+
+        Sets kv_len; returns whether an attention mask is needed. One row whose new positions run
+        on from its cached ones sees exactly keys [0, kv_len): no mask for a decode step, a causal
+        mask for a prefill that starts at 0.
+        """
+        B, T = pos.shape
+        ends = [pos[:, 0], pos[:, -1]] + ([slots.view(-1)] if slots is not None else [])
+        vals = torch.cat(ends).tolist()
+        first, last = vals[:B], vals[B:2 * B]
+        self.kv_len = max(last) + 1
+        self._row = None
+        if B == 1 and last[0] - first[0] == T - 1 and (T <= 2 or bool((pos.diff(dim=1) == 1).all())):
+            self._row = (int(vals[2]) if slots is not None else 0, first[0])
+            return not (T == 1 or first[0] == 0)
+        return True
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
                slots: torch.Tensor | None, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v [B, K, T, Hd] at positions pos [B, T]; return keys/values [B, K, kv_len, Hd] to attend."""
-        B, T = pos.shape
         kc, vc = self.k[layer], self.v[layer]          # [S, K, max_seq, Hd]
+        if self._row is not None and k.shape[0] == 1:
+            # one row, contiguous positions: slice copies in, and views (not gathered copies) out
+            slot, start = self._row
+            T = k.shape[2]
+            kc[slot, :, start:start + T] = k[0]
+            vc[slot, :, start:start + T] = v[0]
+            return kc[slot:slot + 1, :, :kv_len], vc[slot:slot + 1, :, :kv_len]
+        B = pos.shape[0]
         rows = torch.arange(B, device=pos.device) if slots is None else slots
-        if T == 1 or B == 1:
-            # one index_put per tensor; advanced indices (rows, pos) come first in the value's shape
-            kc[rows.view(B, 1), :, pos] = k.transpose(1, 2).to(kc.dtype)   # value [B, T, K, Hd]
-            vc[rows.view(B, 1), :, pos] = v.transpose(1, 2).to(vc.dtype)
-        else:
-            for b in range(B):
-                kc[rows[b], :, pos[b]] = k[b].transpose(0, 1).to(kc.dtype)
-                vc[rows[b], :, pos[b]] = v[b].transpose(0, 1).to(vc.dtype)
+        # one index_put per tensor for every B and T; advanced indices (rows, pos) lead the value's shape
+        kc[rows.view(B, 1), :, pos] = k.transpose(1, 2).to(kc.dtype)   # value [B, T, K, Hd]
+        vc[rows.view(B, 1), :, pos] = v.transpose(1, 2).to(vc.dtype)
         if slots is None:
             return kc[:B, :, :kv_len], vc[:B, :, :kv_len]
         return kc[slots, :, :kv_len], vc[slots, :, :kv_len]

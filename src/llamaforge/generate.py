@@ -7,7 +7,7 @@ batching and single-prompt generation run the same code.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence as Seq
+from typing import Callable, Iterator, Sequence as Seq
 
 import torch
 
@@ -84,6 +84,8 @@ class Sequence:
     logprobs: list[float] = field(default_factory=list)
     finish_reason: str | None = None
     next_logits: torch.Tensor | None = None   # [V] float32 for the next token
+    # optional hook (generated ids so far, logits [V]) -> logits, applied before sampling (e.g. a grammar mask)
+    logits_processor: Callable[[list[int], torch.Tensor], torch.Tensor] | None = None
 
     @property
     def length(self) -> int:
@@ -163,6 +165,8 @@ class Batch:
     def _advance(self, seq: Sequence) -> TokenEvent:
         p = seq.params
         logits = seq.next_logits
+        if seq.logits_processor is not None:
+            logits = seq.logits_processor(seq.out, logits)
         seen = None
         if p.repetition_penalty != 1.0:
             seen = torch.tensor(seq.prompt + seq.out, device=logits.device).unique()

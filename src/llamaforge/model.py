@@ -25,6 +25,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 == self.weight.dtype:  # one fused op, same math (decode speed)
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         # normalise in float32 whatever the activation dtype, as the reference does
         xf = x.float()
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
@@ -37,13 +39,13 @@ def rope_table(head_dim: int, max_seq: int, theta: float) -> tuple[torch.Tensor,
     return angles.cos().float(), angles.sin().float()
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, T, H, Hd] with pairs (x[2i], x[2i+1]) rotated by angle pos*freq_i; cos/sin [B, T, Hd/2]."""
-    xp = x.float().unflatten(-1, (-1, 2))              # [B, T, H, Hd/2, 2]
-    x0, x1 = xp[..., 0], xp[..., 1]
-    c, s = cos.unsqueeze(2), sin.unsqueeze(2)          # [B, T, 1, Hd/2]
-    out = torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1)
-    return out.flatten(-2).type_as(x)
+def apply_rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+    """x [B, T, H, Hd] with pairs (x[2i], x[2i+1]) rotated by angle pos*freq_i.
+
+    rot [B, T, 1, Hd/2] complex (cos + i sin): the pair is a complex number, the rotation one product.
+    """
+    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))   # [B, T, H, Hd/2]
+    return torch.view_as_real(xc * rot).flatten(-2).type_as(x)
 
 
 class Attention(nn.Module):
@@ -56,16 +58,18 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, args.kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None, pos, slots):
+    def forward(self, x, rot, mask, cache: KVCache | None, pos, slots):
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)   # [B, T, H, Hd]
         k = self.wk(x).view(B, T, self.n_kv, self.head_dim)      # [B, T, K, Hd]
         v = self.wv(x).view(B, T, self.n_kv, self.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = apply_rope(q, rot), apply_rope(k, rot)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H|K, T, Hd]
         if cache is not None:
-            k, v = cache.update(self.layer_id, k, v, pos, slots, mask.shape[-1])  # [B, K, L, Hd]
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
+            k, v = cache.update(self.layer_id, k, v, pos, slots, cache.kv_len)  # [B, K, L, Hd]
+            # mask None: every cached key of the row is visible (one row decoding, or a prefill from 0)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                                 enable_gqa=self.n_kv != self.n_heads)
         else:  # training / full-sequence scoring: plain causal attention
             out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=self.n_kv != self.n_heads)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))   # [B, T, D]
@@ -90,8 +94,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x, cos, sin, mask, cache, pos, slots):
-        h = x + self.attention(self.attention_norm(x), cos, sin, mask, cache, pos, slots)
+    def forward(self, x, rot, mask, cache, pos, slots):
+        h = x + self.attention(self.attention_norm(x), rot, mask, cache, pos, slots)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -122,18 +126,19 @@ class Transformer(nn.Module):
             pos = torch.arange(T, device=tokens.device).expand(B, T)
         if pos.shape != tokens.shape:
             pos = pos.expand(B, T)
-        cos, sin = self.rope_cos[pos], self.rope_sin[pos]   # [B, T, Hd/2]
+        rot = torch.complex(self.rope_cos[pos], self.rope_sin[pos]).unsqueeze(2)   # [B, T, 1, Hd/2]
         mask = None
         if cache is not None:
-            kv_len = int(pos.max()) + 1
-            keys = torch.arange(kv_len, device=tokens.device)
-            mask = (keys.view(1, 1, 1, -1) <= pos.view(B, 1, T, 1))  # [B, 1, T, L]
+            # one host sync per forward: the cache plans its writes and says whether rows need a mask
+            if cache.prepare(pos, slots):
+                keys = torch.arange(cache.kv_len, device=tokens.device)
+                mask = (keys.view(1, 1, 1, -1) <= pos.view(B, 1, T, 1))  # [B, 1, T, L]
         h = self.tok_embeddings(tokens)                     # [B, T, D]
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
-                h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, mask, cache, pos, slots, use_reentrant=False)
+                h = torch.utils.checkpoint.checkpoint(layer, h, rot, mask, cache, pos, slots, use_reentrant=False)
             else:
-                h = layer(h, cos, sin, mask, cache, pos, slots)
+                h = layer(h, rot, mask, cache, pos, slots)
         return self.norm(h)
 
     def forward(self, tokens: torch.Tensor, pos: torch.Tensor | None = None, cache: KVCache | None = None,

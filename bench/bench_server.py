@@ -1,0 +1,244 @@
+"""Serving benchmark: `llamaforge serve` vs `python -m llama_cpp.server` (llama-cpp-python).
+
+Same GGUF, same thread count, same run: both servers start once, then for each number of
+concurrent streaming clients (1, 4, 8, 16) the two are measured alternately, `--reps` times.
+Each client sends `--requests` chat requests one after another (greedy, `--max-tokens` each).
+Reported: aggregate generated tokens/s (all tokens / wall time; medians over repetitions), p50/p95
+end-to-end request latency and time to first token (pooled over repetitions), failed requests.
+Tokens are counted by re-tokenizing each answer with the model's tokenizer, the same way for both.
+
+    .venv/bin/python bench/bench_server.py            # writes section "server" of docs/benchmarks.md
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report import machine_line, median, update_section  # noqa: E402
+
+TOPICS = ["a dragon", "the sea", "a robot", "a lost key", "the moon", "a small town", "a clockmaker", "winter",
+          "a library", "a river", "an old map", "a lighthouse", "a garden", "a train", "a violin", "a storm"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(cmd: list[str], url: str, env: dict[str, str], log: Path) -> subprocess.Popen:
+    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{cmd[2]} exited with {proc.returncode}; see {log}")
+        try:
+            if httpx.get(url + "/v1/models", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError(f"{cmd[2]} did not start in 300 s; see {log}")
+
+
+async def one_request(client: httpx.AsyncClient, url: str, model: str, topic: str, max_tokens: int) -> dict:
+    body = {"model": model, "messages": [{"role": "user", "content": f"Write a story about {topic}."}],
+            "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    t0 = time.perf_counter()
+    ttft, pieces = None, []
+    try:
+        async with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
+            if r.status_code != 200:
+                return {"ok": False, "error": f"HTTP {r.status_code}"}
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    return {"ok": False, "error": chunk["error"]}
+                for c in chunk.get("choices") or []:
+                    text = (c.get("delta") or {}).get("content")
+                    if text:
+                        ttft = ttft or time.perf_counter() - t0
+                        pieces.append(text)
+    except httpx.HTTPError as e:
+        return {"ok": False, "error": repr(e)}
+    return {"ok": bool(pieces), "text": "".join(pieces), "latency": time.perf_counter() - t0, "ttft": ttft or 0.0,
+            "error": None if pieces else "empty answer"}
+
+
+async def run_level(url: str, model: str, clients: int, requests: int, max_tokens: int) -> tuple[float, list[dict]]:
+    async def client_loop(i: int, c: httpx.AsyncClient) -> list[dict]:
+        return [await one_request(c, url, model, TOPICS[(i + k * clients) % len(TOPICS)], max_tokens)
+                for k in range(requests)]
+    limits = httpx.Limits(max_connections=clients + 4)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as c:
+        t0 = time.perf_counter()
+        results = await asyncio.gather(*(client_loop(i, c) for i in range(clients)))
+        wall = time.perf_counter() - t0
+    return wall, [r for rs in results for r in rs]
+
+
+def scheduler_counters(url: str) -> dict[str, float]:
+    """llamaforge's own /metrics counters (decode steps, rows, seconds)."""
+    out = {}
+    for line in httpx.get(url + "/metrics").text.splitlines():
+        if line.startswith("llamaforge_") and "{" not in line:
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
+
+
+def pct(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    return statistics.quantiles(xs, n=100, method="inclusive")[int(q) - 1] if len(xs) > 1 else xs[0]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", help="GGUF file (default: the bundled SmolLM2-135M-Instruct Q4_1)")
+    ap.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8, 16])
+    ap.add_argument("--requests", type=int, default=2, help="requests per client, one after another")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="threads for both servers; 1 by default because on a shared machine a spinning "
+                         "2-thread pool collapses (llama.cpp fell to ~1 tok/s with 2 threads under load)")
+    ap.add_argument("--quantize", default="int4", choices=["none", "int8", "int4"],
+                    help="llamaforge's weight-only kernels (the GGUF is 4-bit for llama.cpp too)")
+    ap.add_argument("--no-write", action="store_true", help="print the table without updating docs/benchmarks.md")
+    a = ap.parse_args()
+
+    from llamaforge.paths import default_model_path
+    from llamaforge.tokenizer import Tokenizer
+    gguf = Path(a.model) if a.model else default_model_path()
+    tok = Tokenizer.load(gguf)
+    env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "MKL_NUM_THREADS": str(a.threads)}
+    logs = Path(os.environ.get("TMPDIR", "/tmp"))
+    max_batch = max(a.clients)
+    ports = {"llamaforge": free_port(), "llama-cpp-python": free_port()}
+    cmds = {
+        "llamaforge": [sys.executable, "-m", "llamaforge.cli", "serve", "--model", str(gguf), "--port",
+                       str(ports["llamaforge"]), "--max-batch", str(max_batch), "--ctx", "1024",
+                       "--max-queue", "64"] + ([] if a.quantize == "none" else ["--quantize", a.quantize]),
+        "llama-cpp-python": [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--port",
+                             str(ports["llama-cpp-python"]), "--n_threads", str(a.threads), "--n_threads_batch",
+                             str(a.threads), "--n_ctx", "1024",
+                             # by default a new request interrupts the one streaming; queue them instead
+                             "--interrupt_requests", "False"],
+    }
+    procs = {}
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))   # so the servers are stopped below
+    try:
+        for name, cmd in cmds.items():
+            procs[name] = start(cmd, f"http://127.0.0.1:{ports[name]}", env, logs / f"bench_server_{name}.log")
+        models = {name: httpx.get(f"http://127.0.0.1:{ports[name]}/v1/models").json()["data"][0]["id"]
+                  for name in cmds}
+        # warm-up: one request each (first-call allocations, lazy init)
+        for name in cmds:
+            asyncio.run(run_level(f"http://127.0.0.1:{ports[name]}", models[name], 1, 1, 8))
+        load = os.getloadavg()[0]
+        rows = {}
+        for clients in a.clients:
+            for rep in range(a.reps):
+                order = list(cmds) if rep % 2 == 0 else list(cmds)[::-1]
+                for name in order:
+                    url = f"http://127.0.0.1:{ports[name]}"
+                    before = scheduler_counters(url) if name == "llamaforge" else {}
+                    wall, res = asyncio.run(run_level(f"http://127.0.0.1:{ports[name]}", models[name], clients,
+                                                      a.requests, a.max_tokens))
+                    ok = [r for r in res if r["ok"]]
+                    tokens = sum(len(tok.encode(r["text"])) for r in ok)
+                    row = rows.setdefault((clients, name), {"tps": [], "lat": [], "ttft": [], "failed": 0,
+                                                            "tokens": []})
+                    row["tps"].append(tokens / wall)
+                    row["lat"] += [r["latency"] for r in ok]
+                    row["ttft"] += [r["ttft"] for r in ok]
+                    row["failed"] += len(res) - len(ok)
+                    row["tokens"].append(tokens / max(len(ok), 1))
+                    if before:
+                        after = scheduler_counters(url)
+                        for k in ("decode_steps_total", "decode_rows_total", "decode_seconds_total",
+                                  "prefill_seconds_total"):
+                            row[k] = row.get(k, 0.0) + after["llamaforge_" + k] - before["llamaforge_" + k]
+                        row["wall"] = row.get("wall", 0.0) + wall
+                    print(f"{clients:>2} clients  {name:<17} {tokens / wall:7.1f} tok/s  wall {wall:6.1f}s  "
+                          f"failed {len(res) - len(ok)}", flush=True)
+    finally:
+        for p in procs.values():
+            p.terminate()
+        for p in procs.values():
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+    lines = [
+        "## Serving: `llamaforge serve` vs `python -m llama_cpp.server`",
+        "",
+        machine_line(),
+        f"Load average at the start: {load:.1f} (other work shares this machine).",
+        "",
+        f"Command: `.venv/bin/python bench/bench_server.py --clients {' '.join(map(str, a.clients))} "
+        f"--requests {a.requests} --max-tokens {a.max_tokens} --reps {a.reps} --threads {a.threads} "
+        f"--quantize {a.quantize}`",
+        "",
+        f"Model: `{gguf.name}`, {a.threads} thread{'s' if a.threads > 1 else ''} for both servers (OMP_NUM_THREADS / --n_threads), "
+        f"llamaforge `--max-batch {max_batch}"
+        f"{'' if a.quantize == 'none' else ' --quantize ' + a.quantize}` (llama.cpp runs the GGUF's own "
+        f"4-bit blocks). Each client streams {a.requests} chat requests one after "
+        f"another (greedy, max_tokens {a.max_tokens}); figures: aggregate tokens/s = median over {a.reps} "
+        "repetitions, latencies pooled over them.",
+        "",
+        "| clients | server | aggregate tok/s | p50 latency s | p95 latency s | p50 TTFT s | tokens/answer | failed |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for (clients, name), r in rows.items():
+        lines.append(f"| {clients} | {name} | {median(r['tps']):.1f} | {pct(r['lat'], 50):.2f} | {pct(r['lat'], 95):.2f} | "
+                     f"{pct(r['ttft'], 50):.2f} | {median(r['tokens']):.0f} | {r['failed']} |")
+    lines.append("")
+    verdicts = []
+    for clients in a.clients:
+        lf, lc = rows[(clients, "llamaforge")], rows[(clients, "llama-cpp-python")]
+        ratio = median(lf["tps"]) / median(lc["tps"])
+        lat = pct(lf["lat"], 50) / pct(lc["lat"], 50)
+        verdicts.append(f"- {clients} clients: throughput {ratio:.2f}x llama-cpp-python; p50 latency {lat:.2f}x")
+    lines += ["Ratios (llamaforge / llama-cpp-python):", ""] + verdicts
+    lines += ["", "Where llamaforge's time went (its own /metrics counters, summed over the repetitions):", "",
+              "| clients | mean batch | ms per decode step | decode share of wall | prefill share of wall |",
+              "|---:|---:|---:|---:|---:|"]
+    for clients in a.clients:
+        r = rows[(clients, "llamaforge")]
+        steps = max(r["decode_steps_total"], 1)
+        lines.append(f"| {clients} | {r['decode_rows_total'] / steps:.1f} | {1000 * r['decode_seconds_total'] / steps:.0f} | "
+                     f"{r['decode_seconds_total'] / r['wall']:.0%} | {r['prefill_seconds_total'] / r['wall']:.0%} |")
+    if 8 in a.clients and 1 in a.clients:
+        r8 = median(rows[(8, "llamaforge")]["tps"]) / median(rows[(8, "llama-cpp-python")]["tps"])
+        l1 = pct(rows[(1, "llamaforge")]["lat"], 50) / pct(rows[(1, "llama-cpp-python")]["lat"], 50)
+        failed = sum(r["failed"] for r in rows.values())
+        lines += ["", f"Targets: >= 3x aggregate throughput at 8 clients: {r8:.2f}x ({'met' if r8 >= 3 else 'not met'}); "
+                      f"single-client latency <= 1.2x: {l1:.2f}x ({'met' if l1 <= 1.2 else 'not met'}); "
+                      f"failed requests: {failed}."]
+    body = "\n".join(lines)
+    print(body)
+    if not a.no_write:
+        print(f"wrote {update_section('server', body)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

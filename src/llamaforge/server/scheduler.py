@@ -1,0 +1,247 @@
+"""Continuous batching: one background thread drives a `generate.Batch` for all requests.
+
+Requests wait in a bounded queue; between two decode steps the thread prefills waiting requests
+into free slots, drops the ones whose client went away, then runs one batched step for every
+active sequence. Events go back to each request's asyncio queue on the server's event loop.
+This is the batched form of `llamaforge.generate`, not a second decode loop: `Batch` does the
+prefill, sampling, stop rules and detokenization.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Callable, Sequence as Seq
+
+import torch
+
+from ..generate import Batch, Sequence, TokenEvent
+from ..sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+LogitsProcessor = Callable[[list[int], torch.Tensor], torch.Tensor]
+
+
+class QueueFull(RuntimeError):
+    """Every slot is busy and the waiting queue is at its bound."""
+
+
+@dataclass(eq=False)
+class Job:
+    """One generation request as the scheduler sees it."""
+    prompt: list[int]
+    params: SamplingParams
+    loop: asyncio.AbstractEventLoop
+    logits_processor: LogitsProcessor | None = None
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    seq: Sequence | None = None          # set once admitted; read by the app after the last event
+    cancelled: bool = False
+    submitted: float = field(default_factory=time.perf_counter)
+    first_token: float | None = None
+
+
+@dataclass
+class Stats:
+    """Counters for /metrics (written by the scheduler thread, read by the event loop)."""
+    requests_total: int = 0         # admitted into the batch
+    rejected_total: int = 0         # refused: queue full
+    cancelled_total: int = 0        # client went away before the end
+    failed_total: int = 0
+    finished: collections.Counter = field(default_factory=collections.Counter)  # by finish_reason
+    prompt_tokens_total: int = 0
+    generated_tokens_total: int = 0
+    steps_total: int = 0
+    step_rows_total: int = 0        # sum of batch sizes over steps: mean batch = rows / steps
+    step_seconds_total: float = 0.0
+    prefill_seconds_total: float = 0.0
+    queue_wait_seconds_total: float = 0.0
+    ttft_seconds_total: float = 0.0
+    ttft_count: int = 0
+
+
+class Scheduler:
+    """Runs every request through one shared `Batch` on a background thread."""
+
+    def __init__(self, model, tokenizer, *, max_batch: int = 8, max_seq: int | None = None, max_queue: int = 64):
+        if max_batch < 1:
+            raise ValueError("max_batch must be >= 1")
+        if max_queue < 0:
+            raise ValueError("max_queue must be >= 0")
+        self.batch = Batch(model, tokenizer, max_batch=max_batch, max_seq=max_seq)
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.stats = Stats()
+        self._waiting: collections.deque[Job] = collections.deque()
+        self._running: dict[int, Job] = {}    # id(seq) -> job
+        self._admitting = 0                   # taken off the queue, being prefilled
+        self._cv = threading.Condition()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+
+    @property
+    def max_seq(self) -> int:
+        return self.batch.max_seq
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        return len(self._running) + self._admitting
+
+    # -- life cycle ----------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is None:
+            self._stop = False
+            self._thread = threading.Thread(target=self._loop, name="llamaforge-scheduler", daemon=True)
+            self._thread.start()
+
+    def close(self) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    # -- called from the event loop ------------------------------------------------------------
+    def submit(self, prompt: Seq[int], params: SamplingParams, logits_processor: LogitsProcessor | None = None) -> Job:
+        """Queue a request; raises ContextOverflow/ValueError for a bad prompt, QueueFull when saturated."""
+        prompt = [int(t) for t in prompt]
+        self.batch.check_prompt(len(prompt))
+        job = Job(prompt, params, asyncio.get_running_loop(), logits_processor)
+        with self._cv:
+            # free slots take waiting jobs at the next step; beyond them, at most max_queue may wait
+            if len(self._waiting) >= self.max_queue + self.max_batch - self.running:
+                self.stats.rejected_total += 1
+                raise QueueFull(f"the server is busy: {self.running} requests running and "
+                                f"{len(self._waiting)} waiting (max_queue={self.max_queue}); retry later")
+            self._waiting.append(job)
+            self._cv.notify()
+        return job
+
+    def cancel(self, job: Job) -> None:
+        """The client went away: free its slot before the next step."""
+        if job.cancelled:
+            return
+        with self._cv:
+            job.cancelled = True
+            self._cv.notify()
+
+    async def stream(self, job: Job) -> AsyncIterator[TokenEvent]:
+        """The job's TokenEvents; the last one carries finish_reason. Cancels the job if abandoned."""
+        try:
+            while True:
+                ev = await job.events.get()
+                if isinstance(ev, BaseException):
+                    raise ev
+                yield ev
+                if ev.finish_reason:
+                    return
+        finally:
+            if job.seq is None or not job.seq.finish_reason:
+                self.cancel(job)
+
+    # -- the scheduler thread ------------------------------------------------------------------
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            self._drop_cancelled()   # first, so their slots can take waiting requests right away
+            with self._cv:
+                while not self._stop and not self._waiting and not self._running:
+                    self._cv.wait()
+                if self._stop:
+                    break
+                admit = []
+                while self._waiting and len(admit) < len(self.batch.free):
+                    job = self._waiting.popleft()
+                    if not job.cancelled:
+                        admit.append(job)
+                self._admitting = len(admit)
+            try:
+                for job in admit:
+                    self._admit(job)
+                    with self._cv:
+                        self._admitting -= 1
+                if self._running:
+                    self._step()
+            except Exception as e:  # noqa: BLE001 - one bad step must not kill the server
+                log.exception("decode step failed")
+                self._fail_all(e)
+            finally:
+                with self._cv:
+                    self._admitting = 0
+        self._fail_all(RuntimeError("the server is shutting down"))
+
+    def _drop_cancelled(self) -> None:
+        for key, job in list(self._running.items()):
+            if job.cancelled:
+                self.batch.release(job.seq)
+                del self._running[key]
+                self.stats.cancelled_total += 1
+
+    def _admit(self, job: Job) -> None:
+        t0 = time.perf_counter()
+        self.stats.queue_wait_seconds_total += t0 - job.submitted
+        try:
+            seq = self.batch.add(job.prompt, job.params)
+        except Exception as e:  # noqa: BLE001 - report it to that request only
+            self.stats.failed_total += 1
+            self._send(job, e)
+            return
+        seq.logits_processor = job.logits_processor
+        job.seq = seq
+        self.stats.requests_total += 1
+        self.stats.prompt_tokens_total += len(job.prompt)
+        self.stats.prefill_seconds_total += time.perf_counter() - t0
+        if seq.finish_reason:  # max_tokens == 0: nothing to generate
+            self.batch.release(seq)
+            self.stats.finished[seq.finish_reason] += 1
+            self._send(job, TokenEvent(-1, "", None, seq.finish_reason))
+            return
+        self._running[id(seq)] = job
+
+    def _step(self) -> None:
+        t0 = time.perf_counter()
+        events = self.batch.step()
+        now = time.perf_counter()
+        self.stats.steps_total += 1
+        self.stats.step_rows_total += len(events)
+        self.stats.step_seconds_total += now - t0
+        for seq, ev in events:
+            job = self._running.get(id(seq))
+            if job is None:
+                continue
+            if job.first_token is None:
+                job.first_token = now
+                self.stats.ttft_seconds_total += now - job.submitted
+                self.stats.ttft_count += 1
+            self.stats.generated_tokens_total += 1
+            if ev.finish_reason:
+                self.batch.release(seq)
+                del self._running[id(seq)]
+                self.stats.finished[ev.finish_reason] += 1
+            self._send(job, ev)
+
+    def _fail_all(self, err: BaseException) -> None:
+        for key, job in list(self._running.items()):
+            self.batch.release(job.seq)
+            del self._running[key]
+            self.stats.failed_total += 1
+            self._send(job, err)
+        if self._stop:
+            with self._cv:
+                waiting, self._waiting = list(self._waiting), collections.deque()
+            for job in waiting:
+                self._send(job, err)
+
+    @staticmethod
+    def _send(job: Job, item) -> None:
+        try:
+            job.loop.call_soon_threadsafe(job.events.put_nowait, item)
+        except RuntimeError:  # the event loop is closed: nobody is listening any more
+            job.cancelled = True

@@ -1,0 +1,214 @@
+"""Weight-only quantization: packed kernels against float math, GGUF repacking against gguf-py's own
+dequantization, the bundled model's packed path against its float path, and `llamaforge quantize`
+files run by llama.cpp (llama-cpp-python) with the same greedy tokens as llamaforge.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import tiny_model, tiny_tokens
+from llamaforge.quant import Int4Linear, Int8Embedding, Int8Linear, quantize_model
+from llamaforge.quant.gguf_blocks import QTensor
+from llamaforge.quant.repack import load_packed, repack, repack_error
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_packed_linear_matches_float(kind):
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(96, 128, generator=g), torch.randn(5, 128, generator=g)
+    mod = Int8Linear.from_float(w) if kind == "int8" else Int4Linear.from_float(w, group_size=32)
+    y = mod(x)
+    assert y.dtype == torch.float32 and y.shape == (5, 96)
+    # against the float weight: the quantization error of 8 or 4 bits
+    assert rel_err(y, x @ w.t()) < (0.01 if kind == "int8" else 0.12)
+    # against the module's own dequantized weight: only bfloat16 rounding of activations and outputs
+    if kind == "int8":
+        wq = mod.dequantize()
+    else:
+        from llamaforge.quant.linear import quantize_int4_groups
+        q, s, z = quantize_int4_groups(w, 32)
+        wq = (q.float() - 8) * s.repeat_interleave(32, 1) + z.repeat_interleave(32, 1)
+    assert rel_err(y, x @ wq.t()) < 0.01
+
+
+def test_int4_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="int4"):
+        Int4Linear.from_float(torch.randn(20, 64), group_size=32)   # rows not a multiple of 16
+    with pytest.raises(ValueError, match="quantize must be"):
+        quantize_model(tiny_model(), "int3")
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1"])
+def test_repack_gguf_blocks(qtype):
+    """Repacked modules compute with what gguf-py dequantizes the blocks to, up to bf16 scales."""
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(64, 256, generator=g) * 0.05
+    qt = QTensor.quantize(w, qtype)
+    mod = repack(qt)
+    assert isinstance(mod, Int8Linear if qtype == "Q8_0" else Int4Linear)
+    err = repack_error(qt, mod)
+    assert err < (0.01 if qtype == "Q8_0" else 0.005), err
+    x = torch.randn(3, 256, generator=g)
+    assert rel_err(mod(x), x @ qt.dequantize().t()) < 0.015
+
+
+def test_quantize_model_tiny_logits_and_generation():
+    from llamaforge.generate import generate
+    from llamaforge.sampling import SamplingParams
+    toks = tiny_tokens(length=20)
+    for preset in ("tiny", "tiny-tied"):
+        ref = tiny_model(preset)
+        with torch.no_grad():
+            want = ref(toks)
+        for kind, tol in (("int8", 0.02), ("int4", 0.15)):
+            q = quantize_model(tiny_model(preset), kind)
+            assert not any(isinstance(m, torch.nn.Linear) for m in q.modules())
+            assert isinstance(q.tok_embeddings, Int8Embedding)
+            if preset == "tiny-tied":
+                assert q.tok_embeddings.qweight is q.output.qweight   # tied rows stored once
+            with torch.no_grad():
+                got = q(toks)
+            assert rel_err(got, want) < tol, (preset, kind)
+            # the cached decode path gives the logits of the full pass
+            cache = q.new_cache(1, 32)
+            with torch.no_grad():
+                pre = q(toks[:, :12], None, cache, None)
+                step = q(toks[:, 12:13], torch.tensor([[12]]), cache, None)
+            assert torch.allclose(pre[0], got[0, :12], atol=1e-4)
+            assert torch.allclose(step[0, 0], got[0, 12], atol=1e-4)
+            out = list(generate(q, toks[0, :5].tolist(), SamplingParams(max_tokens=6, ignore_eos=True)))
+            assert len(out) == 6
+
+
+def test_load_packed_tiny_gguf_matches_dequantized(make_checkpoint, tmp_path):
+    """A Q4_1 GGUF loaded packed gives the logits of the same file loaded as float32."""
+    from llamaforge.formats import load_checkpoint
+    path, _ = make_checkpoint("gguf", preset="tiny-tied", qtype="q4_1")
+    flat = load_checkpoint(path)
+    from llamaforge.model import Transformer
+    ref = Transformer.empty(flat.args).load_tensors(flat.tensors).eval()
+    packed = load_checkpoint(path, dequantize=False)
+    assert any(isinstance(t, QTensor) for t in packed.tensors.values())
+    model = load_packed(packed.args, packed.tensors)
+    toks = tiny_tokens(length=16)
+    with torch.no_grad():
+        assert rel_err(model(toks), ref(toks)) < 0.02
+
+
+def _bundled_pair(bundled_gguf):
+    from llamaforge.api import Llama
+    fast = Llama.load(bundled_gguf, quantize="auto", max_seq_len=1024)
+    flt = Llama.load(bundled_gguf, max_seq_len=1024)
+    return fast, flt
+
+
+@pytest.mark.slow
+def test_bundled_packed_path_matches_float_path(bundled_gguf):
+    """The bundled SmolLM2 Q4_1: repacked int4 logits ~ float32 dequantized logits, same greedy tokens."""
+    fast, flt = _bundled_pair(bundled_gguf)
+    assert isinstance(fast.model.layers[0].attention.wq, Int4Linear)
+    assert fast.model.layers[0].attention.wq.packed.dtype == torch.uint8
+    ids = fast.encode_chat([{"role": "user", "content": "What is the capital of France?"}])
+    a, b = fast.logits(ids), flt.logits(ids)
+    assert rel_err(a, b) < 0.05
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.9
+    ga = fast.complete(ids, max_tokens=16).tokens
+    gb = flt.complete(ids, max_tokens=16).tokens
+    assert ga == gb
+
+
+# ------------------------------------------------------------------ llamaforge quantize + llama.cpp
+
+def _llama_cpp_greedy(path, ids: list[int], n: int) -> list[int]:
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python (test-only dependency) is not installed")
+    llm = llama_cpp.Llama(str(path), n_ctx=64, n_threads=1, n_threads_batch=1, verbose=False)
+    out = []
+    llm.eval(ids)
+    for _ in range(n):
+        logits = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))
+        out.append(int(np.argmax(logits)))
+        llm.eval([out[-1]])
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained_tiny_hf(tmp_path_factory, tiny_tokenizer):
+    """The tiny model trained for a few seconds on repetitive text, written as an HF folder.
+
+    Random weights give near-uniform logits (top-2 gaps of a few hundredths) where any rounding flips
+    the argmax; after a little training the next token is clear, so greedy decoding is a meaningful
+    comparison between implementations.
+    """
+    from conftest import TINY_TEXT
+    from llamaforge.formats import hf
+    torch.manual_seed(0)
+    model = tiny_model("tiny", seed=3).train()
+    data = torch.tensor(tiny_tokenizer.encode(" ".join(TINY_TEXT[::3]), bos=False))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(150):
+        starts = torch.randint(0, len(data) - 65, (8,))
+        batch = torch.stack([data[i:i + 65] for i in starts])
+        loss = F.cross_entropy(model(batch[:, :-1]).flatten(0, 1), batch[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 2.0
+    out = tmp_path_factory.mktemp("trained") / "tiny-hf"
+    hf.write(out, model.args, model.eval().state_dict(), tokenizer=tiny_tokenizer)
+    return out
+
+
+@pytest.mark.parametrize("qtype", ["q8_0", "q4_0", "q4_1"])
+def test_quantize_command_runs_in_llama_cpp(qtype, tmp_path, tiny_tokenizer, trained_tiny_hf):
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python (test-only dependency) is not installed")
+    from llamaforge.api import Llama
+    from llamaforge.formats import load_checkpoint
+    from llamaforge.quant.convert import quantize
+    src = trained_tiny_hf
+    out = tmp_path / f"tiny-{qtype}.gguf"
+    assert quantize(str(src), type=qtype, output=str(out)) == 0
+    ck = load_checkpoint(out, dequantize=False)
+    assert {t.qtype for t in ck.tensors.values() if isinstance(t, QTensor)} == (
+        {"Q8_0"} if qtype == "q8_0" else {qtype.upper(), "Q8_0"})   # q4_*: the output projection stays Q8_0
+    prompt = tiny_tokenizer.encode("the quick brown fox jumps over", bos=True)
+    want = _llama_cpp_greedy(out, prompt, 16)
+    assert len(set(want)) > 3, want   # a real continuation, not one repeated token
+    for mode in (None, "auto"):   # float32 dequantized, and repacked for the int kernels
+        llm = Llama.load(out, quantize=mode)
+        got = llm.complete(prompt, max_tokens=16, ignore_eos=True).tokens
+        assert got == want, (mode, got, want)
+    try:
+        import llamaforge.cards  # noqa: F401
+    except ImportError:
+        return
+    assert (tmp_path / "model_card.json").exists()
+
+
+def test_quantize_command_bad_input(tmp_path):
+    from llamaforge.quant.convert import quantize
+    with pytest.raises(ValueError, match="type"):
+        quantize(str(tmp_path), type="q3_x", output=str(tmp_path / "a.gguf"))
+    with pytest.raises(ValueError, match=".gguf"):
+        quantize(str(tmp_path), type="q8_0", output=str(tmp_path / "a.bin"))
+    with pytest.raises(ValueError, match="no such file"):   # CheckpointError, printed as one line by the CLI
+        quantize(str(tmp_path / "missing"), type="q8_0", output=str(tmp_path / "a.gguf"))
+
+
+def test_bench_prints_json(make_checkpoint, tiny_tokenizer, capsys):
+    import json
+    from llamaforge.benchmark import bench
+    path, _ = make_checkpoint("gguf", preset="tiny", tokenizer=tiny_tokenizer, qtype="q4_1")
+    assert bench(model=str(path), prompt_tokens=24, gen_tokens=6, threads=1, json=True) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for key in ("prefill_tok_s", "decode_tok_s", "ttft_s", "peak_rss_mb"):
+        assert out[key] > 0, key
+    assert out["quantize"] == "auto"
+    with pytest.raises(ValueError, match="exceed the context window"):
+        bench(model=str(path), prompt_tokens=120, gen_tokens=20, threads=1)
