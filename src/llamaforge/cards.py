@@ -19,9 +19,10 @@ import gzip
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any, Iterable
+
+from .fileio import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -436,16 +437,10 @@ def _jsonable(obj: Any) -> Any:
 
 def _write(directory: Path, card: dict[str, Any]) -> tuple[Path, Path]:
     md_path, json_path, open_path = directory / CARD_MD, directory / CARD_JSON, directory / OPENNESS_MD
-    _atomic_text(json_path, json.dumps(card, indent=2, ensure_ascii=False) + "\n")
-    _atomic_text(md_path, render_markdown(card))
-    _atomic_text(open_path, render_openness(card))
+    atomic_write_text(json_path, json.dumps(card, indent=2, ensure_ascii=False) + "\n")
+    atomic_write_text(md_path, render_markdown(card))
+    atomic_write_text(open_path, render_openness(card))
     return md_path, json_path
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 # -- Markdown ------------------------------------------------------------------------------------

@@ -9,16 +9,15 @@ continuation; continuation ids are the tail of encode(context + continuation)).
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import torch
+
+from ..fileio import atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -325,18 +324,7 @@ def markdown_table(results: dict[str, dict[str, Any]]) -> str:
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_json(path, obj)
 
 
 def evaluate(*, model: str | None = None, task: list[str], data: str | None = None, limit: int | None = None,

