@@ -2,16 +2,15 @@
 from __future__ import annotations
 
 import json as _json
-import os
 import resource
 import sys
 import time
 from typing import Any
 
-# OpenMP threads that spin at barriers collapse when other processes share the cores: measured here
-# (2 threads, load ~10 on 2 cores) a decode step of 541 ms spinning vs 60 ms passive. Only effective
-# when torch is not loaded yet, as in `llamaforge bench`; an explicit setting wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# OpenMP's wait policy decides a lot on a 2-core machine. Spinning (the default) is ~2x faster on an
+# idle machine (decode 96 vs 47 tok/s here, and 152 vs 46 for llama.cpp); on a busy one it collapses
+# (a 541 ms decode step vs 60 ms passive at load ~10). So nothing sets it: export
+# OMP_WAIT_POLICY=PASSIVE yourself when the cores are shared.
 
 # A fixed English text so every run (and every peer in bench/) sees the same prompt tokens.
 PROMPT_TEXT = (

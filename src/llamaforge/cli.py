@@ -10,7 +10,6 @@ import argparse
 import importlib
 import inspect
 import logging
-import os
 import sys
 import types
 import typing
@@ -102,9 +101,6 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # Before torch loads: idle OpenMP threads sleep instead of spinning. On a busy (shared) machine
-    # spinning made 2-thread decode steps ~9x slower; on an idle one the cost is negligible.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = argparse.ArgumentParser(prog="llamaforge", description="A complete, fully open Llama 2 stack.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
