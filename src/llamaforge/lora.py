@@ -14,16 +14,16 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
 import torch
 from torch import nn
+
+from .fileio import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -274,9 +274,9 @@ def save_adapter_tensors(state: dict[str, torch.Tensor], args, config: LoraConfi
         raise ValueError("no LoRA tensors to save")
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    _atomic(d / ADAPTER_WEIGHTS, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    atomic_write(d / ADAPTER_WEIGHTS, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
     text = json.dumps(peft_config(config, base_model), indent=2)
-    _atomic(d / ADAPTER_CONFIG, lambda p: p.write_text(text, encoding="utf-8"))
+    atomic_write(d / ADAPTER_CONFIG, lambda p: p.write_text(text, encoding="utf-8"))
     return d
 
 
@@ -383,23 +383,12 @@ def merge_lora(model: nn.Module) -> nn.Module:
     return model
 
 
-def _atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def copy_adapter(src: str | Path, dst: str | Path) -> None:
     """Copy an adapter folder's two files (used when exporting a checkpoint's adapter)."""
     d = Path(dst)
     d.mkdir(parents=True, exist_ok=True)
     for f in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
-        _atomic(d / f, lambda p, f=f: shutil.copyfile(Path(src) / f, p))
+        atomic_write(d / f, lambda p, f=f: shutil.copyfile(Path(src) / f, p))
 
 
 __all__ = ["LoraConfig", "LoraLinear", "FrozenQuantized", "apply_lora", "lora_modules", "lora_state_dict", "save_adapter",
