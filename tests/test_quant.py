@@ -110,8 +110,10 @@ def _bundled_pair(bundled_gguf):
 
 
 @pytest.mark.slow
-def test_bundled_packed_path_matches_float_path(bundled_gguf):
-    """The bundled SmolLM2 Q4_1: repacked int4 logits ~ float32 dequantized logits, same greedy tokens."""
+def test_bundled_packed_path_matches_float_path(bundled_gguf, monkeypatch):
+    """The bundled SmolLM2 Q4_1 without the native kernels: repacked int4 logits ~ float32
+    dequantized logits, same greedy tokens (the native path is tested in test_native.py)."""
+    monkeypatch.setenv("LLAMAFORGE_NATIVE", "0")
     fast, flt = _bundled_pair(bundled_gguf)
     assert isinstance(fast.model.layers[0].attention.wq, Int4Linear)
     assert fast.model.layers[0].attention.wq.packed.dtype == torch.uint8
@@ -180,7 +182,7 @@ def test_quantize_command_runs_in_llama_cpp(qtype, tmp_path, tiny_tokenizer, tra
     prompt = tiny_tokenizer.encode("the quick brown fox jumps over", bos=True)
     want = _llama_cpp_greedy(out, prompt, 16)
     assert len(set(want)) > 3, want   # a real continuation, not one repeated token
-    for mode in (None, "auto"):   # float32 dequantized, and repacked for the int kernels
+    for mode in (None, "auto"):   # float32 dequantized, and computed from the blocks
         llm = Llama.load(out, quantize=mode)
         got = llm.complete(prompt, max_tokens=16, ignore_eos=True).tokens
         assert got == want, (mode, got, want)

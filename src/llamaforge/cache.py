@@ -20,6 +20,7 @@ class KVCache(nn.Module):
         self.slots = slots
         self.kv_len = 0                           # keys to attend in the current forward (set by prepare)
         self._row: tuple[int, int] | None = None  # (slot, first position) when one row writes a contiguous run
+        self._views: tuple = ()                   # that row's per-layer write and read windows
 
     def prepare(self, pos: torch.Tensor, slots: torch.Tensor | None) -> bool:
         """Plan one forward pass's writes (one host sync per forward, not per layer).
@@ -35,21 +36,26 @@ class KVCache(nn.Module):
         self.kv_len = max(last) + 1
         self._row = None
         if B == 1 and last[0] - first[0] == T - 1 and (T <= 2 or bool((pos.diff(dim=1) == 1).all())):
-            self._row = (int(vals[2]) if slots is not None else 0, first[0])
+            slot, start = (int(vals[2]) if slots is not None else 0), first[0]
+            self._row = (slot, start)
+            # every layer's write window and attended window as views, made in four calls rather
+            # than a dozen indexing ops per layer (a decode step is short enough for that to matter)
+            rows = slice(slot, slot + 1)
+            self._views = (self.k[:, rows, :, start:start + T].unbind(0), self.v[:, rows, :, start:start + T].unbind(0),
+                           self.k[:, rows, :, :self.kv_len].unbind(0), self.v[:, rows, :, :self.kv_len].unbind(0))
             return not (T == 1 or first[0] == 0)
         return True
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
                slots: torch.Tensor | None, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v [B, K, T, Hd] at positions pos [B, T]; return keys/values [B, K, kv_len, Hd] to attend."""
-        kc, vc = self.k[layer], self.v[layer]          # [S, K, max_seq, Hd]
         if self._row is not None and k.shape[0] == 1:
-            # one row, contiguous positions: slice copies in, and views (not gathered copies) out
-            slot, start = self._row
-            T = k.shape[2]
-            kc[slot, :, start:start + T] = k[0]
-            vc[slot, :, start:start + T] = v[0]
-            return kc[slot:slot + 1, :, :kv_len], vc[slot:slot + 1, :, :kv_len]
+            # one row, contiguous positions: copies into the slot's window, views (not gathers) out
+            new_k, new_v, seen_k, seen_v = self._views
+            new_k[layer].copy_(k)
+            new_v[layer].copy_(v)
+            return seen_k[layer], seen_v[layer]
+        kc, vc = self.k[layer], self.v[layer]          # [S, K, max_seq, Hd]
         B = pos.shape[0]
         rows = torch.arange(B, device=pos.device) if slots is None else slots
         # one index_put per tensor for every B and T; advanced indices (rows, pos) lead the value's shape

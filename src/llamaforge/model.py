@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import ops
 from .cache import KVCache
 from .config import ModelArgs
 
@@ -25,11 +26,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32 == self.weight.dtype:  # one fused op, same math (decode speed)
-            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
-        # normalise in float32 whatever the activation dtype, as the reference does
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        return ops.rms_norm(x, self.weight, self.eps)   # x * rsqrt(mean(x^2) + eps) * weight, in float32
 
 
 def rope_table(head_dim: int, max_seq: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,13 +36,12 @@ def rope_table(head_dim: int, max_seq: int, theta: float) -> tuple[torch.Tensor,
     return angles.cos().float(), angles.sin().float()
 
 
-def apply_rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
-    """x [B, T, H, Hd] with pairs (x[2i], x[2i+1]) rotated by angle pos*freq_i.
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, T, H, Hd] with pairs (x[2i], x[2i+1]) rotated by angle pos*freq_i; cos, sin [B, T, Hd/2].
 
-    rot [B, T, 1, Hd/2] complex (cos + i sin): the pair is a complex number, the rotation one product.
+    The pair is the complex number x[2i] + i x[2i+1]; the rotation multiplies it by cos + i sin.
     """
-    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))   # [B, T, H, Hd/2]
-    return torch.view_as_real(xc * rot).flatten(-2).type_as(x)
+    return ops.rope(x, cos, sin)
 
 
 class Attention(nn.Module):
@@ -63,15 +59,14 @@ class Attention(nn.Module):
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)   # [B, T, H, Hd]
         k = self.wk(x).view(B, T, self.n_kv, self.head_dim)      # [B, T, K, Hd]
         v = self.wv(x).view(B, T, self.n_kv, self.head_dim)
-        q, k = apply_rope(q, rot), apply_rope(k, rot)
+        q, k = apply_rope(q, *rot), apply_rope(k, *rot)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H|K, T, Hd]
         if cache is not None:
             k, v = cache.update(self.layer_id, k, v, pos, slots, cache.kv_len)  # [B, K, L, Hd]
             # mask None: every cached key of the row is visible (one row decoding, or a prefill from 0)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-                                                 enable_gqa=self.n_kv != self.n_heads)
+            out = ops.attention(q, k, v, mask, causal=mask is None and T > 1)
         else:  # training / full-sequence scoring: plain causal attention
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=self.n_kv != self.n_heads)
+            out = ops.attention(q, k, v, causal=T > 1)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))   # [B, T, D]
 
 
@@ -126,7 +121,7 @@ class Transformer(nn.Module):
             pos = torch.arange(T, device=tokens.device).expand(B, T)
         if pos.shape != tokens.shape:
             pos = pos.expand(B, T)
-        rot = torch.complex(self.rope_cos[pos], self.rope_sin[pos]).unsqueeze(2)   # [B, T, 1, Hd/2]
+        rot = (self.rope_cos[pos], self.rope_sin[pos])     # cos, sin [B, T, Hd/2]
         mask = None
         if cache is not None:
             # one host sync per forward: the cache plans its writes and says whether rows need a mask

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..config import ModelArgs
+from . import ggml
 from .gguf_blocks import QTensor
 from .linear import Int4Linear, Int8Embedding, Int8Linear, int4_supported, quantize_int8_rows
 
@@ -115,17 +116,29 @@ def load_packed(args: ModelArgs, tensors: dict[str, Any], device: str | torch.de
         names = tqdm(names, desc="repacking", unit="tensor", disable=not progress)
     except ImportError:
         pass
+    native = torch.device(device).type == "cpu"   # the block kernels are CPU code
     for name in names:
         t = tensors.pop(name)
         path = name.removesuffix(".weight")
-        if isinstance(t, _QT):
+        if isinstance(t, _QT) and native and ggml.supported(t):
+            _set(model, path, ggml.GGMLLinear(t))     # computes from the mapped file's blocks
+        elif isinstance(t, _QT):
             _set(model, path, repack(t).to(device))
             release_pages(t.data)
         else:  # a copy: a view would keep the whole file mapped
             p = nn.Parameter(torch.as_tensor(t).to(device=device, dtype=dtype, copy=True), requires_grad=False)
             _set(model, name, p)
     # embedding rows and the output projection
-    if isinstance(emb, _QT) or isinstance(out, _QT):
+    if isinstance(emb, _QT) and native and ggml.supported(emb):
+        emb_lin = ggml.GGMLLinear(emb)
+        model.tok_embeddings = ggml.GGMLEmbedding(emb_lin, dtype)
+        if args.tie_embeddings or out is None:
+            model.output = emb_lin
+        elif isinstance(out, _QT):
+            model.output = ggml.GGMLLinear(out) if ggml.supported(out) else repack(out)
+        else:
+            model.output = _float_linear(out, device, dtype)
+    elif isinstance(emb, _QT) or isinstance(out, _QT):
         emb_mod = _int8_rows(emb, device)
         if isinstance(emb, _QT):
             release_pages(emb.data)
@@ -144,6 +157,8 @@ def load_packed(args: ModelArgs, tensors: dict[str, Any], device: str | torch.de
             model.output.weight = model.tok_embeddings.weight
         else:
             model.output.weight = nn.Parameter(torch.as_tensor(out).to(device=device, dtype=dtype), requires_grad=False)
+    if native:
+        ggml.fuse_siblings(model)   # q/k/v and gate/up: one kernel call each
     left = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
     if left:
         raise ValueError(f"checkpoint does not match the model: missing {left[:5]}")

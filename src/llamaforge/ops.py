@@ -1,0 +1,68 @@
+"""The model's hot small operations, with a native CPU kernel for inference.
+
+Each function is defined by its torch expression, which is also what runs for training (autograd),
+outside torch.inference_mode(), on other devices, for other dtypes, and when the native kernels
+are not built. For float32 inference on the CPU it calls llamaforge's own kernels (kernels.cpp), because at batch 1 a decode
+step is dominated by these small calls: torch's fused attention spends most of its time setting up
+for a single query, and RMSNorm is several dispatches.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import native
+
+
+_F32 = torch.float32
+
+
+def _native(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor | None = None):
+    """The kernels module inside torch.inference_mode() when every tensor is a float32 CPU tensor.
+
+    Only inference mode (what generation and evaluation run under), so that a model outside it,
+    training or not, computes exactly the torch expressions. (Written out without loops: this
+    check runs a few hundred times per generated token.)
+    """
+    if not torch.is_inference_mode_enabled():
+        return None
+    if a.dtype != _F32 or b.dtype != _F32 or (c is not None and c.dtype != _F32) or a.device.type != "cpu":
+        return None
+    return native.kernels()
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x * rsqrt(mean(x^2) + eps) * weight over the last dim, computed in float32."""
+    k = _native(x, weight)
+    if k is not None:
+        return k.rms_norm(x, weight, eps)
+    if x.dtype == torch.float32 == weight.dtype:
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * weight
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+              causal: bool = False) -> torch.Tensor:
+    """softmax(q k^T / sqrt(Hd) [+ mask]) v with grouped KV heads.
+
+    q [B, H, T, Hd]; k, v [B, K, L, Hd] with H a multiple of K; mask [B, 1, T, L] bool (True attends).
+    """
+    gqa = k.shape[1] != q.shape[1]
+    if q.shape[2] == 1 and not causal and k.stride(-1) == 1 and k.stride(-2) == k.shape[-1] \
+            and v.stride(-1) == 1 and v.stride(-2) == v.shape[-1]:
+        kern = _native(q, k, v)
+        if kern is not None:
+            return kern.decode_attention(q, k, v, mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the pairs (x[2i], x[2i+1]) of x [B, T, H, Hd] by cos, sin [B, T, Hd/2] (computed in float32)."""
+    if x.stride(-1) == 1:
+        k = _native(x, cos, sin)
+        if k is not None:
+            return k.rope(x, cos, sin)
+    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)            # [B, T, H, Hd/2] each
+    c, s = cos.unsqueeze(2), sin.unsqueeze(2)                       # broadcast over heads
+    return torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1).flatten(-2).type_as(x)
