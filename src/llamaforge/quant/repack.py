@@ -98,14 +98,19 @@ def _set(model: nn.Module, path: str, module: nn.Module) -> None:
 
 def load_packed(args: ModelArgs, tensors: dict[str, Any], device: str | torch.device = "cpu",
                 dtype: torch.dtype = torch.float32, progress: bool = False) -> nn.Module:
-    """A Transformer whose Linears are packed straight from the checkpoint's QTensors.
+    """A Transformer whose Linears compute straight from the checkpoint's QTensors.
 
-    Float tensors (norms, unquantized matrices) are loaded as `dtype`. A quantized embedding becomes
-    an Int8Embedding; with tied embeddings the output projection shares its int8 rows.
+    On the CPU, Q4_0/Q4_1/Q8_0 tensors become GGMLLinear modules over the file's own blocks (native
+    kernels, exact weights, float32); other types, or other devices, or no native kernels, are
+    repacked into Int4Linear/Int8Linear. Float tensors (norms, unquantized matrices) are loaded as
+    `dtype`. A quantized embedding becomes a GGMLEmbedding or an Int8Embedding sharing the rows of
+    a tied output projection.
     """
     from ..model import Transformer
     from .gguf_blocks import QTensor as _QT
-    _scratch_to_mmap()
+    native = torch.device(device).type == "cpu"   # the block kernels are CPU code
+    if any(isinstance(t, _QT) and not (native and ggml.supported(t)) for t in tensors.values()):
+        _scratch_to_mmap()    # repacking ahead; the native path leaves malloc's defaults (prompt speed)
     model = Transformer.empty(args, device=device)
     tensors = dict(tensors)
     emb = tensors.pop("tok_embeddings.weight")
@@ -113,10 +118,9 @@ def load_packed(args: ModelArgs, tensors: dict[str, Any], device: str | torch.de
     names = list(tensors)
     try:
         from tqdm import tqdm
-        names = tqdm(names, desc="repacking", unit="tensor", disable=not progress)
+        names = tqdm(names, desc="loading", unit="tensor", disable=not progress)
     except ImportError:
         pass
-    native = torch.device(device).type == "cpu"   # the block kernels are CPU code
     for name in names:
         t = tensors.pop(name)
         path = name.removesuffix(".weight")
