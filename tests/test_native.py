@@ -128,3 +128,18 @@ def test_bundled_fast_path_agrees_with_float32_path(bundled_gguf):
         b = flt.complete(ids, max_tokens=32, ignore_eos=True).tokens
         same += a == b
     assert same >= 4, f"{same}/5 prompts agree"
+
+
+def test_decode_attention_reads_scattered_cache_rows_in_place():
+    g = torch.Generator().manual_seed(5)
+    cache_k, cache_v = torch.randn(6, 3, 50, 64, generator=g), torch.randn(6, 3, 50, 64, generator=g)
+    rows = torch.tensor([4, 1, 3])
+    q = torch.randn(3, 9, 1, 64, generator=g)
+    mask = torch.arange(30).view(1, 1, 1, -1) <= torch.tensor([29, 10, 17]).view(3, 1, 1, 1)
+    k, v = cache_k[:, :, :30], cache_v[:, :, :30]
+    ref = F.scaled_dot_product_attention(q, k[rows], v[rows], attn_mask=mask, enable_gqa=True)
+    assert (native.kernels().decode_attention(q, k, v, mask, rows) - ref).abs().max() < 1e-5
+    from llamaforge import ops
+    with torch.inference_mode():
+        assert (ops.attention(q, k, v, mask, rows=rows) - ref).abs().max() < 1e-5
+    assert (ops.attention(q, k, v, mask, rows=rows) - ref).abs().max() < 1e-5   # torch path outside inference mode

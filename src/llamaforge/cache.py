@@ -47,14 +47,20 @@ class KVCache(nn.Module):
         return True
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
-               slots: torch.Tensor | None, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v [B, K, T, Hd] at positions pos [B, T]; return keys/values [B, K, kv_len, Hd] to attend."""
+               slots: torch.Tensor | None, kv_len: int
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Write k, v [B, K, T, Hd] at positions pos [B, T]; return (keys, values, rows) to attend.
+
+        keys/values are [B, K, kv_len, Hd] with rows None, or, for rows scattered over the slots,
+        views of the whole cache [S, K, kv_len, Hd] with rows [B] naming each batch row's slot (no
+        gathered copy: ops.attention reads the slots in place).
+        """
         if self._row is not None and k.shape[0] == 1:
             # one row, contiguous positions: copies into the slot's window, views (not gathers) out
             new_k, new_v, seen_k, seen_v = self._views
             new_k[layer].copy_(k)
             new_v[layer].copy_(v)
-            return seen_k[layer], seen_v[layer]
+            return seen_k[layer], seen_v[layer], None
         kc, vc = self.k[layer], self.v[layer]          # [S, K, max_seq, Hd]
         B = pos.shape[0]
         rows = torch.arange(B, device=pos.device) if slots is None else slots
@@ -62,8 +68,8 @@ class KVCache(nn.Module):
         kc[rows.view(B, 1), :, pos] = k.transpose(1, 2).to(kc.dtype)   # value [B, T, K, Hd]
         vc[rows.view(B, 1), :, pos] = v.transpose(1, 2).to(vc.dtype)
         if slots is None:
-            return kc[:B, :, :kv_len], vc[:B, :, :kv_len]
-        return kc[slots, :, :kv_len], vc[slots, :, :kv_len]
+            return kc[:B, :, :kv_len], vc[:B, :, :kv_len], None
+        return kc[:, :, :kv_len], vc[:, :, :kv_len], slots
 
     def reset(self, slot: int | None = None) -> None:
         """Zero one slot or all; not needed for correctness (masks hide stale keys), only hygiene."""

@@ -274,7 +274,8 @@ torch::Tensor ggml_dequantize(torch::Tensor w, int64_t type, int64_t K, c10::opt
 }
 
 // ---- decode attention -------------------------------------------------------------------------
-// q [B, H, 1, Hd]; k, v [B, Kh, L, Hd] (views of the cache: any strides, last dim contiguous);
+// q [B, H, 1, Hd]; k, v [B, Kh, L, Hd] (views of the cache: any strides, last dim contiguous), or
+// the whole cache [S, Kh, L, Hd] with rows [B] giving each batch row's slot;
 // mask [B, 1, 1, L] bool (true = attend) or undefined (attend all L). Grouped-query heads: query
 // head h reads kv head h / (H / Kh). Float32 throughout, softmax with the max subtracted.
 inline float dot(const float* a, const float* b, int64_t n) {
@@ -340,7 +341,8 @@ inline float exp_sum(float* s, int64_t L, float mx) {
   return sum;
 }
 
-torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, c10::optional<torch::Tensor> mask) {
+torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, c10::optional<torch::Tensor> mask,
+                               c10::optional<torch::Tensor> rows) {
   TORCH_CHECK(q.dim() == 4 && q.size(2) == 1 && k.dim() == 4 && v.sizes() == k.sizes(), "q [B,H,1,Hd], k/v [B,K,L,Hd]");
   TORCH_CHECK(q.scalar_type() == torch::kFloat32 && k.scalar_type() == torch::kFloat32 && v.scalar_type() == torch::kFloat32,
               "decode attention is float32");
@@ -348,7 +350,20 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
               "k and v rows must be contiguous");
   q = q.contiguous();
   const int64_t B = q.size(0), H = q.size(1), Hd = q.size(3), Kh = k.size(1), L = k.size(2), G = H / Kh;
-  TORCH_CHECK(H % Kh == 0 && k.size(0) == B && k.size(3) == Hd, "head counts or shapes do not match");
+  // rows: batch row b reads k[rows[b]] (k, v are then a whole cache [S, K, L, Hd]); else k[b]
+  std::vector<int64_t> row(B);
+  if (rows.has_value() && rows->defined()) {
+    auto r = rows->to(torch::kLong).contiguous();
+    TORCH_CHECK(r.numel() == B, "rows must name one cache row per batch row");
+    for (int64_t b = 0; b < B; ++b) {
+      row[b] = r.data_ptr<int64_t>()[b];
+      TORCH_CHECK(row[b] >= 0 && row[b] < k.size(0), "row ", row[b], " is outside the cache");
+    }
+  } else {
+    TORCH_CHECK(k.size(0) == B, "k and v must have one row per batch row");
+    for (int64_t b = 0; b < B; ++b) row[b] = b;
+  }
+  TORCH_CHECK(H % Kh == 0 && k.size(3) == Hd, "head counts or shapes do not match");
   const bool* M = nullptr;
   torch::Tensor mk;
   if (mask.has_value() && mask->defined()) {
@@ -367,8 +382,8 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / H, h = t % H, kh = h / G;
       const float* qh = Q + t * Hd;
-      const float* kb = K + b * ks0 + kh * ks1;
-      const float* vb = V + b * vs0 + kh * vs1;
+      const float* kb = K + row[b] * ks0 + kh * ks1;
+      const float* vb = V + row[b] * vs0 + kh * vs1;
       const bool* mb = M ? M + b * L : nullptr;
       float mx = -INFINITY;
       for (int64_t l = 0; l < L; ++l) {
@@ -478,7 +493,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("matmul", &ggml_matmul, "y = x @ dequant(w).T from GGML blocks, float32");
   m.def("dequantize", &ggml_dequantize, "float32 matrix of GGML blocks (optionally into a buffer)",
         py::arg("w"), py::arg("type"), py::arg("K"), py::arg("into") = py::none());
-  m.def("decode_attention", &decode_attention, "softmax(q k^T / sqrt(Hd)) v for one query per row, GQA");
+  m.def("decode_attention", &decode_attention, "softmax(q k^T / sqrt(Hd)) v for one query per row, GQA",
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("mask") = py::none(), py::arg("rows") = py::none());
   m.def("rope", &rope, "rotary position embedding of interleaved pairs");
   m.def("rms_norm", &rms_norm, "RMSNorm in float32");
   m.def("isa", &isa, "instruction set the kernels were built for");

@@ -62,9 +62,9 @@ class Attention(nn.Module):
         q, k = apply_rope(q, *rot), apply_rope(k, *rot)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H|K, T, Hd]
         if cache is not None:
-            k, v = cache.update(self.layer_id, k, v, pos, slots, cache.kv_len)  # [B, K, L, Hd]
+            k, v, rows = cache.update(self.layer_id, k, v, pos, slots, cache.kv_len)  # [B|S, K, L, Hd]
             # mask None: every cached key of the row is visible (one row decoding, or a prefill from 0)
-            out = ops.attention(q, k, v, mask, causal=mask is None and T > 1)
+            out = ops.attention(q, k, v, mask, causal=mask is None and T > 1, rows=rows)
         else:  # training / full-sequence scoring: plain causal attention
             out = ops.attention(q, k, v, causal=T > 1)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))   # [B, T, D]

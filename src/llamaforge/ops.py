@@ -43,17 +43,20 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
-              causal: bool = False) -> torch.Tensor:
+              causal: bool = False, rows: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(q k^T / sqrt(Hd) [+ mask]) v with grouped KV heads.
 
     q [B, H, T, Hd]; k, v [B, K, L, Hd] with H a multiple of K; mask [B, 1, T, L] bool (True attends).
+    rows [B]: k and v hold more rows (a whole KV cache) and batch row b attends to k[rows[b]].
     """
     gqa = k.shape[1] != q.shape[1]
     if q.shape[2] == 1 and not causal and k.stride(-1) == 1 and k.stride(-2) == k.shape[-1] \
             and v.stride(-1) == 1 and v.stride(-2) == v.shape[-1]:
         kern = _native(q, k, v)
         if kern is not None:
-            return kern.decode_attention(q, k, v, mask)
+            return kern.decode_attention(q, k, v, mask, rows)
+    if rows is not None:
+        k, v = k.index_select(0, rows), v.index_select(0, rows)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
 
 

@@ -18,9 +18,11 @@ from torch import nn
 from .gguf_blocks import QTensor, block_sizes
 from ..native import TYPE_IDS, kernels
 
-# Row counts up to this use the block kernel; above it, dequantize + BLAS is faster (measured on
-# the bundled model's shapes: see bench/ and docs/benchmarks.md).
-DIRECT_MAX_ROWS = 16
+# Row counts up to this use the block kernel; above it, dequantize + BLAS. Measured on the bundled
+# model's shapes (2 threads): the kernel costs ~16 us per row of a 3072x576 Q4_1 matrix up to 16
+# rows (259 us at 16, against 1,049 us for dequantize + BLAS, whose weight packing dominates at
+# few rows) and 639 us at 24 (x outgrows L1) against 1,265 us; BLAS wins for prompts.
+DIRECT_MAX_ROWS = 32
 
 
 def supported(qt: QTensor) -> bool:
