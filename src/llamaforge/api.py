@@ -48,12 +48,13 @@ class Llama:
 
     @classmethod
     def load(cls, path: str | Path | None = None, *, adapter: str | Path | None = None, dtype: str = "float32",
-             quantize: str | None = None, max_seq_len: int | None = None, device: str = "cpu",
+             quantize: str | None = "auto", max_seq_len: int | None = None, device: str = "cpu",
              progress: bool = False) -> "Llama":
         """Load a Meta folder, HF folder or GGUF file (the bundled SmolLM2 when path is None).
 
-        quantize: None keeps float weights; "int8"/"int4" swap Linears for packed weight-only kernels;
-            "auto" repacks a GGUF's quantized tensors directly (float checkpoints stay float).
+        quantize: "auto" (default) computes with a GGUF's quantized blocks as they are (llamaforge's
+            native kernels, float32 arithmetic; float checkpoints stay float); None dequantizes them
+            to float32 matrices; "int8"/"int4" swap Linears for PyTorch's packed weight-only kernels.
         adapter: a PEFT-format LoRA folder applied on top.
         """
         from .paths import default_model_path

@@ -4,6 +4,15 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Literal
+
+
+Quantize = Literal["auto", "none", "int8", "int4"]
+
+
+def _quantize(q: str | None) -> str | None:
+    """The CLI's quantize choice as Llama.load takes it ("none" means float32 weights)."""
+    return None if q in (None, "none") else q
 
 
 def _sampling(max_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed, stop):
@@ -14,16 +23,16 @@ def _sampling(max_tokens, temperature, top_p, top_k, min_p, repetition_penalty, 
 def generate(prompt: str, *, model: str | None = None, max_tokens: int = 128, temperature: float = 0.0,
              top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0, repetition_penalty: float = 1.0,
              seed: int | None = None, stop: list[str] | None = None, echo: bool = False,
-             quantize: str | None = None) -> int:
+             quantize: Quantize = "auto") -> int:
     """Continue a prompt (raw completion, no chat template), streaming to stdout.
 
     model: checkpoint path (Meta folder, HF folder or .gguf); the bundled SmolLM2 when omitted
     temperature: 0 is greedy
     stop: strings that end generation
-    quantize: int8 or int4 weight-only kernels for speed
+    quantize: auto computes with a GGUF's quantized blocks (native kernels); none dequantizes to float32; int8/int4 repack any checkpoint for PyTorch's kernels
     """
     from .api import Llama
-    llm = Llama.load(model, quantize=quantize)
+    llm = Llama.load(model, quantize=_quantize(quantize))
     for piece in llm.complete(prompt, stream=True, echo=echo,
                               **_sampling(max_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed, stop)):
         sys.stdout.write(piece)
@@ -35,15 +44,16 @@ def generate(prompt: str, *, model: str | None = None, max_tokens: int = 128, te
 def chat(prompt: str | None = None, *, model: str | None = None, system: str | None = None, max_tokens: int = 512,
          temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0,
          repetition_penalty: float = 1.0, seed: int | None = None, stop: list[str] | None = None,
-         quantize: str | None = None, guard: bool = False) -> int:
+         quantize: Quantize = "auto", guard: bool = False) -> int:
     """Chat with a model: interactive with a terminal, one answer for a prompt argument or piped stdin.
 
     prompt: one user message; omitted, read turns from the terminal (or all of stdin when piped)
     system: system prompt
     guard: moderate user input and model output with the default guard
+    quantize: auto computes with a GGUF's quantized blocks (native kernels); none dequantizes to float32; int8/int4 repack any checkpoint for PyTorch's kernels
     """
     from .api import Llama
-    llm = Llama.load(model, quantize=quantize)
+    llm = Llama.load(model, quantize=_quantize(quantize))
     checker = None
     if guard:
         from .safety.guard import Guard
