@@ -4,7 +4,7 @@ Same GGUF, same thread count, same run: both servers start once, then for each n
 concurrent streaming clients (1, 4, 8, 16) the two are measured alternately, `--reps` times.
 Each client sends `--requests` chat requests one after another (greedy, `--max-tokens` each).
 Reported: aggregate generated tokens/s (all tokens / wall time; medians over repetitions), p50/p95
-end-to-end request latency and time to first token (pooled over repetitions), failed requests.
+request latency (start to last token) and time to first token (pooled over repetitions), failed requests.
 Tokens are counted by re-tokenizing each answer with the model's tokenizer, the same way for both.
 
     .venv/bin/python bench/bench_server.py            # writes section "server" of docs/benchmarks.md
@@ -55,10 +55,10 @@ def start(cmd: list[str], url: str, env: dict[str, str], log: Path) -> subproces
 
 
 async def one_request(client: httpx.AsyncClient, url: str, model: str, topic: str, max_tokens: int) -> dict:
-    body = {"model": model, "messages": [{"role": "user", "content": f"Write a story about {topic}."}],
+    body = {"model": model, "messages": [{"role": "user", "content": f"Write a story about {topic}"}],
             "max_tokens": max_tokens, "temperature": 0, "stream": True}
     t0 = time.perf_counter()
-    ttft, pieces = None, []
+    ttft, last, pieces = None, None, []
     try:
         async with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
             if r.status_code != 200:
@@ -72,17 +72,24 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str, topic: st
                 for c in chunk.get("choices") or []:
                     text = (c.get("delta") or {}).get("content")
                     if text:
-                        ttft = ttft or time.perf_counter() - t0
+                        last = time.perf_counter() - t0
+                        ttft = ttft or last
                         pieces.append(text)
     except httpx.HTTPError as e:
         return {"ok": False, "error": repr(e)}
-    return {"ok": bool(pieces), "text": "".join(pieces), "latency": time.perf_counter() - t0, "ttft": ttft or 0.0,
+    # latency: request start to the last token's text (the same chunks for both servers)
+    return {"ok": bool(pieces), "text": "".join(pieces), "latency": last or 0.0, "ttft": ttft or 0.0,
             "error": None if pieces else "empty answer"}
 
 
-async def run_level(url: str, model: str, clients: int, requests: int, max_tokens: int) -> tuple[float, list[dict]]:
+async def run_level(url: str, model: str, clients: int, requests: int, max_tokens: int,
+                    run: str = "") -> tuple[float, list[dict]]:
+    """clients concurrent streams of requests each; run tags the prompts so that no two requests
+    of a benchmark are the same (both servers can reuse a cached prompt prefix, so repeating a
+    whole prompt would flatter them); the two servers get the same prompts."""
     async def client_loop(i: int, c: httpx.AsyncClient) -> list[dict]:
-        return [await one_request(c, url, model, TOPICS[(i + k * clients) % len(TOPICS)], max_tokens)
+        return [await one_request(c, url, model, f"{TOPICS[(i + k * clients) % len(TOPICS)]} "
+                                                 f"(story {run}{i}.{k}).", max_tokens)
                 for k in range(requests)]
     limits = httpx.Limits(max_connections=clients + 4)
     async with httpx.AsyncClient(timeout=600, limits=limits) as c:
@@ -108,6 +115,53 @@ def pct(xs: list[float], q: float) -> float:
     return statistics.quantiles(xs, n=100, method="inclusive")[int(q) - 1] if len(xs) > 1 else xs[0]
 
 
+def thread_cpu_seconds(pid: int) -> dict[int, float]:
+    """User+system CPU seconds of each thread of a process (Linux /proc)."""
+    hz = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+        except FileNotFoundError:   # the thread ended meanwhile
+            continue
+        out[int(tid)] = (int(fields[11]) + int(fields[12])) / hz
+    return out
+
+
+def cpu_profile(a, gguf: Path, env: dict[str, str], logs: Path) -> int:
+    """--cpu: llamaforge alone; CPU time per generated token of the server process, by thread.
+
+    CPU time, unlike wall time, hardly moves when other jobs share the cores, so it tells whether
+    a change to the serving loop helped on a busy machine.
+    """
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "llamaforge.cli", "serve", "--model", str(gguf), "--port", str(port),
+           "--max-batch", str(max(a.clients)), "--ctx", "1024", "--max-queue", "64"] + \
+        ([] if a.quantize == "none" else ["--quantize", a.quantize])
+    proc = start(cmd, url, env, logs / "bench_server_cpu.log")
+    try:
+        model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
+        for clients in [1] + a.clients:
+            asyncio.run(run_level(url, model, clients, 1, 8, f"w{clients}."))
+        print(f"llamaforge serve, {a.threads} thread(s), {a.requests} requests per client, max_tokens {a.max_tokens}")
+        for clients in a.clients:
+            m0, c0 = scheduler_counters(url), thread_cpu_seconds(proc.pid)
+            wall, res = asyncio.run(run_level(url, model, clients, a.requests, a.max_tokens, f"c{clients}."))
+            c1, m1 = thread_cpu_seconds(proc.pid), scheduler_counters(url)
+            tokens = m1["llamaforge_generation_tokens_total"] - m0["llamaforge_generation_tokens_total"]
+            per = sorted(((c1[t] - c0.get(t, 0.0), t) for t in c1), reverse=True)
+            busy = ", ".join(f"{'main' if t == proc.pid else 'thread'} {1000 * v / max(tokens, 1):.2f}"
+                             for v, t in per if v >= 0.01)
+            print(f"{clients:>2} clients: {sum(v for v, _ in per) * 1000 / max(tokens, 1):.2f} ms CPU per token "
+                  f"({busy}); {tokens:.0f} tokens, wall {wall:.1f}s, failed {sum(not r['ok'] for r in res)}",
+                  flush=True)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", help="GGUF file (default: the bundled SmolLM2-135M-Instruct Q4_1)")
@@ -118,9 +172,11 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1,
                     help="threads for both servers; 1 by default because on a shared machine a spinning "
                          "2-thread pool collapses (llama.cpp fell to ~1 tok/s with 2 threads under load)")
-    ap.add_argument("--quantize", default="int4", choices=["none", "int8", "int4"],
+    ap.add_argument("--quantize", default="auto", choices=["auto", "none", "int8", "int4"],
                     help="llamaforge's weight-only kernels (the GGUF is 4-bit for llama.cpp too)")
     ap.add_argument("--no-write", action="store_true", help="print the table without updating docs/benchmarks.md")
+    ap.add_argument("--cpu", action="store_true",
+                    help="llamaforge only: CPU time per generated token by thread (writes nothing)")
     a = ap.parse_args()
 
     from llamaforge.paths import default_model_path
@@ -141,6 +197,8 @@ def main() -> int:
                              # by default a new request interrupts the one streaming; queue them instead
                              "--interrupt_requests", "False"],
     }
+    if a.cpu:
+        return cpu_profile(a, gguf, env, logs)
     procs = {}
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))   # so the servers are stopped below
     try:
@@ -148,9 +206,11 @@ def main() -> int:
             procs[name] = start(cmd, f"http://127.0.0.1:{ports[name]}", env, logs / f"bench_server_{name}.log")
         models = {name: httpx.get(f"http://127.0.0.1:{ports[name]}/v1/models").json()["data"][0]["id"]
                   for name in cmds}
-        # warm-up: one request each (first-call allocations, lazy init)
+        # warm-up, alike for both: one request, then every concurrency level once with short answers
+        # (first-call allocations, lazy init, kernels for each batch shape)
         for name in cmds:
-            asyncio.run(run_level(f"http://127.0.0.1:{ports[name]}", models[name], 1, 1, 8))
+            for clients in [1] + a.clients:
+                asyncio.run(run_level(f"http://127.0.0.1:{ports[name]}", models[name], clients, 1, 8, f"w{clients}."))
         load = os.getloadavg()[0]
         rows = {}
         for clients in a.clients:
@@ -160,7 +220,7 @@ def main() -> int:
                     url = f"http://127.0.0.1:{ports[name]}"
                     before = scheduler_counters(url) if name == "llamaforge" else {}
                     wall, res = asyncio.run(run_level(f"http://127.0.0.1:{ports[name]}", models[name], clients,
-                                                      a.requests, a.max_tokens))
+                                                      a.requests, a.max_tokens, f"{clients}.{rep}."))
                     ok = [r for r in res if r["ok"]]
                     tokens = sum(len(tok.encode(r["text"])) for r in ok)
                     row = rows.setdefault((clients, name), {"tps": [], "lat": [], "ttft": [], "failed": 0,
@@ -173,8 +233,8 @@ def main() -> int:
                     if before:
                         after = scheduler_counters(url)
                         for k in ("decode_steps_total", "decode_rows_total", "decode_seconds_total",
-                                  "prefill_seconds_total"):
-                            row[k] = row.get(k, 0.0) + after["llamaforge_" + k] - before["llamaforge_" + k]
+                                  "prefill_seconds_total", "prompt_tokens_total", "prompt_tokens_reused_total"):
+                            row[k] = row.get(k, 0.0) + after.get("llamaforge_" + k, 0.0) - before.get("llamaforge_" + k, 0.0)
                         row["wall"] = row.get("wall", 0.0) + wall
                     print(f"{clients:>2} clients  {name:<17} {tokens / wall:7.1f} tok/s  wall {wall:6.1f}s  "
                           f"failed {len(res) - len(ok)}", flush=True)
@@ -201,8 +261,11 @@ def main() -> int:
         f"llamaforge `--max-batch {max_batch}"
         f"{'' if a.quantize == 'none' else ' --quantize ' + a.quantize}` (llama.cpp runs the GGUF's own "
         f"4-bit blocks). Each client streams {a.requests} chat requests one after "
-        f"another (greedy, max_tokens {a.max_tokens}); figures: aggregate tokens/s = median over {a.reps} "
-        "repetitions, latencies pooled over them.",
+        f"another (greedy, max_tokens {a.max_tokens}, the model's chat template with its default system prompt, "
+        f"no two prompts alike); "
+        f"both servers are warmed up alike at every level first. Figures: aggregate tokens/s = median over {a.reps} "
+        "repetitions; latency = request start to the last token's text, TTFT = to the first; latencies pooled "
+        "over repetitions.",
         "",
         "| clients | server | aggregate tok/s | p50 latency s | p95 latency s | p50 TTFT s | tokens/answer | failed |",
         "|---:|---|---:|---:|---:|---:|---:|---:|",
@@ -219,13 +282,15 @@ def main() -> int:
         verdicts.append(f"- {clients} clients: throughput {ratio:.2f}x llama-cpp-python; p50 latency {lat:.2f}x")
     lines += ["Ratios (llamaforge / llama-cpp-python):", ""] + verdicts
     lines += ["", "Where llamaforge's time went (its own /metrics counters, summed over the repetitions):", "",
-              "| clients | mean batch | ms per decode step | decode share of wall | prefill share of wall |",
-              "|---:|---:|---:|---:|---:|"]
+              "| clients | mean batch | ms per decode step | decode share of wall | prefill share of wall "
+              "| prompt tokens from the prefix cache |",
+              "|---:|---:|---:|---:|---:|---:|"]
     for clients in a.clients:
         r = rows[(clients, "llamaforge")]
         steps = max(r["decode_steps_total"], 1)
         lines.append(f"| {clients} | {r['decode_rows_total'] / steps:.1f} | {1000 * r['decode_seconds_total'] / steps:.0f} | "
-                     f"{r['decode_seconds_total'] / r['wall']:.0%} | {r['prefill_seconds_total'] / r['wall']:.0%} |")
+                     f"{r['decode_seconds_total'] / r['wall']:.0%} | {r['prefill_seconds_total'] / r['wall']:.0%} | "
+                     f"{r.get('prompt_tokens_reused_total', 0) / max(r.get('prompt_tokens_total', 0), 1):.0%} |")
     if 8 in a.clients and 1 in a.clients:
         r8 = median(rows[(8, "llamaforge")]["tps"]) / median(rows[(8, "llama-cpp-python")]["tps"])
         l1 = pct(rows[(1, "llamaforge")]["lat"], 50) / pct(rows[(1, "llama-cpp-python")]["lat"], 50)

@@ -115,3 +115,109 @@ def test_text_stream_holds_back_possible_stop_prefix_and_truncates():
     assert out == "hello ENx" and not ts.stopped
     out += "".join(ts.push(ord(c)) for c in " bye END more")
     assert ts.stopped and out == "hello ENx bye "
+
+
+def test_common_prefix_lengths():
+    from llamaforge.generate import _common_prefix
+    assert _common_prefix([1, 2, 3, 4], [1, 2, 9]) == 2
+    assert _common_prefix([1, 2], [1, 2, 3]) == 2
+    assert _common_prefix([5], [1]) == 0
+    assert _common_prefix([], [1]) == 0
+    a = list(range(1000))
+    assert _common_prefix(a, a[:777] + [-1] + a[778:]) == 777
+
+
+def test_prefix_reuse_gives_the_same_tokens_and_logits(model):
+    """A prompt sharing a prefix with a running sequence, then a next turn on a finished one, reuse the
+    cached keys/values (copied, or left in place) and decode exactly as without reuse."""
+    system = [11, 12, 13, 14, 15, 16, 17, 18, 19, 20]
+    prompts = [system + [30, 31, 32], system + [40, 41]]
+
+    def run(reuse: bool):
+        batch = Batch(model, max_batch=3, max_seq=96, prefix_reuse=reuse)
+        first = batch.add(prompts[0], SamplingParams(max_tokens=6))
+        batch.step()
+        second = batch.add(prompts[1], SamplingParams(max_tokens=6))   # joins while the first runs
+        logits = [second.next_logits.clone()]
+        while not (first.finish_reason and second.finish_reason):
+            batch.step()
+        batch.release(first)
+        follow = prompts[0] + first.out + [50, 51, 52]                # the next turn of the first chat
+        third = batch.add(follow, SamplingParams(max_tokens=6))
+        logits.append(third.next_logits.clone())
+        while not third.finish_reason:
+            batch.step()
+        return [first, second, third], logits
+
+    plain, plain_logits = run(False)
+    reused, reused_logits = run(True)
+    assert [s.reused for s in plain] == [0, 0, 0]
+    assert reused[1].reused == len(system)                         # copied from the running sequence
+    # its own slot, left in place: all but the last answer token (sampled, never fed back)
+    assert reused[2].reused == len(prompts[0]) + len(reused[0].out) - 1
+    assert reused[2].slot == reused[0].slot
+    for a, b in zip(plain, reused):
+        assert a.out == b.out
+    for a, b in zip(plain_logits, reused_logits):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    assert reused[1].out == greedy_reference(model, prompts[1], 6)
+
+
+def test_greedy_rows_and_processed_rows_share_a_step(model):
+    """Plain greedy rows take one batched argmax; a row with a logits processor is sampled on its own."""
+    ban = greedy_reference(model, [3, 4, 5], 1)[0]
+
+    def no_first_choice(out, logits):
+        return logits.index_fill(0, torch.tensor([ban]), float("-inf"))
+
+    batch = Batch(model, max_batch=3, max_seq=64)
+    a = batch.add([1, 2, 3], SamplingParams(max_tokens=5))
+    b = batch.add([3, 4, 5], SamplingParams(max_tokens=5))
+    b.logits_processor = no_first_choice
+    c = batch.add([7, 8], SamplingParams(max_tokens=5))
+    while not all(s.finish_reason for s in (a, b, c)):
+        batch.step()
+    assert a.out == greedy_reference(model, [1, 2, 3], 5)
+    assert c.out == greedy_reference(model, [7, 8], 5)
+    assert ban not in b.out and len(b.out) == 5
+
+
+def test_step_emits_tokens_before_its_forward(model):
+    """A server streams a step's tokens while that step's forward runs, not after it."""
+    calls = []
+
+    class Counting:
+        def __init__(self, m):
+            self.m, self.args, self.rope_cos = m, m.args, m.rope_cos
+
+        def new_cache(self, *a, **k):
+            return self.m.new_cache(*a, **k)
+
+        def __call__(self, *a, **k):
+            calls.append(1)
+            return self.m(*a, **k)
+
+    batch = Batch(Counting(model), max_batch=1, max_seq=32)
+    seq = batch.add([1, 2, 3], SamplingParams(max_tokens=3))
+    seen = []
+    while not seq.finish_reason:
+        before = len(calls)
+        batch.step(emit=lambda evs: seen.append((len(calls) == before, [e.id for _, e in evs])))
+    assert [ok for ok, _ in seen] == [True, True, True]
+    assert [ids[0] for _, ids in seen] == seq.out == greedy_reference(model, [1, 2, 3], 3)
+    assert len(calls) == 1 + 2            # the prefill, then a forward for each token but the last
+
+
+def test_text_stream_pieces_add_up_to_the_full_decode(bundled_gguf):
+    """Windowed decoding of a real BPE tokenizer: spaces, newlines, multi-byte characters split
+    over several tokens, and a stop string."""
+    from llamaforge.tokenizer import Tokenizer
+    tok = Tokenizer.load(bundled_gguf)
+    text = "Héllo  wörld!\n\n  日本語 😀 and   spaces\tEND tail"
+    ids = tok.encode(text)
+    context = tok.encode("<|im_start|>assistant\n", special=True)
+    ts = TextStream(tok, context_ids=context)
+    assert "".join(ts.push(i) for i in ids) + ts.flush() == tok.decode(ids)
+    ts = TextStream(tok, stop=("END",), context_ids=context)
+    out = "".join(ts.push(i) for i in ids) + ts.flush()
+    assert ts.stopped and out == tok.decode(ids)[:tok.decode(ids).index("END")]

@@ -195,6 +195,34 @@ def test_sixteen_streams_decode_together_and_match_single_requests(server, refer
     assert rows / steps > 4, f"mean batch {rows / steps:.1f}: the requests did not decode together"
 
 
+def test_shared_prompt_prefix_is_reused_and_answers_do_not_change(server, client, llm, reference):
+    """Chat prompts share the template's system prompt, and a next turn repeats the whole
+    conversation: both come from the KV cache, and the answers stay the single-request ones."""
+    q1, q2 = QUESTIONS[3], QUESTIONS[4]
+    first = llm.encode_chat(ask(q1))
+    shared = next(i for i, (a, b) in enumerate(zip(first, llm.encode_chat(ask(q2)))) if a != b)
+    before = metrics(server)
+    answers = [client.chat.completions.create(model=MODEL, messages=ask(q), max_tokens=MAX_TOKENS,
+                                              temperature=0).choices[0].message.content for q in (q1, q2)]
+    assert answers == [reference[q1], reference[q2]]
+    mid = metrics(server)
+    assert mid["llamaforge_prompt_tokens_reused_total"] - before["llamaforge_prompt_tokens_reused_total"] >= shared
+    turn = ask(q1) + [{"role": "assistant", "content": answers[0]}, {"role": "user", "content": "Another one?"}]
+    again = client.chat.completions.create(model=MODEL, messages=turn, max_tokens=MAX_TOKENS, temperature=0)
+    assert again.choices[0].message.content == llm.chat(turn, max_tokens=MAX_TOKENS).text
+    after = metrics(server)
+    # the first turn's prompt is all in some slot (its answer may re-tokenize differently)
+    assert after["llamaforge_prompt_tokens_reused_total"] - mid["llamaforge_prompt_tokens_reused_total"] >= len(first)
+
+
+def test_model_is_loaded_on_a_passing_thread():
+    from llamaforge.server.app import _on_a_passing_thread
+    main = threading.get_ident()
+    assert _on_a_passing_thread(lambda: threading.get_ident()) != main
+    with pytest.raises(ValueError, match="bad"):
+        _on_a_passing_thread(lambda: (_ for _ in ()).throw(ValueError("bad")))
+
+
 def test_disconnected_stream_frees_its_slot(server, client):
     before = metrics(server)
     with httpx.Client(timeout=30) as h:

@@ -71,6 +71,11 @@ class KVCache(nn.Module):
             return kc[:B, :, :kv_len], vc[:B, :, :kv_len], None
         return kc[:, :, :kv_len], vc[:, :, :kv_len], slots
 
+    def copy_prefix(self, src: int, dst: int, n: int) -> None:
+        """Copy the keys/values of positions [0, n) of slot src into slot dst (prompt-prefix reuse)."""
+        self.k[:, dst, :, :n] = self.k[:, src, :, :n]
+        self.v[:, dst, :, :n] = self.v[:, src, :, :n]
+
     def reset(self, slot: int | None = None) -> None:
         """Zero one slot or all; not needed for correctness (masks hide stale keys), only hygiene."""
         if slot is None:

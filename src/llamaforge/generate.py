@@ -6,6 +6,7 @@ batching and single-prompt generation run the same code.
 """
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence as Seq
 
@@ -18,6 +19,15 @@ class ContextOverflow(ValueError):
     """The prompt does not fit in the model's context window."""
 
 
+def check_prompt(n: int, max_seq: int) -> None:
+    """Refuse an empty prompt, or one that leaves no room in a max_seq window for a generated token."""
+    if n == 0:
+        raise ValueError("the prompt is empty")
+    if n >= max_seq:
+        raise ContextOverflow(f"the prompt has {n} tokens but the context window is {max_seq} "
+                              f"(room must remain for at least one generated token)")
+
+
 @dataclass
 class TokenEvent:
     id: int
@@ -26,29 +36,50 @@ class TokenEvent:
     finish_reason: str | None = None   # "stop" | "length" on the last event
 
 
+_WINDOW = 4   # ids of already-released text decoded again before a new token, for context
+
+
 class TextStream:
     """Incremental detokenization with stop strings.
 
-    Decodes the generated ids after a few context ids so a leading space survives, holds back
-    incomplete UTF-8 and any tail that could start a stop string.
+    Each token is decoded in a short window after the last few ids already turned into text (the
+    last prompt ids at first), so a leading space survives and a token costs the same at
+    position 10 or 10,000.
+    Holds back incomplete UTF-8 and any tail that could start a stop string.
     """
 
     def __init__(self, tokenizer, stop: Seq[str] = (), context_ids: Seq[int] = ()):
         self.tok = tokenizer
         self.stop = tuple(s for s in stop if s)
-        self.ctx = list(context_ids)[-4:]
-        self.ctx_text = tokenizer.decode(self.ctx) if self.ctx else ""
         self.ids: list[int] = []
+        self._all = list(context_ids)[-_WINDOW:]   # context ids, then the generated ones
+        self._n_ctx = len(self._all)
+        self._prefix = 0                      # the decode window starts here ...
+        self._read = len(self._all)           # ... and its text up to here is already in self.text
+        self._prefix_text = tokenizer.decode(self._all) if self._all else ""
         self.text = ""          # all text so far, truncated at a stop string
         self.sent = 0           # characters already handed out
         self.stopped = False
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
-        full = self.tok.decode(self.ctx + self.ids)
-        text = full[len(self.ctx_text):] if full.startswith(self.ctx_text) else self.tok.decode(self.ids)
-        if text.endswith("\ufffd"):  # a multi-byte character is not complete yet
+        if self.stopped:       # the text ended at a stop string: later tokens add nothing
             return ""
+        self._all.append(token_id)
+        window = self.tok.decode(self._all[self._prefix:])
+        if window.endswith("\ufffd"):  # a multi-byte character is not complete yet
+            return ""
+        if window.startswith(self._prefix_text):
+            text = self.text + window[len(self._prefix_text):]
+        else:  # a tokenizer that rewrites across the window edge: decode everything once
+            full = self.tok.decode(self._all)
+            ctx_text = self.tok.decode(self._all[:self._n_ctx]) if self._n_ctx else ""
+            text = full[len(ctx_text):] if full.startswith(ctx_text) else self.tok.decode(self.ids)
+        # the next window starts a few ids back: SentencePiece drops the space of a window's first
+        # word, and a control id decodes to nothing, so one id of context is not always enough
+        self._read = len(self._all)
+        self._prefix = max(0, self._read - _WINDOW)
+        self._prefix_text = self.tok.decode(self._all[self._prefix:self._read])
         self.text = text
         hits = [i for s in self.stop if (i := text.find(s, max(0, self.sent - len(s) + 1))) >= 0]
         if hits:
@@ -72,7 +103,7 @@ class TextStream:
         return out
 
 
-@dataclass
+@dataclass(eq=False)
 class Sequence:
     prompt: list[int]
     params: SamplingParams
@@ -86,31 +117,62 @@ class Sequence:
     next_logits: torch.Tensor | None = None   # [V] float32 for the next token
     # optional hook (generated ids so far, logits [V]) -> logits, applied before sampling (e.g. a grammar mask)
     logits_processor: Callable[[list[int], torch.Tensor], torch.Tensor] | None = None
+    reused: int = 0      # prompt tokens whose keys/values were copied from another sequence, not computed
+    fed: int = 0         # tokens (prompt, then generated) whose keys/values are in the cache
 
     @property
     def length(self) -> int:
         return len(self.prompt) + len(self.out)
 
+    @property
+    def plain_greedy(self) -> bool:
+        """Greedy with nothing that needs the logits row on its own: an argmax over the batch does it."""
+        p = self.params
+        return (p.greedy and self.logits_processor is None and p.repetition_penalty == 1.0
+                and not p.logprobs)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the longest common prefix of two id lists (slice comparisons run in C)."""
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    lo, hi = 0, n          # a[:lo] == b[:lo] and a[:hi] != b[:hi]
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[lo:mid] == b[lo:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
 
 class Batch:
-    """Sequences decoding together over one preallocated KV cache (continuous batching)."""
+    """Sequences decoding together over one preallocated KV cache (continuous batching).
+
+    With prefix_reuse, a new sequence starts from the cached keys/values of the longest prefix of
+    its prompt held by any slot (a running sequence, or a finished one whose slot is still
+    untouched), e.g. a shared system prompt or the earlier turns of a conversation, and prefills
+    only the rest.
+    """
 
     def __init__(self, model, tokenizer=None, max_batch: int = 1, max_seq: int | None = None,
-                 prefill_chunk: int = 512):
+                 prefill_chunk: int = 512, prefix_reuse: bool = False):
         self.model, self.tok = model, tokenizer
         self.max_seq = min(max_seq or model.args.max_seq_len, model.args.max_seq_len)
         self.cache = model.new_cache(max_batch, self.max_seq)
-        self.free = list(range(max_batch))[::-1]
+        self.free = list(range(max_batch))   # kept sorted: the lowest slot goes first, so rows stay contiguous
         self.active: list[Sequence] = []
         self.prefill_chunk = prefill_chunk
         self.device = model.rope_cos.device
+        self.prefix_reuse = prefix_reuse
+        self.reused_tokens = 0                # prompt tokens taken from the cache instead of prefilled
+        # ids whose keys/values a free slot still holds (its last sequence's), for prefix reuse
+        self._kept: dict[int, list[int]] = {}
+        self._last: tuple[torch.Tensor, list[Sequence]] | None = None   # the last decode's logits and rows
 
     def check_prompt(self, n: int) -> None:
-        if n == 0:
-            raise ValueError("the prompt is empty")
-        if n >= self.max_seq:
-            raise ContextOverflow(f"the prompt has {n} tokens but the context window is {self.max_seq} "
-                                  f"(room must remain for at least one generated token)")
+        check_prompt(n, self.max_seq)
 
     @torch.inference_mode()
     def add(self, prompt: Seq[int], params: SamplingParams, stop_ids: Seq[int] | None = None) -> Sequence:
@@ -121,16 +183,22 @@ class Batch:
             raise RuntimeError("no free slot in the batch")
         if stop_ids is None:
             stop_ids = getattr(self.tok, "eog_ids", ()) or ()
-        slot = self.free.pop()
+        slot, start = self._take_slot(prompt)
         stream = TextStream(self.tok, params.stop, prompt) if self.tok is not None else None
         seq = Sequence(prompt, params, slot, stream, make_generator(params.seed),
-                       frozenset() if params.ignore_eos else frozenset(stop_ids))
-        slots = torch.tensor([slot], device=self.device)
-        for start in range(0, len(prompt), self.prefill_chunk):
-            chunk = prompt[start:start + self.prefill_chunk]
-            toks = torch.tensor([chunk], device=self.device)
-            pos = torch.arange(start, start + len(chunk), device=self.device)[None]
-            logits = self.model(toks, pos, self.cache, slots, last_only=True)
+                       frozenset() if params.ignore_eos else frozenset(stop_ids), reused=start)
+        try:
+            slots = torch.tensor([slot], device=self.device)
+            for begin in range(start, len(prompt), self.prefill_chunk):
+                chunk = prompt[begin:begin + self.prefill_chunk]
+                toks = torch.tensor([chunk], device=self.device)
+                pos = torch.arange(begin, begin + len(chunk), device=self.device)[None]
+                logits = self.model(toks, pos, self.cache, slots, last_only=True)
+        except BaseException:
+            self._give_back(slot)
+            raise
+        seq.fed = len(prompt)
+        self.reused_tokens += start
         seq.next_logits = logits[0, -1]
         if params.max_tokens == 0:
             seq.finish_reason = "length"
@@ -141,37 +209,117 @@ class Batch:
         """Free a sequence's slot (finished, or its client went away)."""
         if seq in self.active:
             self.active.remove(seq)
-            self.free.append(seq.slot)
+            if self.prefix_reuse and seq.fed:
+                self._kept[seq.slot] = (seq.prompt + seq.out)[:seq.fed]
+            self._give_back(seq.slot)
+
+    def _give_back(self, slot: int) -> None:
+        bisect.insort(self.free, slot)
+
+    def _take_slot(self, prompt: list[int]) -> tuple[int, int]:
+        """A free slot for prompt and how many of its first tokens already sit in that slot's cache."""
+        if not self.prefix_reuse:
+            self._kept.pop(self.free[0], None)
+            return self.free.pop(0), 0
+        limit = len(prompt) - 1       # the last prompt token is always run: its logits give the first token
+        best, src = 0, None           # longest reusable prefix and the slot holding it
+        for slot in self.free:        # lowest first: among equal prefixes, the lowest free slot wins
+            n = min(_common_prefix(prompt, self._kept.get(slot, [])), limit)
+            if n > best:
+                best, src = n, slot
+        for seq in self.active:
+            held = (seq.prompt + seq.out)[:seq.fed]
+            n = min(_common_prefix(prompt, held), limit)
+            if n > best:
+                best, src = n, seq.slot
+        if src in self.free:          # a finished sequence left it: prefill on top of it, no copy
+            self.free.remove(src)
+            self._kept.pop(src, None)
+            return src, best
+        slot = self.free.pop(0)
+        self._kept.pop(slot, None)
+        if best and not self._copy_prefix(src, slot, best):
+            best = 0
+        return slot, best
+
+    def _copy_prefix(self, src: int, dst: int, n: int) -> bool:
+        """Copy the keys/values of positions [0, n) from slot src to slot dst; False if the cache can't."""
+        copy = getattr(self.cache, "copy_prefix", None)
+        if copy is not None:
+            copy(src, dst, n)
+            return True
+        k, v = getattr(self.cache, "k", None), getattr(self.cache, "v", None)
+        # only the layout cache.py documents, [layers, slots, kv_heads, max_seq, head_dim]; another
+        # layout means no copy (the prompt is then prefilled in full), never a wrong one
+        if not (isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor) and k.dim() == v.dim() == 5
+                and k.shape == v.shape and k.shape[1] == getattr(self.cache, "slots", None)
+                and k.shape[3] == getattr(self.cache, "max_seq", None) and n <= k.shape[3]):
+            return False
+        k[:, dst, :, :n] = k[:, src, :, :n]
+        v[:, dst, :, :n] = v[:, src, :, :n]
+        return True
 
     @torch.inference_mode()
-    def step(self) -> list[tuple[Sequence, TokenEvent]]:
-        """Sample one token for every active sequence, then run one batched forward for those going on."""
-        events = []
-        for seq in self.active:
-            if seq.finish_reason:
-                continue
-            events.append((seq, self._advance(seq)))
-        going = [s for s in self.active if not s.finish_reason]
+    def step(self, emit: Callable[[list[tuple[Sequence, TokenEvent]]], None] | None = None
+             ) -> list[tuple[Sequence, TokenEvent]]:
+        """Sample one token for every active sequence, then run one batched forward for those going on.
+
+        emit, if given, gets the events as soon as they are sampled, before the forward, so a server
+        can stream them (and release finished sequences) while the forward runs.
+        """
+        live = [s for s in self.active if not s.finish_reason]
+        if not live:
+            return []
+        events = [(seq, self._advance(seq, tid)) for seq, tid in zip(live, self._greedy_ids(live))]
+        if emit is not None:
+            emit(events)
+        # rows in slot order: when the slots are 0..B-1 the cache is read in place, not gathered
+        going = sorted((s for s in live if not s.finish_reason), key=lambda s: s.slot)
         if going:
             toks = torch.tensor([[s.out[-1]] for s in going], device=self.device)
             pos = torch.tensor([[s.length - 1] for s in going], device=self.device)
             slots = [s.slot for s in going]
-            slot_t = None if slots == list(range(len(going))) else torch.tensor(slots, device=self.device)
+            slot_t = None if slots[-1] == len(slots) - 1 else torch.tensor(slots, device=self.device)
             logits = self.model(toks, pos, self.cache, slot_t, last_only=True)[:, -1]
             for s, row in zip(going, logits):
                 s.next_logits = row
+                s.fed += 1
+            self._last = (logits, going)
+        else:
+            self._last = None
         return events
 
-    def _advance(self, seq: Sequence) -> TokenEvent:
+    def _greedy_ids(self, live: list[Sequence]) -> list[int | None]:
+        """Argmax ids for the plainly greedy rows, with one host sync for all; None for the others."""
+        ids: list[int | None] = [None] * len(live)
+        want = [i for i, s in enumerate(live) if s.plain_greedy]
+        if not want:
+            return ids
+        last = self._last
+        row_of = {id(s): r for r, s in enumerate(last[1])} if last is not None else {}
+        from_batch = [i for i in want if id(live[i]) in row_of]
+        if from_batch:   # rows of the last batched forward: one argmax over the whole batch
+            top = last[0].argmax(-1).tolist()
+            for i in from_batch:
+                ids[i] = top[row_of[id(live[i])]]
+        for i in want:   # just prefilled: their own logits
+            if ids[i] is None:
+                ids[i] = int(torch.argmax(live[i].next_logits))
+        return ids
+
+    def _advance(self, seq: Sequence, tid: int | None = None) -> TokenEvent:
         p = seq.params
-        logits = seq.next_logits
-        if seq.logits_processor is not None:
-            logits = seq.logits_processor(seq.out, logits)
-        seen = None
-        if p.repetition_penalty != 1.0:
-            seen = torch.tensor(seq.prompt + seq.out, device=logits.device).unique()
-        tid = sample(logits, p, seq.generator, seen)
-        lp = float(torch.log_softmax(logits, -1)[tid]) if p.logprobs else None
+        lp = None
+        if tid is None:
+            logits = seq.next_logits
+            if seq.logits_processor is not None:
+                logits = seq.logits_processor(seq.out, logits)
+            seen = None
+            if p.repetition_penalty != 1.0:
+                seen = torch.tensor(seq.prompt + seq.out, device=logits.device).unique()
+            tid = sample(logits, p, seq.generator, seen)
+            lp = float(torch.log_softmax(logits, -1)[tid]) if p.logprobs else None
+        seq.next_logits = None     # a row of the last forward's logits: let that tensor go
         seq.out.append(tid)
         if lp is not None:
             seq.logprobs.append(lp)

@@ -11,12 +11,13 @@ import asyncio
 import hmac
 import json
 import logging
+import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Literal
 
 import torch
 from fastapi import Depends, FastAPI, Request
@@ -163,7 +164,7 @@ class Server:
         if len(stop) > 16:
             raise APIError(400, "at most 16 stop strings", param="stop")
         try:
-            self.scheduler.batch.check_prompt(prompt_len)
+            self.scheduler.check_prompt(prompt_len)
         except ContextOverflow as e:
             raise APIError(400, str(e), code="context_length_exceeded", param="messages") from e
         except ValueError as e:
@@ -638,7 +639,11 @@ def _prometheus(srv: Server) -> str:
            [("", st.failed_total)])
     metric("llamaforge_requests_finished_total", "counter", "Requests finished, by finish_reason.",
            [(f'{{finish_reason="{k}"}}', v) for k, v in sorted(dict(st.finished).items())] or [('{finish_reason="stop"}', 0)])
-    metric("llamaforge_prompt_tokens_total", "counter", "Prompt tokens prefilled.", [("", st.prompt_tokens_total)])
+    metric("llamaforge_prompt_tokens_total", "counter", "Prompt tokens of admitted requests.",
+           [("", st.prompt_tokens_total)])
+    metric("llamaforge_prompt_tokens_reused_total", "counter",
+           "Prompt tokens whose keys/values were copied from a cached common prefix instead of prefilled.",
+           [("", st.prompt_tokens_reused_total)])
     metric("llamaforge_generation_tokens_total", "counter", "Tokens generated.", [("", st.generated_tokens_total)])
     metric("llamaforge_decode_steps_total", "counter", "Batched decode steps.", [("", st.steps_total)])
     metric("llamaforge_decode_rows_total", "counter", "Sequences advanced, summed over steps (mean batch = rows/steps).",
@@ -656,9 +661,32 @@ def _prometheus(srv: Server) -> str:
 
 
 # -- the command -------------------------------------------------------------------------------
+def _on_a_passing_thread(fn):
+    """fn() on a thread that then exits, so this (main) thread never runs torch ops.
+
+    libgomp gives every thread that runs parallel torch ops an OpenMP team of its own, kept until
+    that thread exits. Loading on the main thread and decoding on the scheduler thread made two
+    teams; with more team threads than cores libgomp stops spinning between ops, and decode on
+    2 cores ran at the passive-wait speed. The loader's team goes away with its thread.
+    """
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - re-raised on the caller's thread
+            box["error"] = e
+    t = threading.Thread(target=run, name="llamaforge-load", daemon=True)   # Ctrl-C still ends the process
+    t.start()
+    t.join()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
 def serve(*, model: str | None = None, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           max_batch: int = 8, ctx: int | None = None, max_queue: int = 64, guard: bool = False,
-          quantize: str | None = None) -> int:
+          quantize: Literal["auto", "none", "int8", "int4"] = "auto") -> int:
     """Serve a model over an OpenAI-compatible HTTP API with continuous batching and a web chat page at /.
 
     model: checkpoint (Meta folder, HF folder or .gguf); the bundled SmolLM2 when omitted
@@ -669,9 +697,11 @@ def serve(*, model: str | None = None, host: str = "127.0.0.1", port: int = 8000
     ctx: context window per sequence (default min(model's, 2048)); the KV cache holds max_batch x ctx tokens
     max_queue: requests that may wait for a slot; beyond it the server answers 429
     guard: moderate user input and model output with llamaforge's guard
-    quantize: int8 or int4 weight-only kernels for speed
+    quantize: auto computes with a GGUF's quantized blocks (native kernels); none dequantizes to float32; int8/int4 repack any checkpoint for PyTorch's kernels
     """
     import uvicorn
+
+    from ..commands import _quantize
 
     from ..api import Llama
     from ..paths import default_model_path
@@ -681,17 +711,17 @@ def serve(*, model: str | None = None, host: str = "127.0.0.1", port: int = 8000
         raise ValueError("max_batch must be >= 1")
     if ctx is not None and ctx < 2:
         raise ValueError("ctx must be >= 2")
-    if quantize not in (None, "int8", "int4"):
-        raise ValueError(f"quantize must be int8 or int4 (got {quantize!r})")
+    if quantize not in ("auto", "none", "int8", "int4", None):
+        raise ValueError(f"quantize must be auto, none, int8 or int4 (got {quantize!r})")
     checker = None
     if guard:
         try:
             from ..safety.guard import Guard
         except ImportError as e:
             raise ValueError("--guard needs llamaforge.safety.guard, which is not available in this install") from e
-        checker = Guard.load()
+        checker = _on_a_passing_thread(Guard.load)
     path = Path(model) if model else default_model_path()
-    llm = Llama.load(path, quantize=quantize, progress=True)
+    llm = _on_a_passing_thread(lambda: Llama.load(path, quantize=_quantize(quantize), progress=True))
     model_id = path.stem if path.is_file() else path.name
     app = create_app(llm, model_id=model_id, api_key=api_key, max_batch=max_batch, ctx=ctx, max_queue=max_queue,
                      guard=checker)

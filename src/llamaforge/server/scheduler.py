@@ -18,7 +18,7 @@ from typing import AsyncIterator, Callable, Sequence as Seq
 
 import torch
 
-from ..generate import Batch, Sequence, TokenEvent
+from ..generate import Batch, Sequence, TokenEvent, check_prompt
 from ..sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,7 @@ class Stats:
     failed_total: int = 0
     finished: collections.Counter = field(default_factory=collections.Counter)  # by finish_reason
     prompt_tokens_total: int = 0
+    prompt_tokens_reused_total: int = 0   # of those, taken from a cached prefix instead of prefilled
     generated_tokens_total: int = 0
     steps_total: int = 0
     step_rows_total: int = 0        # sum of batch sizes over steps: mean batch = rows / steps
@@ -66,12 +67,17 @@ class Stats:
 class Scheduler:
     """Runs every request through one shared `Batch` on a background thread."""
 
-    def __init__(self, model, tokenizer, *, max_batch: int = 8, max_seq: int | None = None, max_queue: int = 64):
+    def __init__(self, model, tokenizer, *, max_batch: int = 8, max_seq: int | None = None, max_queue: int = 64,
+                 prefix_reuse: bool = True):
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
         if max_queue < 0:
             raise ValueError("max_queue must be >= 0")
-        self.batch = Batch(model, tokenizer, max_batch=max_batch, max_seq=max_seq)
+        # the Batch (its KV cache) is made on the scheduler thread, the only one that runs the model
+        self._make_batch = lambda: Batch(model, tokenizer, max_batch=max_batch, max_seq=max_seq,
+                                         prefix_reuse=prefix_reuse)
+        self.batch: Batch | None = None
+        self._max_seq = min(max_seq or model.args.max_seq_len, model.args.max_seq_len)
         self.max_batch, self.max_queue = max_batch, max_queue
         self.stats = Stats()
         self._waiting: collections.deque[Job] = collections.deque()
@@ -83,7 +89,11 @@ class Scheduler:
 
     @property
     def max_seq(self) -> int:
-        return self.batch.max_seq
+        return self._max_seq
+
+    def check_prompt(self, n: int) -> None:
+        """Raise ContextOverflow/ValueError for a prompt that cannot be served."""
+        check_prompt(n, self._max_seq)
 
     @property
     def waiting(self) -> int:
@@ -95,10 +105,34 @@ class Scheduler:
 
     # -- life cycle ----------------------------------------------------------------------------
     def start(self) -> None:
+        """Start the scheduler thread; returns once its KV cache is allocated (or raises why not)."""
         if self._thread is None:
             self._stop = False
-            self._thread = threading.Thread(target=self._loop, name="llamaforge-scheduler", daemon=True)
+            ready: list[BaseException | None] = []
+            started = threading.Event()
+            self._thread = threading.Thread(target=self._run, args=(ready, started), name="llamaforge-scheduler",
+                                            daemon=True)
             self._thread.start()
+            started.wait()
+            if ready[0] is not None:
+                self._thread.join()
+                self._thread = None
+                raise ready[0]
+
+    def _run(self, ready: list, started: threading.Event) -> None:
+        # Every torch op of the server runs on this one thread: libgomp gives each thread that runs
+        # parallel ops its own OpenMP team, and with more team threads than cores its workers stop
+        # spinning between ops, which on 2 cores halved decode speed (see docs/serving.md).
+        try:
+            if self.batch is None:
+                self.batch = self._make_batch()
+            ready.append(None)
+        except BaseException as e:  # noqa: BLE001 - handed to start()
+            ready.append(e)
+            return
+        finally:
+            started.set()
+        self._loop()
 
     def close(self) -> None:
         with self._cv:
@@ -112,7 +146,7 @@ class Scheduler:
     def submit(self, prompt: Seq[int], params: SamplingParams, logits_processor: LogitsProcessor | None = None) -> Job:
         """Queue a request; raises ContextOverflow/ValueError for a bad prompt, QueueFull when saturated."""
         prompt = [int(t) for t in prompt]
-        self.batch.check_prompt(len(prompt))
+        self.check_prompt(len(prompt))
         job = Job(prompt, params, asyncio.get_running_loop(), logits_processor)
         with self._cv:
             # free slots take waiting jobs at the next step; beyond them, at most max_queue may wait
@@ -197,6 +231,7 @@ class Scheduler:
         job.seq = seq
         self.stats.requests_total += 1
         self.stats.prompt_tokens_total += len(job.prompt)
+        self.stats.prompt_tokens_reused_total += seq.reused
         self.stats.prefill_seconds_total += time.perf_counter() - t0
         if seq.finish_reason:  # max_tokens == 0: nothing to generate
             self.batch.release(seq)
@@ -207,11 +242,14 @@ class Scheduler:
 
     def _step(self) -> None:
         t0 = time.perf_counter()
-        events = self.batch.step()
-        now = time.perf_counter()
+        self.batch.step(emit=self._emit)   # tokens go out before the forward that follows them
         self.stats.steps_total += 1
+        self.stats.step_seconds_total += time.perf_counter() - t0
+
+    def _emit(self, events: list[tuple[Sequence, TokenEvent]]) -> None:
+        now = time.perf_counter()
         self.stats.step_rows_total += len(events)
-        self.stats.step_seconds_total += now - t0
+        out = []
         for seq, ev in events:
             job = self._running.get(id(seq))
             if job is None:
@@ -225,7 +263,8 @@ class Scheduler:
                 self.batch.release(seq)
                 del self._running[id(seq)]
                 self.stats.finished[ev.finish_reason] += 1
-            self._send(job, ev)
+            out.append((job, ev))
+        self._send_all(out)
 
     def _fail_all(self, err: BaseException) -> None:
         for key, job in list(self._running.items()):
@@ -241,7 +280,25 @@ class Scheduler:
 
     @staticmethod
     def _send(job: Job, item) -> None:
-        try:
-            job.loop.call_soon_threadsafe(job.events.put_nowait, item)
-        except RuntimeError:  # the event loop is closed: nobody is listening any more
-            job.cancelled = True
+        Scheduler._send_all([(job, item)])
+
+    @staticmethod
+    def _send_all(items: list[tuple[Job, object]]) -> None:
+        """Hand items to their jobs' queues with one event-loop wake-up per loop, not one per job.
+
+        Each wake-up makes the event loop thread take the GIL, which the decode loop then waits for.
+        """
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Job, object]]] = {}
+        for job, item in items:
+            by_loop.setdefault(job.loop, []).append((job, item))
+        for loop, batch in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, batch)
+            except RuntimeError:  # the event loop is closed: nobody is listening any more
+                for job, _ in batch:
+                    job.cancelled = True
+
+
+def _deliver(items: list[tuple[Job, object]]) -> None:
+    for job, item in items:
+        job.events.put_nowait(item)
