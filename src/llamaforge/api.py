@@ -61,6 +61,8 @@ class Llama:
         path = Path(path) if path is not None else default_model_path()
         # "auto": GGUF block-quantized tensors stay packed (memory-mapped) and are repacked for the kernels
         packed = quantize == "auto"
+        from . import ops
+        ops.refresh()   # LLAMAFORGE_NATIVE is read per load, not per operation
         ckpt = load_checkpoint(path, progress=progress, dequantize=not packed)
         from .safety.license import notice_once
         notice_once(ckpt)  # the Llama 2 licence notice and the Acceptable Use Policy, once per machine

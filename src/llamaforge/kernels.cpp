@@ -39,13 +39,8 @@
 namespace {
 
 constexpr int64_t QK = 32;
-enum GGMLType : int64_t { Q4_0 = 2, Q4_1 = 3, Q8_0 = 8 };
-
-struct BlockQ4_0 { uint16_t d; uint8_t qs[16]; };
-struct BlockQ4_1 { uint16_t d; uint16_t m; uint8_t qs[16]; };
-struct BlockQ8_0 { uint16_t d; int8_t qs[32]; };
-static_assert(sizeof(BlockQ4_0) == 18 && sizeof(BlockQ4_1) == 20 && sizeof(BlockQ8_0) == 34,
-              "GGML block sizes");
+// GGML's own type numbers; +100: the same blocks with float32 scales (see to_f32_scales)
+enum GGMLType : int64_t { Q4_0 = 2, Q4_1 = 3, Q8_0 = 8, F32S = 100 };
 
 inline float half_to_float(uint16_t h) {
 #if defined(LF_AVX512) || defined(LF_AVX2)
@@ -54,18 +49,34 @@ inline float half_to_float(uint16_t h) {
   return static_cast<float>(c10::Half(h, c10::Half::from_bits()));
 #endif
 }
+inline float to_f32(uint16_t h) { return half_to_float(h); }
+inline float to_f32(float f) { return f; }
+
+// S: the scale type, uint16_t (float16, the file's layout) or float (converted once at load, which
+// saves the per-block conversions in the decode loop)
+template <typename S> struct BQ4_0 { S d; uint8_t qs[16]; };
+template <typename S> struct BQ4_1 { S d; S m; uint8_t qs[16]; };
+template <typename S> struct BQ8_0 { S d; int8_t qs[32]; };
+using BlockQ4_0 = BQ4_0<uint16_t>;
+using BlockQ4_1 = BQ4_1<uint16_t>;
+using BlockQ8_0 = BQ8_0<uint16_t>;
+static_assert(sizeof(BlockQ4_0) == 18 && sizeof(BlockQ4_1) == 20 && sizeof(BlockQ8_0) == 34,
+              "GGML block sizes");
+static_assert(sizeof(BQ4_0<float>) == 20 && sizeof(BQ4_1<float>) == 24 && sizeof(BQ8_0<float>) == 36,
+              "float-scale block sizes");
 
 // Per type: the 32 codes as floats, the scale d and the offset added per weight (w = d * code + offset).
 template <typename B> struct Block;
 
-template <> struct Block<BlockQ4_0> {
+template <typename S> struct Block<BQ4_0<S>> {
   static constexpr bool has_offset = false;
-  static float offset(const BlockQ4_0&) { return 0.f; }
-  static void codes(const BlockQ4_0& b, float* q) {
+  static float scale(const BQ4_0<S>& b) { return to_f32(b.d); }
+  static float offset(const BQ4_0<S>&) { return 0.f; }
+  static void codes(const BQ4_0<S>& b, float* q) {
     for (int j = 0; j < 16; ++j) { q[j] = float((b.qs[j] & 15) - 8); q[j + 16] = float((b.qs[j] >> 4) - 8); }
   }
 #ifdef LF_AVX512
-  static void codes(const BlockQ4_0& b, __m512& lo, __m512& hi) {
+  static void codes(const BQ4_0<S>& b, __m512& lo, __m512& hi) {
     const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b.qs)));
     const __m512i eight = _mm512_set1_epi32(8);
     lo = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_and_si512(v, _mm512_set1_epi32(15)), eight));
@@ -74,14 +85,15 @@ template <> struct Block<BlockQ4_0> {
 #endif
 };
 
-template <> struct Block<BlockQ4_1> {
+template <typename S> struct Block<BQ4_1<S>> {
   static constexpr bool has_offset = true;
-  static float offset(const BlockQ4_1& b) { return half_to_float(b.m); }
-  static void codes(const BlockQ4_1& b, float* q) {
+  static float scale(const BQ4_1<S>& b) { return to_f32(b.d); }
+  static float offset(const BQ4_1<S>& b) { return to_f32(b.m); }
+  static void codes(const BQ4_1<S>& b, float* q) {
     for (int j = 0; j < 16; ++j) { q[j] = float(b.qs[j] & 15); q[j + 16] = float(b.qs[j] >> 4); }
   }
 #ifdef LF_AVX512
-  static void codes(const BlockQ4_1& b, __m512& lo, __m512& hi) {
+  static void codes(const BQ4_1<S>& b, __m512& lo, __m512& hi) {
     const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b.qs)));
     lo = _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(15)));
     hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
@@ -89,14 +101,15 @@ template <> struct Block<BlockQ4_1> {
 #endif
 };
 
-template <> struct Block<BlockQ8_0> {
+template <typename S> struct Block<BQ8_0<S>> {
   static constexpr bool has_offset = false;
-  static float offset(const BlockQ8_0&) { return 0.f; }
-  static void codes(const BlockQ8_0& b, float* q) {
+  static float scale(const BQ8_0<S>& b) { return to_f32(b.d); }
+  static float offset(const BQ8_0<S>&) { return 0.f; }
+  static void codes(const BQ8_0<S>& b, float* q) {
     for (int j = 0; j < 32; ++j) q[j] = float(b.qs[j]);
   }
 #ifdef LF_AVX512
-  static void codes(const BlockQ8_0& b, __m512& lo, __m512& hi) {
+  static void codes(const BQ8_0<S>& b, __m512& lo, __m512& hi) {
     lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b.qs))));
     hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b.qs + 16))));
   }
@@ -111,24 +124,28 @@ inline void dot_rows(const B* w, int64_t nb, const float* x, int64_t ldx, const 
   float off[R];
   for (int r = 0; r < R; ++r) off[r] = 0.f;
 #ifdef LF_AVX512
-  __m512 acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
-  for (int64_t g = 0; g < nb; ++g) {
+  // two accumulators per row (even and odd blocks): the FMA chain of one would bound the loop
+  __m512 acc[2][R];
+  for (int r = 0; r < R; ++r) acc[0][r] = acc[1][r] = _mm512_setzero_ps();
+  int64_t g = 0;
+  auto block = [&](int64_t g, int a) {
     __m512 lo, hi;
     Block<B>::codes(w[g], lo, hi);
-    const __m512 d = _mm512_set1_ps(half_to_float(w[g].d));
+    const __m512 d = _mm512_set1_ps(Block<B>::scale(w[g]));
     for (int r = 0; r < R; ++r) {
       const float* xr = x + r * ldx + g * QK;
       __m512 t = _mm512_mul_ps(lo, _mm512_loadu_ps(xr));
       t = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xr + 16), t);
-      acc[r] = _mm512_fmadd_ps(t, d, acc[r]);
+      acc[a][r] = _mm512_fmadd_ps(t, d, acc[a][r]);
     }
     if (Block<B>::has_offset) {
       const float o = Block<B>::offset(w[g]);
       for (int r = 0; r < R; ++r) off[r] += o * xs[r * ldxs + g];
     }
-  }
-  for (int r = 0; r < R; ++r) out[r] = _mm512_reduce_add_ps(acc[r]) + off[r];
+  };
+  for (; g + 2 <= nb; g += 2) { block(g, 0); block(g + 1, 1); }
+  if (g < nb) block(g, 0);
+  for (int r = 0; r < R; ++r) out[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0][r], acc[1][r])) + off[r];
 #else
   // portable path: 8 partial sums per row, which compilers vectorise on AVX2 / NEON
   float acc[R][8];
@@ -136,7 +153,7 @@ inline void dot_rows(const B* w, int64_t nb, const float* x, int64_t ldx, const 
   float q[QK];
   for (int64_t g = 0; g < nb; ++g) {
     Block<B>::codes(w[g], q);
-    const float d = half_to_float(w[g].d);
+    const float d = Block<B>::scale(w[g]);
     for (int r = 0; r < R; ++r) {
       const float* xr = x + r * ldx + g * QK;
       float t[8];
@@ -218,7 +235,7 @@ torch::Tensor dequantize_impl(const torch::Tensor& w, int64_t K, c10::optional<t
     for (int64_t n = n0; n < n1; ++n) {
       const B* wr = reinterpret_cast<const B*>(W + n * row_bytes);
       for (int64_t g = 0; g < nb; ++g) {
-        const float d = half_to_float(wr[g].d), o = Block<B>::offset(wr[g]);
+        const float d = Block<B>::scale(wr[g]), o = Block<B>::offset(wr[g]);
         float* dst = O + n * K + g * QK;
 #ifdef LF_AVX512
         __m512 lo, hi;
@@ -252,24 +269,59 @@ void check(const torch::Tensor& w, int64_t K, int64_t block_bytes) {
   TORCH_CHECK(w.device().is_cpu(), "GGML block kernels run on the CPU");
 }
 
-torch::Tensor ggml_matmul(torch::Tensor x, torch::Tensor w, int64_t type, int64_t K) {
-  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K && x.scalar_type() == torch::kFloat32,
-              "x must be float32 [..., ", K, "]");
-  x = x.contiguous();
+// Calls f with a null pointer of the block type named by `type` (after checking w's row size).
+template <typename F>
+auto dispatch(const torch::Tensor& w, int64_t type, int64_t K, F&& f) {
   switch (type) {
-    case Q4_0: check(w, K, sizeof(BlockQ4_0)); return matmul_impl<BlockQ4_0>(x, w, K);
-    case Q4_1: check(w, K, sizeof(BlockQ4_1)); return matmul_impl<BlockQ4_1>(x, w, K);
-    case Q8_0: check(w, K, sizeof(BlockQ8_0)); return matmul_impl<BlockQ8_0>(x, w, K);
+    case Q4_0: check(w, K, sizeof(BlockQ4_0)); return f(static_cast<BlockQ4_0*>(nullptr));
+    case Q4_1: check(w, K, sizeof(BlockQ4_1)); return f(static_cast<BlockQ4_1*>(nullptr));
+    case Q8_0: check(w, K, sizeof(BlockQ8_0)); return f(static_cast<BlockQ8_0*>(nullptr));
+    case F32S + Q4_0: check(w, K, sizeof(BQ4_0<float>)); return f(static_cast<BQ4_0<float>*>(nullptr));
+    case F32S + Q4_1: check(w, K, sizeof(BQ4_1<float>)); return f(static_cast<BQ4_1<float>*>(nullptr));
+    case F32S + Q8_0: check(w, K, sizeof(BQ8_0<float>)); return f(static_cast<BQ8_0<float>*>(nullptr));
     default: TORCH_CHECK(false, "unsupported GGML type id ", type);
   }
 }
 
+torch::Tensor ggml_matmul(torch::Tensor x, torch::Tensor w, int64_t type, int64_t K) {
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K && x.scalar_type() == torch::kFloat32,
+              "x must be float32 [..., ", K, "]");
+  x = x.contiguous();
+  return dispatch(w, type, K, [&](auto* b) { return matmul_impl<std::remove_pointer_t<decltype(b)>>(x, w, K); });
+}
+
 torch::Tensor ggml_dequantize(torch::Tensor w, int64_t type, int64_t K, c10::optional<torch::Tensor> into) {
+  return dispatch(w, type, K, [&](auto* b) { return dequantize_impl<std::remove_pointer_t<decltype(b)>>(w, K, into); });
+}
+
+// The same blocks with float32 scales (type + 100): d (and m) widened once, codes unchanged.
+template <typename S, template <typename> class BT>
+torch::Tensor widen(const torch::Tensor& w, int64_t K) {
+  const int64_t N = w.size(0), nb = K / QK;
+  auto out = torch::empty({N, nb * int64_t(sizeof(BT<float>))}, torch::dtype(torch::kUInt8));
+  const uint8_t* W = w.data_ptr<uint8_t>();
+  uint8_t* O = out.data_ptr<uint8_t>();
+  const int64_t row_bytes = w.stride(0);
+  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const BT<S>* src = reinterpret_cast<const BT<S>*>(W + n * row_bytes);
+      BT<float>* dst = reinterpret_cast<BT<float>*>(O + n * nb * int64_t(sizeof(BT<float>)));
+      for (int64_t g = 0; g < nb; ++g) {
+        dst[g].d = to_f32(src[g].d);
+        if constexpr (std::is_same<BT<S>, BQ4_1<S>>::value) dst[g].m = to_f32(src[g].m);
+        std::memcpy(dst[g].qs, src[g].qs, sizeof(src[g].qs));
+      }
+    }
+  });
+  return out;
+}
+
+torch::Tensor to_f32_scales(torch::Tensor w, int64_t type, int64_t K) {
   switch (type) {
-    case Q4_0: check(w, K, sizeof(BlockQ4_0)); return dequantize_impl<BlockQ4_0>(w, K, into);
-    case Q4_1: check(w, K, sizeof(BlockQ4_1)); return dequantize_impl<BlockQ4_1>(w, K, into);
-    case Q8_0: check(w, K, sizeof(BlockQ8_0)); return dequantize_impl<BlockQ8_0>(w, K, into);
-    default: TORCH_CHECK(false, "unsupported GGML type id ", type);
+    case Q4_0: check(w, K, sizeof(BlockQ4_0)); return widen<uint16_t, BQ4_0>(w, K);
+    case Q4_1: check(w, K, sizeof(BlockQ4_1)); return widen<uint16_t, BQ4_1>(w, K);
+    case Q8_0: check(w, K, sizeof(BlockQ8_0)); return widen<uint16_t, BQ8_0>(w, K);
+    default: TORCH_CHECK(false, "to_f32_scales takes Q4_0, Q4_1 or Q8_0 (type ", type, ")");
   }
 }
 
@@ -497,5 +549,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("mask") = py::none(), py::arg("rows") = py::none());
   m.def("rope", &rope, "rotary position embedding of interleaved pairs");
   m.def("rms_norm", &rms_norm, "RMSNorm in float32");
+  m.def("to_f32_scales", &to_f32_scales, "the blocks with float32 scales (type + 100)");
   m.def("isa", &isa, "instruction set the kernels were built for");
 }

@@ -28,7 +28,16 @@ def _native(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor | None = None):
         return None
     if a.dtype != _F32 or b.dtype != _F32 or (c is not None and c.dtype != _F32) or a.device.type != "cpu":
         return None
-    return native.kernels()
+    return _kernels[0] if _kernels else refresh()
+
+
+_kernels: list = []   # [module or None], resolved once: reading the environment per call costs ~1 us
+
+
+def refresh():
+    """Re-read LLAMAFORGE_NATIVE and the kernels' availability (Llama.load calls this)."""
+    _kernels[:] = [native.kernels()]
+    return _kernels[0]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
