@@ -28,6 +28,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=200)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=320)
+    ap.add_argument("--repetition-penalty", type=float, default=1.0)
+    ap.add_argument("--show", type=int, default=0, help="print this many answers that miss the format")
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "eval" / "gsm8k_test.jsonl"))
     a = ap.parse_args()
     from llamaforge.api import Llama
@@ -37,12 +39,17 @@ def main() -> None:
     done = []
     for i in range(0, len(recs), a.batch):
         prompts = [llm.encode_chat([{"role": "user", "content": r["question"]}]) for r in recs[i:i + a.batch]]
-        done += llm.complete_batch(prompts, max_tokens=a.max_tokens, temperature=0.0)
+        done += llm.complete_batch(prompts, max_tokens=a.max_tokens, temperature=0.0,
+                                   repetition_penalty=a.repetition_penalty)
     hits = [FINAL.search(c.text.strip()) for c in done]
     gold = [r["answer"].split("####")[-1].strip().replace(",", "") for r in recs]
     right = [m is not None and m.group(1).replace(",", "").rstrip(".") == g for m, g in zip(hits, gold)]
-    print(json.dumps({"adapter": a.adapter, "n": len(recs), "ends_in_####_N": sum(m is not None for m in hits),
+    misses = [(c.finish_reason, c.text) for c, m in zip(done, hits) if m is None]
+    for reason, text in misses[: a.show]:
+        print(f"--- miss ({reason}, {len(text)} chars): ...{text[-300:]!r}")
+    print(json.dumps({"adapter": a.adapter, "repetition_penalty": a.repetition_penalty, "n": len(recs), "ends_in_####_N": sum(m is not None for m in hits),
                       "share": round(sum(m is not None for m in hits) / len(recs), 4), "correct": sum(right),
+                      "misses_by_finish_reason": {r: sum(1 for x, _ in misses if x == r) for r in {x for x, _ in misses}},
                       "seconds": round(time.perf_counter() - t, 1)}))
 
 

@@ -182,6 +182,25 @@ def test_tasks_run_end_to_end_on_a_tiny_model(tmp_path, tiny_tokenizer):
     assert res2["arc_easy"]["shots"] == 2 and res2["arc_easy"]["n"] == 5
 
 
+def test_batched_generation_equals_one_at_a_time(tiny_tokenizer):
+    """Continuous batching (3 slots for 7 prompts, refilled as answers stop) gives the greedy answers
+    that generating each prompt alone gives, and the same answers on every run."""
+    from llamaforge.api import Llama
+    llm = Llama(tiny_model("tiny", seed=7), tiny_tokenizer, chat_template=None)
+    prompts = [f"the quick brown fox {i} jumps over" + " the lazy dog" * (i % 4) for i in range(7)]
+    stop = ("o",)   # frequent in this vocabulary: some answers stop after a few tokens, others run to the limit
+    alone = [llm.complete(p, max_tokens=12, temperature=0.0, stop=stop).text for p in prompts]
+    lm = LM(_Tiny(llm.model, tiny_tokenizer), batch_size=3, progress=False)
+    batched = lm.generate(prompts, max_tokens=12, stop=stop)
+    assert batched == alone
+    assert len({len(a) for a in alone}) > 1            # the answers did end at different steps
+    assert lm.generate(prompts, max_tokens=12, stop=stop) == batched
+    assert LM(_Tiny(llm.model, tiny_tokenizer), batch_size=1, progress=False).generate(
+        prompts[:2], max_tokens=12, stop=stop) == alone[:2]
+    with pytest.raises(ValueError, match="max_tokens"):
+        lm.generate(prompts, max_tokens=0)
+
+
 def test_safety_tasks_report_by_type(tmp_path, tiny_tokenizer, monkeypatch):
     from llamaforge.api import Llama
     llm = Llama(tiny_model("tiny", seed=6), tiny_tokenizer, chat_template=None)

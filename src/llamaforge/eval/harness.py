@@ -216,20 +216,46 @@ class LM:
         return sum(ll for ll, _ in lls), sum(len(c) for _, c in requests)
 
     # -- generation --------------------------------------------------------------------------
+    @torch.inference_mode()
     def generate(self, prompts: Sequence[str | Sequence[int]], *, max_tokens: int, stop: Sequence[str] = (),
                  desc: str = "generating") -> list[str]:
-        """Greedy completions, batch_size prompts at a time (similar lengths together)."""
-        ids = [self.llm.encode_prompt(p) if isinstance(p, str) else list(p) for p in prompts]
-        order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+        """Greedy completions by continuous batching: up to batch_size sequences decode together.
+
+        Each sequence stops on its own (a stop string, an end-of-generation token or max_tokens) and
+        its slot goes at once to the next prompt, so the batch stays full instead of waiting for its
+        longest answer. Prompts go longest first (similar lengths share a step's attention width).
+        Prompts too long for the window lose their oldest tokens, keeping room for max_tokens, as
+        lm-eval does. The result depends only on the inputs and batch_size.
+        """
+        from ..generate import Batch
+        from ..sampling import SamplingParams
+        if max_tokens < 1:
+            raise ValueError("max_tokens must be >= 1")
+        keep = max(1, self.max_len - max_tokens)
+        ids = [(self.encode(p) if isinstance(p, str) else [int(t) for t in p])[-keep:] for p in prompts]
+        if any(not x for x in ids):
+            raise ValueError("a prompt encodes to no tokens")
         out: list[str] = [""] * len(ids)
+        if not ids:
+            return out
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, stop=tuple(stop))
+        need = min(max(len(x) for x in ids) + max_tokens, self.max_len)
+        batch = Batch(self.model, self.tok, max_batch=min(self.batch_size, len(ids)), max_seq=need,
+                      prefill_chunk=need)
+        todo = sorted(range(len(ids)), key=lambda i: -len(ids[i]))[::-1]   # pop() takes the longest
+        owner: dict[int, int] = {}                     # id(Sequence) -> prompt index
         bar = _bar(len(ids), desc, self.progress)
-        for s in range(0, len(order), self.batch_size):
-            chunk = order[s:s + self.batch_size]
-            done = self.llm.complete_batch([ids[i] for i in chunk], max_tokens=max_tokens, temperature=0.0,
-                                           stop=tuple(stop))
-            for i, c in zip(chunk, done):
-                out[i] = c.text
-            bar.update(len(chunk))
+        while todo or batch.active:
+            while todo and batch.free:
+                i = todo.pop()
+                owner[id(batch.add(ids[i], params))] = i
+            # rows in slot order: when every slot is busy the cache is read in place, not gathered
+            batch.active.sort(key=lambda s: s.slot)
+            batch.step()
+            for seq in [s for s in batch.active if s.finish_reason]:
+                out[owner.pop(id(seq))] = seq.stream.text
+                batch.release(seq)
+                bar.update(1)
         bar.close()
         return out
 
@@ -255,8 +281,26 @@ def _length_runs(lengths: Sequence[int], pass_cost: int = 16) -> list[list[int]]
 
 
 def _bar(total: int, desc: str, enabled: bool):
+    """A tqdm bar; without one (--no-progress), INFO log lines every 5% so long runs stay observable."""
     from tqdm.auto import tqdm
-    return tqdm(total=total, desc=desc, unit="req", disable=not enabled, leave=False, dynamic_ncols=True)
+    if enabled:
+        return tqdm(total=total, desc=desc, unit="req", disable=False, leave=False, dynamic_ncols=True)
+    return _LogProgress(total, desc)
+
+
+class _LogProgress:
+    def __init__(self, total: int, desc: str):
+        self.total, self.desc, self.done, self.t0 = total, desc, 0, time.perf_counter()
+        self.step = max(1, math.ceil(total / 20))
+
+    def update(self, n: int = 1) -> None:
+        before, self.done = self.done, self.done + n
+        if self.done // self.step > before // self.step or self.done == self.total:
+            dt = time.perf_counter() - self.t0
+            log.info("%s: %d/%d done in %.0f s (%.3f/s)", self.desc, self.done, self.total, dt, self.done / max(dt, 1e-9))
+
+    def close(self) -> None:
+        pass
 
 
 # -- running tasks ---------------------------------------------------------------------------
