@@ -35,15 +35,7 @@ def ours(model, batch: torch.Tensor, precision: str):
     mask = torch.ones_like(batch, dtype=torch.bool)
     n = int(mask[:, 1:].sum())
 
-    def step():
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-            loss = module(batch, mask) / n
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return float(loss.detach())
-    return step
+    return _train_step(lambda: module(batch, mask) / n, params, opt, precision)
 
 
 def theirs(hf_dir: Path, batch: torch.Tensor, precision: str):
@@ -56,9 +48,14 @@ def theirs(hf_dir: Path, batch: torch.Tensor, precision: str):
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), eps=1e-5, weight_decay=0.1)
 
+    return _train_step(lambda: model(input_ids=batch[:, :-1], labels=batch[:, :-1]).loss, params, opt, precision)
+
+
+def _train_step(compute_loss, params, opt, precision: str):
+    """One timed step, the same for both sides: forward (autocast if bf16), backward, clip, AdamW."""
     def step():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-            loss = model(input_ids=batch[:, :-1], labels=batch[:, :-1]).loss
+            loss = compute_loss()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()

@@ -64,7 +64,3 @@ def _build() -> Any | None:
         log.warning("native kernels unavailable (%s); using the repacked int4/int8 kernels",
                     str(e).strip().splitlines()[-1][:200] if str(e).strip() else type(e).__name__)
         return None
-
-
-def available() -> bool:
-    return kernels() is not None

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .gguf_blocks import QTensor, block_sizes
+from .gguf_blocks import QTensor
 from ..native import TYPE_IDS, kernels
 
 # 4-bit types get float32 block scales at load (measured per decode-sized call on this machine:
@@ -44,17 +44,14 @@ def _block_tensor(qt: QTensor) -> torch.Tensor:
 class GGMLLinear(nn.Module):
     """y = x W^T with W given as GGML blocks uint8 [out, in/32 * block bytes]."""
 
-    def __init__(self, qt: QTensor | None = None, *, blocks: torch.Tensor | None = None, qtype: str | None = None,
-                 widen: bool = True):
+    def __init__(self, qt: QTensor):
         super().__init__()
-        self._source = None    # the mapped file's array, while the blocks are a view of it
-        if qt is not None:
-            blocks, qtype, self._source = _block_tensor(qt), qt.qtype, qt.data
-        bs, ts = block_sizes(qtype)
-        self.out_features, self.in_features = blocks.shape[0], blocks.shape[1] // ts * bs
-        self.qtype, self._type_id = qtype, TYPE_IDS[qtype]
+        self._source = qt.data    # the mapped file's array, while the blocks are a view of it
+        blocks = _block_tensor(qt)
+        self.out_features, self.in_features = qt.shape
+        self.qtype, self._type_id = qt.qtype, TYPE_IDS[qt.qtype]
         self._k = kernels()
-        if widen and qtype in WIDENED:
+        if self.qtype in WIDENED:
             # the same blocks with float32 scales: 20% more bytes for 4-bit blocks, ~20% faster
             # decode (no float16 conversions in the kernel's loop); results are bit-identical
             blocks = self._k.to_f32_scales(blocks, self._type_id, self.in_features)
