@@ -292,6 +292,19 @@ def test_kill_and_resume_reproduces_the_loss_curve(tmp_path, tok_dir, shards):
     final = tmp_path / "run"
     assert (final / "config.json").is_file() and (final / "loss_curve.png").stat().st_size > 1000
     assert not list((final / "checkpoints").glob(".tmp-*"))
+    _assert_card(final, "pretrain", data=shards)
+
+
+def _assert_card(folder, produced_by, data=None):
+    """The model card every written checkpoint gets: both files, the run's facts, the 14-row openness report."""
+    import json
+    card = json.loads((folder / "model_card.json").read_text())
+    assert (folder / "MODEL_CARD.md").is_file() and (folder / "OPENNESS.md").is_file()
+    assert produced_by in card["produced_by"] and card["parameters"] > 0
+    assert len(card["openness"]) == 14
+    if data is not None:
+        assert card["data_files"] and all(len(f["sha256"]) == 64 for f in card["data_files"])
+    return card
 
 
 def test_finetune_full_then_lora_on_a_tiny_llama(tmp_path, tok_dir):
@@ -314,6 +327,8 @@ def test_finetune_full_then_lora_on_a_tiny_llama(tmp_path, tok_dir):
     vals = [r["val_loss"] for r in _log(tmp_path / "full") if "val_loss" in r]
     assert full["step"] == 8 and vals[-1] < vals[0] - 0.3, vals
     assert Llama.load(tmp_path / "full").args.ffn_hidden == args.ffn_hidden
+    card = _assert_card(tmp_path / "full", "finetune", data=data)
+    assert card["loss_curve"]["points"] >= 8 and card["training_config"]
 
     lora = run_finetune(resolve_options(FINETUNE_DEFAULTS, None, {
         **common, "model": str(tmp_path / "full"), "method": "lora", "max_steps": 4, "lr": 1e-2, "lora_r": 4,
@@ -327,6 +342,8 @@ def test_finetune_full_then_lora_on_a_tiny_llama(tmp_path, tok_dir):
                  gguf=str(tmp_path / "merged.gguf"), qtype="f32") == 0
     torch.testing.assert_close(Llama.load(tmp_path / "merged").logits(ids), adapted, atol=1e-4, rtol=0)
     torch.testing.assert_close(Llama.load(tmp_path / "merged.gguf").logits(ids), adapted, atol=1e-4, rtol=0)
+    _assert_card(tmp_path / "lora", "finetune", data=data)
+    _assert_card(tmp_path / "merged", "merge")
 
 
 def test_lora_run_resumes_after_a_crash(tmp_path):

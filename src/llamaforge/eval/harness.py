@@ -328,7 +328,7 @@ def run_evaluation(llm, tasks: Sequence[str], *, data: str | None = None, limit:
                    shots: int = 0, batch_size: int = 16, seed: int = 1234, progress: bool = True,
                    window: int = 1024, stride: int = 512, max_tokens: int | None = None,
                    guard_only: bool = False, details: dict | None = None) -> dict[str, dict[str, Any]]:
-    """Evaluate a loaded `Llama` (or a checkpoint path, None = bundled model) on tasks.
+    """Evaluate a loaded `Llama` (or a checkpoint path, None = bundled model, loaded only if a task needs it) on tasks.
 
     Returns {"TASK": {"metric": value, ..., "n": count, "seconds": s, "examples_per_s": r}}.
     A task may be written NAME=FILE to read another file in the same format; `data` does that for a
@@ -336,12 +336,14 @@ def run_evaluation(llm, tasks: Sequence[str], *, data: str | None = None, limit:
     """
     from .tasks import RunConfig
     specs = resolve_tasks(tasks, data, limit, shots)
-    if isinstance(llm, (str, Path)) or llm is None:
-        from ..api import Llama
-        llm = Llama.load(llm)
-    lm = LM(llm, batch_size=batch_size, progress=progress)
     cfg = RunConfig(limit=limit, shots=shots, seed=seed, window=window, stride=stride, max_tokens=max_tokens,
                     guard_only=guard_only)
+    lm = None
+    if any(task.needs_model(cfg) for task, _ in specs):
+        if isinstance(llm, (str, Path)) or llm is None:
+            from ..api import Llama
+            llm = Llama.load(llm)
+        lm = LM(llm, batch_size=batch_size, progress=progress)
     results: dict[str, dict[str, Any]] = {}
     for task, path in specs:
         t0 = time.perf_counter()
@@ -379,7 +381,7 @@ def evaluate(*, model: str | None = None, task: list[str], data: str | None = No
     """Evaluate a checkpoint on benchmarks, perplexity, GSM8K and safety prompt sets.
 
     model: checkpoint path (Meta folder, HF folder or .gguf); the bundled SmolLM2 when omitted
-    task: arc_easy arc_challenge piqa winogrande hellaswag lambada_openai wikitext2 gsm8k advbench strongreject harmbench xstest refusal (NAME=FILE reads another file)
+    task: arc_easy arc_challenge piqa winogrande hellaswag lambada_openai wikitext2 gsm8k advbench strongreject harmbench xstest refusal guard (NAME=FILE reads another file; guard: the default guard's held-out split, no language model)
     data: data file for a single task (default: ../shared/data next to the repository)
     limit: first N examples of each task (perplexity: first N windows)
     shots: few-shot examples in each prompt (GSM8K draws them from its train file)
@@ -395,10 +397,13 @@ def evaluate(*, model: str | None = None, task: list[str], data: str | None = No
     progress: show progress bars
     """
     from ..api import Llama
-    resolve_tasks(task, data, limit, shots)
-    t0 = time.perf_counter()
-    llm = Llama.load(model, quantize=quantize)
-    log.info("loaded %s in %.1fs", model or "the bundled model", time.perf_counter() - t0)
+    from .tasks import RunConfig
+    specs = resolve_tasks(task, data, limit, shots)
+    llm = None
+    if any(t.needs_model(RunConfig(guard_only=guard_only)) for t, _ in specs):
+        t0 = time.perf_counter()
+        llm = Llama.load(model, quantize=quantize)
+        log.info("loaded %s in %.1fs", model or "the bundled model", time.perf_counter() - t0)
     records: dict | None = {} if details else None
     results = run_evaluation(llm, task, data=data, limit=limit, shots=shots, batch_size=batch_size, seed=seed,
                              progress=progress, window=window, stride=stride, max_tokens=max_tokens,

@@ -78,6 +78,10 @@ class Task:
     default_file: str | None = None
     file_format = ""
 
+    def needs_model(self, cfg: RunConfig) -> bool:
+        """False when the task runs without the language model (the guard-only safety tasks)."""
+        return True
+
     def resolve_data(self, path: str | None) -> Path:
         if path:
             p = Path(path)
@@ -435,6 +439,9 @@ class Refusal(Task):
             raise ValueError(f"{path}: no prompt column; expected one of {', '.join(self.prompt_columns)}")
         return rows, col
 
+    def needs_model(self, cfg: RunConfig) -> bool:
+        return not cfg.guard_only
+
     def answers(self, lm, prompts: Sequence[str], cfg: RunConfig) -> list[str]:
         ids = [lm.llm.encode_chat([{"role": "user", "content": p}]) for p in prompts]
         return lm.generate(ids, max_tokens=cfg.max_tokens or 64, desc=self.name)
@@ -533,9 +540,46 @@ class XSTest(Refusal):
         return metrics, records
 
 
+class GuardHeldOut(Task):
+    """The default guard on its held-out split (issue 7's targets): harmful prompts flagged (HarmBench
+    and StrongREJECT's imported prompts), hand-written safe-but-scary prompts flagged (XSTest-style
+    over-flagging, the held-out focus groups), plain benign questions flagged (GSM8K test,
+    ARC-Challenge). The data is the shared data folder; the split is `safety.train_guard`'s."""
+    name = "guard"
+    default_file = "safety"
+    file_format = "the shared data folder (with safety/, sft/ and eval/ inside)"
+
+    def needs_model(self, cfg: RunConfig) -> bool:
+        return False
+
+    def resolve_data(self, path: str | None) -> Path:
+        p = Path(path) if path else data_root()
+        if not (p / "safety").is_dir():
+            raise FileNotFoundError(f"{self.name}: {p}/safety not found; pass --data DIR ({self.file_format})")
+        return p
+
+    def run(self, lm, path, cfg):
+        from ..safety.train_guard import evaluate_shipped
+        fig = evaluate_shipped(path)
+        m: dict[str, Any] = {"threshold": fig["threshold"]}
+        for key in ("harmful_flagged", "hard_benign_flagged", "plain_benign_flagged"):
+            m[key] = fig[key]["rate"]
+            m[f"{key}_count"] = f"{fig[key]['flagged']}/{fig[key]['n']}"
+        for src, r in fig["harmful_by_source"].items():
+            m[f"harmful_flagged/{src}"] = r["rate"]
+        for typ, r in fig["hard_benign_by_type"].items():
+            m[f"hard_benign_flagged/{typ}"] = r["rate"]
+        if "category_top1_accuracy" in fig:
+            m["category_top1_accuracy"] = fig["category_top1_accuracy"]["rate"]
+        m["n"] = fig["n"]
+        records = [{"text": t, "error": "false positive"} for t in fig["false_positives"]] + \
+                  [{"text": t, "error": "missed"} for t in fig["misses"]]
+        return m, records
+
+
 TASKS: dict[str, type[Task]] = {t.name: t for t in (
     ARCEasy, ARCChallenge, PIQA, WinoGrande, HellaSwag, Lambada, Perplexity, GSM8K,
-    AdvBench, StrongREJECT, HarmBench, XSTest, Refusal)}
+    AdvBench, StrongREJECT, HarmBench, XSTest, Refusal, GuardHeldOut)}
 ALIASES = {"lambada": "lambada_openai", "wikitext": "wikitext2", "arc_e": "arc_easy", "arc_c": "arc_challenge"}
 
 

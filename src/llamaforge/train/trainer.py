@@ -378,6 +378,9 @@ class Trainer:
             if self.export is not None:
                 self.export(inner, tmp)
             self.plot(tmp / CURVE_FILE)
+            if (self.out / LOG_FILE).exists():
+                # the numbers behind the chart travel with it: the model card summarises this copy
+                shutil.copyfile(self.out / LOG_FILE, tmp / LOG_FILE)
             self._write_card(tmp)
             if final.exists():  # re-saving the same step (e.g. a resumed run that had nothing left to do)
                 shutil.rmtree(final)
@@ -394,7 +397,7 @@ class Trainer:
             self.ctx.barrier()
             return
         for f in sorted(checkpoint.iterdir()):
-            if f.is_file():
+            if f.is_file() and f.name != LOG_FILE:   # output/ keeps the live log (a superset of the copy)
                 dst = self.out / f.name
                 tmp = self.out / f".{f.name}.tmp"
                 shutil.copyfile(f, tmp)
