@@ -388,3 +388,38 @@ def test_guard_blocks_harmful_requests(llm):
         assert stream[-1].choices[0].finish_reason == "content_filter"
         ok = c.chat.completions.create(model=MODEL, messages=ask("What is the capital of France?"), max_tokens=4)
         assert ok.choices[0].finish_reason in ("stop", "length")
+
+
+def test_guard_moderates_the_model_output(llm):
+    """Output moderation: the answer is held back until the guard has checked it, and an unsafe
+    answer is replaced by the refusal with finish_reason "content_filter" (plain, streamed, and on
+    /v1/completions). The guard here flags every Agent turn and no User turn, so the path is taken
+    whatever the model says; the shipped guard's own decisions are tested in test_safety.py."""
+    from llamaforge.safety.guard import Verdict
+    from llamaforge.server.app import create_app
+
+    class FlagAnswers:
+        calls: list = []
+
+        def check(self, text, role="User", context=None):
+            self.calls.append((role, text))
+            return Verdict(safe=role != "Agent", categories=[] if role != "Agent" else ["O3: Criminal Planning"],
+                           score=float(role == "Agent"), role=role)
+
+        def refusal(self, verdict):
+            return f"blocked: {', '.join(verdict.categories)}"
+
+    guard = FlagAnswers()
+    with ServerThread(create_app(llm, model_id=MODEL, max_batch=2, ctx=256, guard=guard)) as s:
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key="none", max_retries=0)
+        r = c.chat.completions.create(model=MODEL, messages=ask("Name a colour."), max_tokens=6)
+        assert r.choices[0].finish_reason == "content_filter"
+        assert r.choices[0].message.content == "blocked: O3: Criminal Planning"
+        answered = [t for role, t in guard.calls if role == "Agent"]
+        assert answered and answered[-1].strip()          # the model's real answer was what got checked
+        chunks = list(c.chat.completions.create(model=MODEL, messages=ask("Name a colour."), max_tokens=6, stream=True))
+        text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+        assert text == "blocked: O3: Criminal Planning" and chunks[-1].choices[0].finish_reason == "content_filter"
+        done = list(c.completions.create(model=MODEL, prompt="The sky is", max_tokens=4, stream=True))
+        assert "".join(ch.choices[0].text for ch in done) == "blocked: O3: Criminal Planning"
+        assert done[-1].choices[0].finish_reason == "content_filter"
