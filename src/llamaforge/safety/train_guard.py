@@ -5,8 +5,9 @@
 
 The bottom layers stay frozen (their outputs are computed once and cached); the top ``--layers``
 encoder layers and the head train together, and the layers ship as fp16 overrides inside
-``guard_head.safetensors``. The threshold is chosen on a validation split carved from the training
-sources (``choose_threshold``), never on the held-out split.
+``guard_head.safetensors``. The threshold is chosen on out-of-fold scores of the training split
+(grouped k-fold cross-validation, ``cross_validate`` and ``choose_threshold``), never on the held-out
+split; the shipped guard is then trained on the whole training split.
 
 Data (see docs/safety.md and safety/data/README.md for provenance):
 - harmful prompts: ``../shared/data/safety`` (AdvBench, StrongREJECT, HarmBench; HarmBench's copyright
@@ -75,10 +76,15 @@ class Example:
     text: str
     harmful: bool
     source: str
-    split: str                      # "train", "val" (carved from training sources) or "test"
+    split: str                      # "train" or "test" (held out)
     categories: list[str] = field(default_factory=list)
     kind: str = "prompt"            # "prompt" (User turn) or "response" (Agent turn)
     group: str = ""                 # benign hard-case type, for per-type figures
+    key: str = ""                   # rows with the same key share a cross-validation fold (default: the text)
+    focus: str = ""                 # hand-written rows: the focus word (rows on one topic share a fold)
+
+
+HAND_WRITTEN = ("hard-prompts", "extra-prompts")
 
 
 # -- category labels ----------------------------------------------------------------------------
@@ -146,11 +152,6 @@ def _same_topic(a: str, b: str) -> bool:
     return min(len(a), len(b)) >= 5 and a[:5] == b[:5]
 
 
-def _validation(key: str) -> bool:
-    # a fifth of the training-side groups (by another stable hash) choose the threshold
-    return int(hashlib.sha256(("val:" + key.strip().lower()).encode()).hexdigest(), 16) % 5 == 0
-
-
 def _arc_question(query: str) -> str:
     q = query.strip()
     q = q[len("Question:"):].strip() if q.startswith("Question:") else q
@@ -168,12 +169,12 @@ def load_examples(data_dir: Path | None = None, hard_prompts: Path = HARD_PROMPT
 
     for r in _read_csv(d / "safety" / "advbench_harmful_behaviors.csv"):
         cats = label_categories(r["goal"])
-        ex.append(Example(r["goal"], True, "advbench", "train", cats))
-        ex.append(Example(r["target"], True, "advbench-target", "train", cats, kind="response"))
+        ex.append(Example(r["goal"], True, "advbench", "train", cats, key=r["goal"]))
+        ex.append(Example(r["target"], True, "advbench-target", "train", cats, kind="response", key=r["goal"]))
     for r in _read_csv(d / "safety" / "strongreject.csv"):
         if r["source"] == "AdvBench":
             continue  # duplicates of AdvBench prompts already in training
-        split = ("val" if _validation(r["forbidden_prompt"]) else "train") if r["source"] == "custom" else "test"
+        split = "train" if r["source"] == "custom" else "test"
         ex.append(Example(r["forbidden_prompt"], True, f"strongreject:{r['source']}", split,
                           label_categories(r["forbidden_prompt"], r["category"])))
     seen = set()
@@ -187,9 +188,9 @@ def load_examples(data_dir: Path | None = None, hard_prompts: Path = HARD_PROMPT
         inst = r["instruction"].strip()
         first = (r.get("instances") or [{}])[0]
         text = inst + ("\n" + first["input"].strip() if first.get("input", "").strip() else "")
-        ex.append(Example(text, False, "self-instruct", "train"))
+        ex.append(Example(text, False, "self-instruct", "train", key=inst))
         if first.get("output", "").strip():
-            ex.append(Example(first["output"].strip(), False, "self-instruct-output", "train", kind="response"))
+            ex.append(Example(first["output"].strip(), False, "self-instruct-output", "train", kind="response", key=inst))
 
     def sample(rows: list, n: int) -> list:
         return rng.sample(rows, min(n, len(rows)))
@@ -202,8 +203,7 @@ def load_examples(data_dir: Path | None = None, hard_prompts: Path = HARD_PROMPT
     for r in sample(_read_jsonl(d / "eval" / "gsm8k_test.jsonl"), n_benign // 2):
         ex.append(Example(r["question"], False, "gsm8k-test", "test"))
     for r in sample(_read_jsonl(d / "eval" / "arc_easy.jsonl"), n_benign):
-        q = _arc_question(r["query"])
-        ex.append(Example(q, False, "arc-easy", "val" if _validation(q) else "train"))
+        ex.append(Example(_arc_question(r["query"]), False, "arc-easy", "train"))
     for r in sample(_read_jsonl(d / "eval" / "arc_challenge.jsonl"), n_benign // 2):
         ex.append(Example(_arc_question(r["query"]), False, "arc-challenge", "test"))
 
@@ -215,10 +215,10 @@ def load_examples(data_dir: Path | None = None, hard_prompts: Path = HARD_PROMPT
             split = "test"
             held_out_focus.add(r["focus"].strip().lower())
         else:
-            split = "val" if _validation(r["focus"]) else "train"
+            split = "train"
         kind = "response" if r["type"] in ("refusal", "answer") else "prompt"
         ex.append(Example(r["prompt"], harmful, "hard-prompts", split, [r["note"]] if harmful and r["note"] else [],
-                          kind=kind, group=r["type"]))
+                          kind=kind, group=r["type"], focus=r["focus"].strip().lower()))
     if extra_prompts is not None and Path(extra_prompts).exists():
         for r in _read_csv(extra_prompts):
             if any(_same_topic(r["focus"], h) for h in held_out_focus):
@@ -227,8 +227,47 @@ def load_examples(data_dir: Path | None = None, hard_prompts: Path = HARD_PROMPT
             harmful = r["label"] == "unsafe"
             kind = "response" if r["type"] in ("refusal", "answer") else "prompt"
             ex.append(Example(r["prompt"], harmful, "extra-prompts", "train",
-                              [r["note"]] if harmful and r["note"] else [], kind=kind, group=r["type"]))
+                              [r["note"]] if harmful and r["note"] else [], kind=kind, group=r["type"],
+                              focus=r["focus"].strip().lower()))
     return ex
+
+
+def assign_folds(examples: list[Example], k: int = 5) -> list[int]:
+    """A cross-validation fold (0..k-1) for every example, by a stable hash of its group.
+
+    Hand-written rows are grouped by topic: focus words that `_same_topic` links, directly or through
+    other focus words, across both hand-written files, form one group, so no scored row has a
+    same-topic sibling among the rows its model trained on. AdvBench's request and its "Sure, here
+    is" answer share a group, as do a self-instruct task and its answer; other rows are their own group."""
+    words = sorted({e.focus for e in examples if e.focus})
+    parent = {w: w for w in words}
+
+    def root(w: str) -> str:
+        while parent[w] != w:
+            parent[w] = parent[parent[w]]
+            w = parent[w]
+        return w
+
+    for i, a in enumerate(words):
+        for b in words[i + 1:]:
+            if _same_topic(a, b):
+                ra, rb = root(a), root(b)
+                parent[max(ra, rb)] = min(ra, rb)
+    folds = []
+    for e in examples:
+        key = "topic:" + root(e.focus) if e.focus else "text:" + (e.key or e.text)
+        folds.append(int(hashlib.sha256(("fold:" + key).encode()).hexdigest(), 16) % k)
+    return folds
+
+
+def threshold_population(e: Example) -> bool:
+    """The out-of-fold rows the threshold is chosen on: like the held-out split, harmful requests that
+    are not AdvBench's templated ones (StrongREJECT's own, the hand-written contrasts) and the
+    hand-written safe-but-scary prompts, plus ARC-Easy as plain benign questions (reported, not used
+    by the rule)."""
+    if e.harmful:
+        return e.source == "strongreject:custom" or e.source in HAND_WRITTEN
+    return e.source in HAND_WRITTEN or e.source == "arc-easy"
 
 
 # -- the head -----------------------------------------------------------------------------------
@@ -276,11 +315,11 @@ def evaluate_scores(examples: list[Example], scores: torch.Tensor, cat_probs: to
     out["harmful_flagged"] = rate(harm)
     out["harmful_by_source"] = {s: rate([i for i in harm if examples[i].source.startswith(s)])
                                 for s in sorted({examples[i].source.split(":")[0] for i in harm})}
-    hard = [i for i, e in enumerate(examples) if not e.harmful and e.source == "hard-prompts"]
+    hard = [i for i, e in enumerate(examples) if not e.harmful and e.source in HAND_WRITTEN]
     out["hard_benign_flagged"] = rate(hard)
     out["hard_benign_by_type"] = {g: rate([i for i in hard if examples[i].group == g])
                                   for g in sorted({examples[i].group for i in hard})}
-    plain = [i for i, e in enumerate(examples) if not e.harmful and e.source != "hard-prompts"]
+    plain = [i for i, e in enumerate(examples) if not e.harmful and e.source not in HAND_WRITTEN]
     out["plain_benign_flagged"] = rate(plain)
     with_cat = [i for i in harm if examples[i].categories]
     if with_cat:
@@ -427,11 +466,11 @@ def _predict(enc, w: dict, head: Head, states: list[torch.Tensor], first: int,
 
 
 def choose_threshold(examples: list[Example], scores: torch.Tensor) -> float:
-    """The threshold, chosen on the validation split: the one whose worse margin to the two targets
+    """The threshold, chosen on out-of-fold scores: the one whose worse margin to the two targets
     (harmful recall >= 95%, hard-benign over-flagging <= 5%) is largest; ties go to the middle of
     the best plateau."""
     harm = torch.tensor([e.harmful for e in examples])
-    hard = torch.tensor([not e.harmful and e.source == "hard-prompts" for e in examples])
+    hard = torch.tensor([not e.harmful and e.source in HAND_WRITTEN for e in examples])
     grid = [round(0.05 + 0.01 * k, 2) for k in range(91)]
     margins = []
     for t in grid:
@@ -444,22 +483,49 @@ def choose_threshold(examples: list[Example], scores: torch.Tensor) -> float:
     return plateau[len(plateau) // 2]
 
 
-def train(data_dir: Path | None = None, out_head: Path = HEAD_FILE, out_meta: Path = META_FILE,
-          epochs: int = 4, layers: int = TUNED_LAYERS, hard_weight: float = 3.0,
-          held_out: bool = True) -> dict:
-    """Fine-tune the top encoder layers and the head on the training split, pick the threshold on the
-    validation split, write the guard (head + fp16 layer overrides) and return the held-out figures.
+def _fit(enc, states: list[torch.Tensor], examples: list[Example], first: int, epochs: int,
+         hard_weight: float) -> tuple[dict, Head]:
+    w, head = finetune(enc, states, examples, first, epochs=epochs, hard_weight=hard_weight)
+    # the layers ship in fp16: every figure is measured with weights rounded exactly as shipped
+    return {k: v.to(torch.float16).float() for k, v in w.items()}, head
 
-    ``held_out=False`` scores the validation split only (returned under ``"validation"``), for
+
+def cross_validate(enc, states: list[torch.Tensor], examples: list[Example], first: int, folds: int = 5,
+                   epochs: int = 4, hard_weight: float = 3.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Out-of-fold harm scores and category probabilities of every example (grouped k-fold:
+    `assign_folds`); each fold's model is trained exactly as the final guard is."""
+    fold = assign_folds(examples, folds)
+    scores = torch.empty(len(examples))
+    probs = torch.empty(len(examples), len(CODES))
+    for f in range(folds):
+        fit = [i for i, k in enumerate(fold) if k != f]
+        held = [i for i, k in enumerate(fold) if k == f]
+        log.info("fold %d/%d: training on %d rows, scoring %d", f + 1, folds, len(fit), len(held))
+        w, head = _fit(enc, [states[i] for i in fit], [examples[i] for i in fit], first, epochs, hard_weight)
+        s, p = _predict(enc, w, head, [states[i] for i in held], first)
+        scores[held], probs[held] = s, p
+    return scores, probs
+
+
+def train(data_dir: Path | None = None, out_head: Path = HEAD_FILE, out_meta: Path = META_FILE,
+          epochs: int = 4, layers: int = TUNED_LAYERS, hard_weight: float = 3.0, folds: int = 5,
+          held_out: bool = True) -> dict:
+    """Choose the threshold by grouped k-fold cross-validation on the training split, then fine-tune
+    the top encoder layers and the head on the whole training split, write the guard (head + fp16
+    layer overrides) and return the held-out figures.
+
+    ``held_out=False`` stops after the cross-validation and writes nothing (the out-of-fold figures are
+    returned under ``"validation"``, with ``margin``: the worse distance to the two targets), for
     comparing training settings without looking at the held-out split."""
     from safetensors.torch import save_file
     from .encoder import MiniLM
     if not 0 < layers <= N_LAYERS:
         raise ValueError(f"--layers must be 1..{N_LAYERS}, not {layers}")
+    if folds < 2:
+        raise ValueError(f"--folds must be >= 2, not {folds}")
     t0 = time.time()
     examples = load_examples(data_dir)
     train_ex = [e for e in examples if e.split == "train"]
-    val_ex = [e for e in examples if e.split == "val"]
     test_ex = [e for e in examples if e.split == "test"]
     enc = MiniLM.load()
     first = N_LAYERS - layers
@@ -467,14 +533,19 @@ def train(data_dir: Path | None = None, out_head: Path = HEAD_FILE, out_meta: Pa
     states = _prefix_states(enc, [e.text for e in examples], first)
     index = {id(e): i for i, e in enumerate(examples)}
     pick = lambda part: [states[index[id(e)]] for e in part]  # noqa: E731
-    w, head = finetune(enc, pick(train_ex), train_ex, first, epochs=epochs, hard_weight=hard_weight)
-    # the layers ship in fp16: every figure below is measured with exactly the shipped weights
-    w = {k: v.to(torch.float16).float() for k, v in w.items()}
-    refit_categories(enc, w, head, pick(train_ex), train_ex, first)
 
-    val_scores, val_probs = _predict(enc, w, head, pick(val_ex), first)
-    threshold = choose_threshold(val_ex, val_scores)
-    val_fig = evaluate_scores(val_ex, val_scores, val_probs, threshold)
+    oof, oof_probs = cross_validate(enc, pick(train_ex), train_ex, first, folds, epochs, hard_weight)
+    pop = [i for i, e in enumerate(train_ex) if threshold_population(e)]
+    val_ex = [train_ex[i] for i in pop]
+    threshold = choose_threshold(val_ex, oof[pop])
+    val_fig = evaluate_scores(val_ex, oof[pop], oof_probs[pop], threshold)
+    val_fig["margin"] = round(min(val_fig["harmful_flagged"]["rate"] - TARGET_RECALL,
+                                  TARGET_OVERFLAG - val_fig["hard_benign_flagged"]["rate"]), 4)
+    if not held_out:
+        return {"validation": val_fig}
+
+    w, head = _fit(enc, pick(train_ex), train_ex, first, epochs, hard_weight)
+    refit_categories(enc, w, head, pick(train_ex), train_ex, first)
     if held_out:
         scores, probs = _predict(enc, w, head, pick(test_ex), first)
         figures = evaluate_scores(test_ex, scores, probs, threshold)
@@ -492,9 +563,10 @@ def train(data_dir: Path | None = None, out_head: Path = HEAD_FILE, out_meta: Pa
         "training": {
             "examples": len(train_ex), "harmful": sum(e.harmful for e in train_ex),
             "by_source": _count_by(train_ex), "epochs": epochs, "seed": SEED, "tuned_layers": layers,
-            "hand_written_weight": hard_weight,
-            "threshold_rule": "on the validation split: the threshold whose worse margin to the targets "
-                              "(recall >= 0.95, hard-benign over-flag <= 0.05) is largest",
+            "hand_written_weight": hard_weight, "folds": folds,
+            "threshold_rule": f"on out-of-fold scores ({folds}-fold cross-validation grouped by topic): the "
+                              "threshold whose worse margin to the targets (recall >= 0.95, hard-benign "
+                              "over-flag <= 0.05) is largest",
         },
         "validation": {k: v for k, v in val_fig.items() if k not in ("false_positives", "misses")},
         "validation_sources": _count_by(val_ex),
@@ -502,7 +574,8 @@ def train(data_dir: Path | None = None, out_head: Path = HEAD_FILE, out_meta: Pa
         "held_out_sources": _count_by(test_ex),
         "command": "python -m llamaforge.safety.train_guard"
                    + (f" --epochs {epochs}" if epochs != 4 else "") + (f" --layers {layers}" if layers != TUNED_LAYERS else "")
-                   + (f" --hard-weight {hard_weight:g}" if hard_weight != 3.0 else ""),
+                   + (f" --hard-weight {hard_weight:g}" if hard_weight != 3.0 else "")
+                   + (f" --folds {folds}" if folds != 5 else ""),
         "seconds": round(time.time() - t0, 1),
     }
     state = {k: v.contiguous() for k, v in head.state_dict().items()}
@@ -554,7 +627,7 @@ def _atomic(path: Path, write) -> None:
 
 def _print_figures(fig: dict) -> None:
     hf, hb, pb = fig["harmful_flagged"], fig["hard_benign_flagged"], fig["plain_benign_flagged"]
-    print(f"threshold {fig['threshold']:.4f}")
+    print(f"threshold {fig['threshold']:.4f}" + (f"  (margin to the targets {fig['margin']:+.4f})" if "margin" in fig else ""))
     print(f"harmful prompts flagged        : {hf['flagged']}/{hf['n']} = {hf['rate']:.1%}")
     for s, r in fig["harmful_by_source"].items():
         print(f"  {s:<28} {r['flagged']}/{r['n']} = {r['rate']:.1%}")
@@ -590,25 +663,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", type=int, default=TUNED_LAYERS, help="top encoder layers to fine-tune")
     p.add_argument("--hard-weight", type=float, default=3.0,
                    help="loss weight of the hand-written prompts relative to the other rows")
+    p.add_argument("--folds", type=int, default=5, help="cross-validation folds that choose the threshold")
     p.add_argument("--no-held-out", action="store_true",
-                   help="print validation figures only (compare settings without looking at the held-out split)")
+                   help="cross-validate only: print the out-of-fold figures, write nothing (compare settings "
+                        "without looking at the held-out split)")
     p.add_argument("--out", type=Path, default=None, help="write guard_head.* to this folder instead of the package")
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if a.hard_weight <= 0:
         p.error("--hard-weight must be positive")
-    if a.no_held_out and (a.eval or a.out is None):
-        p.error("--no-held-out trains a trial guard: give --out FOLDER (and not --eval)")
+    if a.folds < 2:
+        p.error("--folds must be at least 2")
+    if a.no_held_out and (a.eval or a.out is not None):
+        p.error("--no-held-out only cross-validates: it takes neither --eval nor --out")
     fig = evaluate_shipped(a.data) if a.eval else train(a.data, epochs=a.epochs, layers=a.layers,
-                                                       hard_weight=a.hard_weight, held_out=not a.no_held_out,
+                                                       hard_weight=a.hard_weight, folds=a.folds,
+                                                       held_out=not a.no_held_out,
                                                        **_outputs(a.out))
     fig.pop("meta", None)
     if a.json:
         print(json.dumps(fig, indent=2))
         return 0
     if "validation" in fig:
-        print("validation split (the threshold is chosen here):")
+        print("out-of-fold scores of the training split (the threshold is chosen here):")
         _print_figures(fig.pop("validation"))
     if fig:
         print("held-out split:")
