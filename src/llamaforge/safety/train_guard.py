@@ -1,11 +1,11 @@
-"""Train (and evaluate) the default guard: all-MiniLM-L6-v2 with its top layers fine-tuned, and a small head.
+"""Train (and evaluate) the default guard: all-MiniLM-L6-v2 with its encoder layers fine-tuned, and a small head.
 
     python -m llamaforge.safety.train_guard            # train, write the shipped guard, print held-out figures
     python -m llamaforge.safety.train_guard --eval     # evaluate the shipped guard on the held-out split
 
-The bottom layers stay frozen (their outputs are computed once and cached); the top ``--layers``
-encoder layers and the head train together, and the layers ship as fp16 overrides inside
-``guard_head.safetensors``. The threshold is chosen on out-of-fold scores of the training split
+The embeddings and any bottom layers below the top ``--layers`` (default: all six are tuned) stay
+frozen, their outputs computed once and cached; the tuned layers and the head train together, and
+the layers ship as fp16 overrides inside ``guard_head.safetensors``. The threshold is chosen on out-of-fold scores of the training split
 (grouped k-fold cross-validation, ``cross_validate`` and ``choose_threshold``), never on the held-out
 split; the shipped guard is then trained on the whole training split.
 
@@ -57,8 +57,9 @@ EXTRA_PROMPTS = HERE / "data" / "hard_prompts_extra.csv"
 CODES = [c.code for c in DEFAULT_CATEGORIES]
 SEED = 1234
 N_LAYERS = 6          # all-MiniLM-L6-v2
-TUNED_LAYERS = 3      # the top encoder layers fine-tuned with the head (shipped as fp16 overrides)
-TARGET_RECALL, TARGET_OVERFLAG = 0.95, 0.05  # issue 7's targets, used to pick the threshold on validation
+TUNED_LAYERS = 6      # the top encoder layers fine-tuned with the head (shipped as fp16 overrides): all six
+EPOCHS = 8            # both chosen by cross-validation (docs/safety.md, "What was tried")
+TARGET_RECALL, TARGET_OVERFLAG = 0.95, 0.05  # issue 7's targets, used to pick the threshold on out-of-fold scores
 
 
 def shared_data_dir() -> Path:
@@ -346,7 +347,7 @@ def _prefix_states(enc, texts: list[str], upto: int, chunk: int = 32) -> list[to
     keys = [hashlib.sha256(t.encode()).hexdigest() for t in texts]
     todo = sorted({k: t for k, t in zip(keys, texts) if k not in cache}.items(), key=lambda kv: len(kv[1]))
     with _one_thread():
-        for s in tqdm(range(0, len(todo), chunk), desc=f"layers 0-{upto - 1}", unit="batch"):
+        for s in tqdm(range(0, len(todo), chunk), desc=f"layers 0-{upto - 1}" if upto else "embeddings", unit="batch"):
             part = todo[s:s + chunk]
             ids, mask = enc.tokenize([t for _, t in part])
             h = enc.hidden(ids, mask, upto=upto)
@@ -375,7 +376,7 @@ def _top(enc, w: dict, head: Head, x: torch.Tensor, mask: torch.Tensor, first: i
     return head(enc.pool(x, mask))
 
 
-def finetune(enc, states: list[torch.Tensor], examples: list[Example], first: int, epochs: int = 4,
+def finetune(enc, states: list[torch.Tensor], examples: list[Example], first: int, epochs: int = EPOCHS,
              batch_size: int = 32, lr: float = 5e-5, head_lr: float = 2e-3, seed: int = SEED,
              hard_weight: float = 3.0) -> tuple[dict, Head]:
     """Train encoder layers ``first``.. and a fresh head on prefix states; return (layer weights, head)."""
@@ -491,7 +492,7 @@ def _fit(enc, states: list[torch.Tensor], examples: list[Example], first: int, e
 
 
 def cross_validate(enc, states: list[torch.Tensor], examples: list[Example], first: int, folds: int = 5,
-                   epochs: int = 4, hard_weight: float = 3.0) -> tuple[torch.Tensor, torch.Tensor]:
+                   epochs: int = EPOCHS, hard_weight: float = 3.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Out-of-fold harm scores and category probabilities of every example (grouped k-fold:
     `assign_folds`); each fold's model is trained exactly as the final guard is."""
     fold = assign_folds(examples, folds)
@@ -508,7 +509,7 @@ def cross_validate(enc, states: list[torch.Tensor], examples: list[Example], fir
 
 
 def train(data_dir: Path | None = None, out_head: Path = HEAD_FILE, out_meta: Path = META_FILE,
-          epochs: int = 4, layers: int = TUNED_LAYERS, hard_weight: float = 3.0, folds: int = 5,
+          epochs: int = EPOCHS, layers: int = TUNED_LAYERS, hard_weight: float = 3.0, folds: int = 5,
           held_out: bool = True) -> dict:
     """Choose the threshold by grouped k-fold cross-validation on the training split, then fine-tune
     the top encoder layers and the head on the whole training split, write the guard (head + fp16
@@ -529,7 +530,8 @@ def train(data_dir: Path | None = None, out_head: Path = HEAD_FILE, out_meta: Pa
     test_ex = [e for e in examples if e.split == "test"]
     enc = MiniLM.load()
     first = N_LAYERS - layers
-    log.info("prefix states of %d texts (layers 0-%d, frozen)", len(examples), first - 1)
+    log.info("frozen prefix states of %d texts (%s)", len(examples),
+             f"embeddings and layers 0-{first - 1}" if first else "embeddings")
     states = _prefix_states(enc, [e.text for e in examples], first)
     index = {id(e): i for i, e in enumerate(examples)}
     pick = lambda part: [states[index[id(e)]] for e in part]  # noqa: E731
@@ -573,7 +575,7 @@ def train(data_dir: Path | None = None, out_head: Path = HEAD_FILE, out_meta: Pa
         "held_out": {k: v for k, v in figures.items() if k not in ("false_positives", "misses")} or None,
         "held_out_sources": _count_by(test_ex),
         "command": "python -m llamaforge.safety.train_guard"
-                   + (f" --epochs {epochs}" if epochs != 4 else "") + (f" --layers {layers}" if layers != TUNED_LAYERS else "")
+                   + (f" --epochs {epochs}" if epochs != EPOCHS else "") + (f" --layers {layers}" if layers != TUNED_LAYERS else "")
                    + (f" --hard-weight {hard_weight:g}" if hard_weight != 3.0 else "")
                    + (f" --folds {folds}" if folds != 5 else ""),
         "seconds": round(time.time() - t0, 1),
@@ -659,7 +661,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m llamaforge.safety.train_guard", description=__doc__.split("\n")[0])
     p.add_argument("--eval", action="store_true", help="evaluate the shipped head on the held-out split")
     p.add_argument("--data", type=Path, default=None, help="the shared data folder (default ../shared/data)")
-    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--epochs", type=int, default=EPOCHS)
     p.add_argument("--layers", type=int, default=TUNED_LAYERS, help="top encoder layers to fine-tune")
     p.add_argument("--hard-weight", type=float, default=3.0,
                    help="loss weight of the hand-written prompts relative to the other rows")
