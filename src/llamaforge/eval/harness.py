@@ -327,12 +327,14 @@ def resolve_tasks(tasks: Sequence[str], data: str | None = None, limit: int | No
 def run_evaluation(llm, tasks: Sequence[str], *, data: str | None = None, limit: int | None = None,
                    shots: int = 0, batch_size: int = 16, seed: int = 1234, progress: bool = True,
                    window: int = 1024, stride: int = 512, max_tokens: int | None = None,
-                   guard_only: bool = False, details: dict | None = None) -> dict[str, dict[str, Any]]:
+                   guard_only: bool = False, details: dict | None = None,
+                   quantize: Literal["int8", "int4", "auto"] | None = None) -> dict[str, dict[str, Any]]:
     """Evaluate a loaded `Llama` (or a checkpoint path, None = bundled model, loaded only if a task needs it) on tasks.
 
     Returns {"TASK": {"metric": value, ..., "n": count, "seconds": s, "examples_per_s": r}}.
     A task may be written NAME=FILE to read another file in the same format; `data` does that for a
     single task. details: if a dict is given, per-example records are stored in it by task name.
+    quantize is passed to `Llama.load` when a path is loaded here.
     """
     from .tasks import RunConfig
     specs = resolve_tasks(tasks, data, limit, shots)
@@ -342,7 +344,10 @@ def run_evaluation(llm, tasks: Sequence[str], *, data: str | None = None, limit:
     if any(task.needs_model(cfg) for task, _ in specs):
         if isinstance(llm, (str, Path)) or llm is None:
             from ..api import Llama
-            llm = Llama.load(llm)
+            t0 = time.perf_counter()
+            name = llm or "the bundled model"
+            llm = Llama.load(llm, quantize=quantize)
+            log.info("loaded %s in %.1fs", name, time.perf_counter() - t0)
         lm = LM(llm, batch_size=batch_size, progress=progress)
     results: dict[str, dict[str, Any]] = {}
     for task, path in specs:
@@ -396,18 +401,11 @@ def evaluate(*, model: str | None = None, task: list[str], data: str | None = No
     details: write per-example records (scores, predictions, generated answers) to this JSON file
     progress: show progress bars
     """
-    from ..api import Llama
-    from .tasks import RunConfig
-    specs = resolve_tasks(task, data, limit, shots)
-    llm = None
-    if any(t.needs_model(RunConfig(guard_only=guard_only)) for t, _ in specs):
-        t0 = time.perf_counter()
-        llm = Llama.load(model, quantize=quantize)
-        log.info("loaded %s in %.1fs", model or "the bundled model", time.perf_counter() - t0)
     records: dict | None = {} if details else None
-    results = run_evaluation(llm, task, data=data, limit=limit, shots=shots, batch_size=batch_size, seed=seed,
+    # the model is loaded there, after the tasks are checked, and only if one of them needs it
+    results = run_evaluation(model, task, data=data, limit=limit, shots=shots, batch_size=batch_size, seed=seed,
                              progress=progress, window=window, stride=stride, max_tokens=max_tokens,
-                             guard_only=guard_only, details=records)
+                             guard_only=guard_only, details=records, quantize=quantize)
     print(markdown_table(results))
     if output:
         write_json_atomic(output, results)

