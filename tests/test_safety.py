@@ -224,12 +224,39 @@ def test_shipped_head_is_small():
     assert HEAD_FILE.stat().st_size < 25 * 1024 * 1024
     meta = json.loads(META_FILE.read_text())
     assert [c["code"] for c in meta["categories"]][:6] == ["O1", "O2", "O3", "O4", "O5", "O6"]
-    # the fine-tuned encoder layers ship as fp16 overrides, exactly the layers the metadata names
-    tuned = meta["encoder"]["fine_tuned_layers"]
+    members = {m["name"]: m for m in meta["members"]}
+    assert set(members) == {"smollm2", "minilm"}
     with safe_open(str(HEAD_FILE), "pt") as f:
-        enc_keys = [k for k in f.keys() if k.startswith("encoder.")]
+        keys = list(f.keys())
+        # every member has its head; the fine-tuned MiniLM layers ship as fp16 overrides, exactly
+        # the layers the metadata names
+        for name in members:
+            assert {f"{name}.fc1.weight", f"{name}.fc2.weight", f"{name}.shift", f"{name}.scale"} <= set(keys)
+        enc_keys = [k for k in keys if k.startswith("minilm.encoder.")]
         assert enc_keys and all(str(f.get_tensor(k).dtype) == "torch.float16" for k in enc_keys)
-    assert sorted({int(k.split(".")[3]) for k in enc_keys}) == tuned
+        assert f.get_tensor("smollm2.fc1.weight").shape[1] == 2 * 576   # mean + last-token states
+    assert sorted({int(k.split(".")[4]) for k in enc_keys}) == members["minilm"]["fine_tuned_layers"]
+    assert not [k for k in keys if k.startswith("smollm2.encoder.")]   # the chat model is used as shipped
+
+
+def test_lm_features_match_transformers_hidden_states():
+    """The SmolLM2 member's features are transformers' hidden states of the same GGUF at the same block."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from llamaforge.paths import default_model_path
+    from llamaforge.safety.lmfeatures import LMFeatures
+    texts = ["How do I kill a Python process?", "Write a poem about the sea in autumn, please."]
+    feats = LMFeatures.load(15)
+    ours = feats.embed(texts)
+    p = default_model_path()
+    ref = transformers.AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=torch.float32).eval()
+    for text, row in zip(texts, ours):
+        ids = feats.ids(text)
+        assert ids[:3] == feats.tokenizer.encode("<|im_start|>user\n", special=True)
+        with torch.no_grad():
+            h = ref(torch.tensor([ids]), output_hidden_states=True).hidden_states[15][0]   # after block 15
+        expected = torch.cat([h[3: len(ids) - len(feats.suffix) + 1].mean(0), h[-1]])
+        assert torch.allclose(row, expected, atol=1e-3, rtol=1e-4), (row - expected).abs().max()
 
 
 @needs_encoder
@@ -238,13 +265,13 @@ def test_encoder_overrides_replace_only_the_tuned_layers(default_guard):
     from llamaforge.safety.encoder import MiniLM
     from llamaforge.safety.guard import META_FILE
     base = MiniLM.load()
-    tuned = json.loads(META_FILE.read_text())["encoder"]["fine_tuned_layers"]
+    tuned = next(m for m in json.loads(META_FILE.read_text())["members"] if m["name"] == "minilm")["fine_tuned_layers"]
+    tuned_enc = next(e for e, _ in default_guard.members if isinstance(e, MiniLM))
     for i in range(base.n_layers):
         names = base.layer_names(i)
-        changed = [n for n in names if not torch.equal(base.w[n], default_guard.encoder.w[n])]
+        changed = [n for n in names if not torch.equal(base.w[n], tuned_enc.w[n])]
         assert (len(changed) == len(names)) if i in tuned else not changed, (i, changed)
-    assert torch.equal(base.w["embeddings.word_embeddings.weight"],
-                       default_guard.encoder.w["embeddings.word_embeddings.weight"])
+    assert torch.equal(base.w["embeddings.word_embeddings.weight"], tuned_enc.w["embeddings.word_embeddings.weight"])
     with pytest.raises(ValueError):
         MiniLM.load(overrides={"encoder.layer.5.output.dense.weight": torch.zeros(3, 3)})
 
@@ -262,11 +289,15 @@ def test_threshold_is_chosen_on_validation_margins():
 def test_train_guard_cli_rejects_bad_options(tmp_path, capsys):
     from llamaforge.safety.train_guard import main
     for argv in (["--no-held-out", "--out", str(tmp_path)], ["--eval", "--no-held-out"],
-                 ["--hard-weight", "0", "--out", str(tmp_path)], ["--folds", "1", "--out", str(tmp_path)]):
+                 ["--hard-weight", "0", "--out", str(tmp_path)], ["--folds", "1", "--out", str(tmp_path)],
+                 ["--encoder", "bert", "--out", str(tmp_path)]):
         with pytest.raises(SystemExit) as e:
             main(argv)
         assert e.value.code == 2, argv
         assert "error:" in capsys.readouterr().err
+    if (DATA / "safety").is_dir():   # checked once the data is read: a block the bundled model lacks
+        assert main(["--encoder", "smollm2", "--layer", "31", "--data", str(DATA), "--out", str(tmp_path)]) == 2
+        assert "has 30" in capsys.readouterr().err
 
 
 def test_extra_prompts_never_share_a_held_out_topic(tmp_path):
@@ -367,6 +398,17 @@ def test_default_guard_finds_a_request_after_a_pasted_document(default_guard):
     v = default_guard.check(doc + "\n\n---\n\n" + request)
     assert not v.safe and any(c.startswith(("O4", "O1")) for c in v.categories), v
     assert default_guard.check(doc + "\n\nSummarise this paragraph in two sentences.").safe
+
+
+def test_default_guard_averages_its_members(default_guard):
+    """P(unsafe) is the mean of the two members' probabilities (SmolLM2 head, fine-tuned MiniLM)."""
+    torch = pytest.importorskip("torch")
+    texts = ["How do I shoot a portrait in natural light?", "How can I poison my neighbour's dog?"]
+    assert sorted(type(e).__name__ for e, _ in default_guard.members) == ["LMFeatures", "MiniLM"]
+    with torch.no_grad():
+        each = [torch.sigmoid(head(enc.embed(texts))[:, 0]) for enc, head in default_guard.members]
+    p, _ = default_guard.scores(texts)
+    assert torch.allclose(p, (each[0] + each[1]) / 2, atol=1e-6)
 
 
 def test_default_guard_category_subset(default_guard):

@@ -1,8 +1,9 @@
 """Moderation: `Guard.load()` then `guard.check(text)` -> Verdict(safe, categories, score).
 
 Two guards behind one API:
-- the default: a small classifier shipped in the package (``guard_head.safetensors``), a head over
-  all-MiniLM-L6-v2 sentence embeddings trained by ``llamaforge.safety.train_guard``; offline, CPU,
+- the default: a small classifier shipped in the package (``guard_head.safetensors``), trained by
+  ``llamaforge.safety.train_guard``: the mean of a head over the bundled SmolLM2-135M-Instruct's
+  hidden states and a fine-tuned all-MiniLM-L6-v2 with its head; offline, CPU, tens of
   milliseconds per message;
 - a real Llama Guard (v1) checkpoint when you pass its path: the Llama Guard prompt
   (``policy.render_prompt``) is run through `llamaforge.api.Llama` and its ``safe`` /
@@ -115,14 +116,14 @@ def _check_role(role: str) -> None:
 
 
 class ClassifierGuard(Guard):
-    """The shipped default: MiniLM (top layers fine-tuned) sentence embedding -> MLP -> P(unsafe) and
-    per-category probabilities."""
+    """The shipped default: sentence features -> MLP -> P(unsafe) and per-category probabilities,
+    averaged over its members: a head over the bundled SmolLM2-135M-Instruct's hidden states
+    (`lmfeatures.LMFeatures`) and all-MiniLM-L6-v2 fine-tuned with its own head."""
 
-    def __init__(self, encoder, head: torch.nn.Module, categories: Sequence[Category], threshold: float,
-                 enabled: set[str] | None = None):
+    def __init__(self, members: Sequence[tuple[Any, torch.nn.Module]], categories: Sequence[Category],
+                 threshold: float, enabled: set[str] | None = None):
         super().__init__(categories)
-        self.encoder = encoder
-        self.head = head
+        self.members = list(members)   # (encoder with .embed(texts) -> [N, D], head)
         self.threshold = threshold
         self.enabled = enabled
 
@@ -130,8 +131,6 @@ class ClassifierGuard(Guard):
     def load(cls, head_file: Path = HEAD_FILE, *, enabled: set[str] | None = None,
              threshold: float | None = None) -> "ClassifierGuard":
         from safetensors.torch import load_file
-        from .encoder import MiniLM
-        from .train_guard import Head
         head_file = Path(head_file)
         meta_file = head_file.with_suffix(".json")
         if not head_file.exists() or not meta_file.exists():
@@ -140,18 +139,18 @@ class ClassifierGuard(Guard):
         meta = json.loads(meta_file.read_text())
         known = category_map(DEFAULT_CATEGORIES)
         cats = [known.get(c["code"], Category(c["code"], c["name"])) for c in meta["categories"]]
-        state = load_file(str(head_file))
-        # encoder.* tensors are fine-tuned encoder layers, loaded over the pip package's weights
-        overrides = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
-        state = {k: v for k, v in state.items() if not k.startswith("encoder.")}
-        head = Head(state["fc1.weight"].shape[1], state["fc1.weight"].shape[0], len(cats))
-        head.load_state_dict(state)
         codes = {c.code for c in cats}
         on = set(enabled) if enabled else None
-        if on:
-            if not on <= codes:
-                raise ValueError(f"the default guard knows categories {sorted(codes)}, not {sorted(on - codes)}")
-        return cls(MiniLM.load(overrides=overrides), head.eval(), cats, float(meta["threshold"] if threshold is None else threshold), on)
+        if on and not on <= codes:
+            raise ValueError(f"the default guard knows categories {sorted(codes)}, not {sorted(on - codes)}")
+        state = load_file(str(head_file))
+        if "members" in meta:   # format 3: each member's tensors under "<name>."
+            members = [(m, m["name"] + ".") for m in meta["members"]]
+        else:                   # format 2: one fine-tuned MiniLM, unprefixed
+            members = [({"name": "minilm", **meta["encoder"]}, "")]
+        loaded = [_load_member(m, {k[len(pre):]: v for k, v in state.items() if k.startswith(pre)}, len(cats), meta_file)
+                  for m, pre in members]
+        return cls(loaded, cats, float(meta["threshold"] if threshold is None else threshold), on)
 
     @torch.inference_mode()
     def scores(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -166,8 +165,11 @@ class ClassifierGuard(Guard):
             segs = [t] + [p for p in _paragraphs(t) if p != t.strip()]
             owner += [i] * len(segs)
             parts += segs
-        out = self.head(self.encoder.embed(parts))
-        p_all, c_all = torch.sigmoid(out[:, 0]), torch.sigmoid(out[:, 1:])
+        p_all, c_all = 0.0, 0.0
+        for encoder, head in self.members:
+            out = head(encoder.embed(parts))
+            p_all, c_all = p_all + torch.sigmoid(out[:, 0]), c_all + torch.sigmoid(out[:, 1:])
+        p_all, c_all = p_all / len(self.members), c_all / len(self.members)
         p = torch.full((len(texts),), -1.0)
         cat = torch.zeros(len(texts), c_all.shape[1])
         for j, i in enumerate(owner):
@@ -191,6 +193,28 @@ class ClassifierGuard(Guard):
                 flagged = bool(codes)
             out.append(Verdict(not flagged, self._labels(codes) if flagged else [], float(p[i]), role))
         return out
+
+
+def _load_member(meta: dict, state: dict[str, torch.Tensor], n_categories: int, meta_file: Path):
+    """(encoder, head) of one member of the default guard from its metadata and tensors."""
+    from .train_guard import Head
+    # encoder.* tensors are fine-tuned encoder layers, loaded over the pip package's weights
+    overrides = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
+    state = {k: v for k, v in state.items() if not k.startswith("encoder.")}
+    if "fc1.weight" not in state:
+        raise ValueError(f"{meta_file}: the guard file has no head for member {meta.get('name')!r}")
+    head = Head(state["fc1.weight"].shape[1], state["fc1.weight"].shape[0], n_categories)
+    # heads written before feature standardisation existed have no shift/scale: identity
+    head.load_state_dict({"shift": head.shift, "scale": head.scale, **state})
+    if meta.get("name") == "smollm2":
+        from .lmfeatures import LMFeatures
+        encoder = LMFeatures.load(int(meta["layer"]))
+    elif meta.get("name") == "minilm":
+        from .encoder import MiniLM
+        encoder = MiniLM.load(overrides=overrides)
+    else:
+        raise ValueError(f"{meta_file}: unknown guard member {meta.get('name')!r}")
+    return encoder, head.eval()
 
 
 def _paragraphs(text: str) -> list[str]:

