@@ -22,11 +22,10 @@ MAX_TOKENS = 256   # text tokens kept (longer texts are cut, as the sentence enc
 class LMFeatures:
     """The first ``layer`` blocks of a Llama-architecture chat model, read as a sentence encoder."""
 
-    def __init__(self, model, tokenizer, layer: int, name: str = ""):
+    def __init__(self, model, tokenizer, layer: int):
         self.model = model
         self.tokenizer = tokenizer
         self.layer = layer
-        self.name = name
         self.prefix = tokenizer.encode(PREFIX, special=True)
         self.suffix = tokenizer.encode(SUFFIX, special=True)
         self.dim = 2 * model.args.dim
@@ -58,7 +57,7 @@ class LMFeatures:
                    for k, t in ckpt.tensors.items() if wanted(k)}
         model = Transformer.empty(ckpt.args.replace(n_layers=layer)).load_tensors(tensors, strict=False)
         model.requires_grad_(False)
-        return cls(model.eval(), ckpt.tokenizer, layer, str(ckpt.metadata.get("name", "")))
+        return cls(model.eval(), ckpt.tokenizer, layer)
 
     def ids(self, text: str) -> list[int]:
         return self.prefix + self.tokenizer.encode(text.strip())[:MAX_TOKENS] + self.suffix

@@ -316,6 +316,16 @@ def _tensors(examples: list[Example], emb: torch.Tensor, hard_weight: float = 3.
     return emb, harmful, cats, has_cat, weight
 
 
+def _loss(out: torch.Tensor, harmful: torch.Tensor, cats: torch.Tensor, has_cat: torch.Tensor,
+          weight: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+    """Weighted harm BCE (divided by ``norm``, the mean weight of the whole training set) plus the
+    category BCE of the harmful rows."""
+    loss = F.binary_cross_entropy_with_logits(out[:, 0], harmful, weight=weight) / norm
+    if has_cat.any():
+        loss = loss + F.binary_cross_entropy_with_logits(out[has_cat, 1:], cats[has_cat])
+    return loss
+
+
 def evaluate_scores(examples: list[Example], scores: torch.Tensor, cat_probs: torch.Tensor,
                     threshold: float) -> dict:
     """Held-out figures: harmful recall per source, false-positive rate on benign and hard benign prompts."""
@@ -423,10 +433,7 @@ def finetune(enc, states: list[torch.Tensor], examples: list[Example], first: in
                 x, mask = _pad([states[i] for i in b])
                 out = _top(enc, w, head, x, mask, first)
                 idx = torch.tensor(b)
-                loss = F.binary_cross_entropy_with_logits(out[:, 0], harmful[idx], weight=weight[idx]) / weight.mean()
-                hc = has_cat[idx]
-                if hc.any():
-                    loss = loss + F.binary_cross_entropy_with_logits(out[hc, 1:], cats[idx][hc])
+                loss = _loss(out, harmful[idx], cats[idx], has_cat[idx], weight[idx], weight.mean())
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
@@ -525,7 +532,7 @@ class MiniLMRecipe:
         from .encoder import MiniLM
         if not 0 < layers <= N_LAYERS:
             raise ValueError(f"--layers must be 1..{N_LAYERS}, not {layers}")
-        self.examples, self.epochs, self.hard_weight = examples, epochs, hard_weight
+        self.examples, self.layers, self.epochs, self.hard_weight = examples, layers, epochs, hard_weight
         self.enc = MiniLM.load()
         self.first = N_LAYERS - layers
         log.info("frozen prefix states of %d texts (%s)", len(examples),
@@ -554,6 +561,15 @@ class MiniLMRecipe:
                 "pooling": "mean, L2-normalised", "max_tokens": 256,
                 "fine_tuned_layers": list(range(self.first, N_LAYERS)),
                 "overrides": "the minilm.encoder.* tensors of guard_head.safetensors (fp16) replace the package's"}
+
+    def training(self) -> dict:
+        return {"epochs": self.epochs, "tuned_layers": self.layers, "batch_size": 32,
+                "optimizer": "AdamW, lr 5e-5 (layers) / 2e-3 (head), weight decay 0.01, warm-up + linear decay"}
+
+    def flags(self) -> str:
+        """The command-line options that differ from the defaults."""
+        return (f" --epochs {self.epochs}" if self.epochs != EPOCHS else "") + \
+               (f" --layers {self.layers}" if self.layers != TUNED_LAYERS else "")
 
 
 class LMRecipe:
@@ -589,6 +605,13 @@ class LMRecipe:
                 "template": PREFIX + "{text}" + SUFFIX, "max_tokens": MAX_TOKENS,
                 "pooling": "residual stream after block `layer`: mean over the user turn's content, then the "
                            "last token (the assistant header)"}
+
+    def training(self) -> dict:
+        return {"head_steps": self.steps, "optimizer": "full-batch AdamW, lr 1e-3, weight decay 0.01"}
+
+    def flags(self) -> str:
+        """The command-line options that differ from the defaults."""
+        return f" --layer {self.layer}" if self.layer != FEATURE_LAYER else ""
 
 
 class Ensemble:
@@ -650,8 +673,7 @@ def fit_head(X: torch.Tensor, examples: list[Example], hard_weight: float = 3.0,
     with _one_thread():
         for _ in range(steps):
             out = head(X)
-            loss = F.binary_cross_entropy_with_logits(out[:, 0], harmful, weight=weight) / weight.mean()
-            loss = loss + F.binary_cross_entropy_with_logits(out[has_cat, 1:], cats[has_cat])
+            loss = _loss(out, harmful, cats, has_cat, weight, weight.mean())
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -691,9 +713,8 @@ def train(data_dir: Path | None = None, out_head: Path = HEAD_FILE, out_meta: Pa
         raise ValueError(f"--folds must be >= 2, not {folds}")
     t0 = time.time()
     examples = load_examples(data_dir)
-    members = encoder.split("+")
     recipe = Ensemble([LMRecipe(examples, layer, hard_weight) if m == "smollm2"
-                       else MiniLMRecipe(examples, layers, epochs, hard_weight) for m in members])
+                       else MiniLMRecipe(examples, layers, epochs, hard_weight) for m in encoder.split("+")])
     train_rows = [i for i, e in enumerate(examples) if e.split == "train"]
     test_rows = [i for i, e in enumerate(examples) if e.split == "test"]
     train_ex = [examples[i] for i in train_rows]
@@ -718,17 +739,10 @@ def train(data_dir: Path | None = None, out_head: Path = HEAD_FILE, out_meta: Pa
                 "threshold_rule": f"on out-of-fold scores ({folds}-fold cross-validation grouped by topic): the "
                                   "threshold whose worse margin to the targets (recall >= 0.95, hard-benign "
                                   "over-flag <= 0.05) is largest"}
-    if "minilm" in members:
-        training["minilm"] = {"epochs": epochs, "tuned_layers": layers, "batch_size": 32,
-                              "optimizer": "AdamW, lr 5e-5 (layers) / 2e-3 (head), weight decay 0.01, warm-up + linear decay"}
-    if "smollm2" in members:
-        training["smollm2"] = {"head_steps": HEAD_STEPS, "optimizer": "full-batch AdamW, lr 1e-3, weight decay 0.01"}
-    command = "python -m llamaforge.safety.train_guard" + (f" --encoder {encoder}" if encoder != ENCODER else "")
-    if "minilm" in members:
-        command += (f" --epochs {epochs}" if epochs != EPOCHS else "") + (f" --layers {layers}" if layers != TUNED_LAYERS else "")
-    if "smollm2" in members and layer != FEATURE_LAYER:
-        command += f" --layer {layer}"
-    command += (f" --hard-weight {hard_weight:g}" if hard_weight != 3.0 else "") + (f" --folds {folds}" if folds != FOLDS else "")
+    training.update({r.name: r.training() for r in recipe.recipes})
+    command = ("python -m llamaforge.safety.train_guard" + (f" --encoder {encoder}" if encoder != ENCODER else "")
+               + "".join(r.flags() for r in recipe.recipes)
+               + (f" --hard-weight {hard_weight:g}" if hard_weight != 3.0 else "") + (f" --folds {folds}" if folds != FOLDS else ""))
     meta = {
         "format": "llamaforge-guard-head/3",
         "members": recipe.meta(),
