@@ -125,7 +125,7 @@ def test_qlora_over_packed_linears_matches_lora_over_their_dequantized_weights(k
     quant = pytest.importorskip("llamaforge.quant")
     if not hasattr(quant, "quantize_model"):
         pytest.skip("llamaforge.quant.quantize_model is not available yet")
-    from llamaforge.lora import dequantized_weight
+    from llamaforge.quant.linear import dequantized_weight
     args = preset("tiny").replace(dim=128, multiple_of=64)
     qmodel = Transformer(args).init_weights(0)
     quant.quantize_model(qmodel, kind)

@@ -14,6 +14,7 @@ import pytest
 import sentencepiece as spm
 import tokenizers
 
+from llamaforge.formats.gguf_vocab import vocab_kv, write_vocab
 from llamaforge.tokenizer import Tokenizer, TokenType
 
 REPO = Path(__file__).resolve().parents[1]
@@ -251,7 +252,7 @@ def test_saved_folders_load_in_transformers(spm_model, smollm, tmp_path):
 def test_sentencepiece_gguf_kv_roundtrip(spm_model, spm_gguf, tmp_path):
     path, sp = spm_model
     tok = Tokenizer.load(path)
-    kv = tok.gguf_kv()
+    kv = vocab_kv(tok)
     assert kv["tokenizer.ggml.model"] == "llama"
     assert kv["tokenizer.ggml.tokens"] == [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
     assert kv["tokenizer.ggml.token_type"][sp.piece_to_id("<tool>")] == TokenType.USER_DEFINED
@@ -263,7 +264,7 @@ def test_sentencepiece_gguf_kv_roundtrip(spm_model, spm_gguf, tmp_path):
         assert kv[f"tokenizer.ggml.{key}"] == file_kv[f"tokenizer.ggml.{key}"], key
     assert kv["tokenizer.ggml.scores"] == pytest.approx(file_kv["tokenizer.ggml.scores"])
     back = Tokenizer.from_gguf(kv)
-    written = Tokenizer.load(write_vocab_gguf(tmp_path / "w.gguf", tok.write_gguf))
+    written = Tokenizer.load(write_vocab_gguf(tmp_path / "w.gguf", lambda w: write_vocab(w, tok)))
     for text in TEXTS:
         assert back.encode(text) == written.encode(text) == sp.encode(text), text
 
@@ -281,7 +282,7 @@ def test_sentencepiece_save_load(spm_model, tmp_path):
     for text in TEXTS:
         assert again.encode(text, bos=True) == [1] + sp.encode(text)
     # A GGUF-built model saves a tokenizer.model the real library loads.
-    from_gguf = Tokenizer.from_gguf(tok.gguf_kv())
+    from_gguf = Tokenizer.from_gguf(vocab_kv(tok))
     from_gguf.save(tmp_path / "g")
     sp2 = spm.SentencePieceProcessor(model_file=str(tmp_path / "g" / "tokenizer.model"))
     for text in TEXTS:
@@ -359,7 +360,7 @@ def test_smollm_digits_split_individually(smollm):
 
 @needs_smollm
 def test_smollm_tokenizer_json_and_gguf_kv_roundtrip(smollm, smollm_kv, tmp_path):
-    kv = smollm.gguf_kv()
+    kv = vocab_kv(smollm)
     for key in ("model", "pre", "tokens", "token_type", "merges", "bos_token_id", "eos_token_id",
                 "unknown_token_id", "padding_token_id", "add_bos_token"):
         assert kv[f"tokenizer.ggml.{key}"] == smollm_kv[f"tokenizer.ggml.{key}"], key
@@ -372,7 +373,7 @@ def test_smollm_tokenizer_json_and_gguf_kv_roundtrip(smollm, smollm_kv, tmp_path
     assert from_json.kind == "bpe"
     assert (from_json.bos_id, from_json.eos_id, from_json.add_bos) == (smollm.bos_id, smollm.eos_id, smollm.add_bos)
     assert from_json.eog_ids == smollm.eog_ids and from_json.chat_template == smollm.chat_template
-    assert from_json.gguf_kv()["tokenizer.ggml.pre"] == "smollm"
+    assert vocab_kv(from_json)["tokenizer.ggml.pre"] == "smollm"
     back = Tokenizer.from_gguf(kv)
     for text in TEXTS + ["<|im_start|>user\nhi<|im_end|>"]:
         want = smollm.encode(text, special=True)
@@ -392,7 +393,7 @@ def test_smollm_original_tokenizer_json_shape(smollm, tmp_path):
     ]}
     (tmp_path / "tokenizer.json").write_text(json.dumps(data))
     orig = Tokenizer.load(tmp_path / "tokenizer.json")
-    assert orig.gguf_kv()["tokenizer.ggml.pre"] == "smollm"
+    assert vocab_kv(orig)["tokenizer.ggml.pre"] == "smollm"
     for text in TEXTS:
         assert orig.encode(text) == smollm.encode(text), text
 
@@ -479,7 +480,7 @@ def test_pre_tokenizer_splits(pre, text, words):
 def test_unknown_pre_falls_back_to_default():
     with pytest.warns(UserWarning, match="unknown tokenizer.ggml.pre"):
         tok = Tokenizer.from_gguf(_byte_level_kv("no-such-pre"))
-    assert tok.gguf_kv()["tokenizer.ggml.pre"] == "default"
+    assert vocab_kv(tok)["tokenizer.ggml.pre"] == "default"
 
 
 def test_load_errors(tmp_path, spm_model):

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import datetime as _dt
 import gzip
 import hashlib
@@ -22,7 +23,14 @@ import logging
 from pathlib import Path
 from typing import Any, Iterable
 
+import numpy as np
+
+from . import __version__
+from . import config as cfg
+from .config import ModelArgs
 from .fileio import atomic_write_text
+from .formats import load_checkpoint
+from .safety.license import declared_license, detect_license, normalise
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +115,6 @@ def count_records(path: Path) -> int | None:
             data = json.loads(path.read_text(encoding="utf-8"))
             return len(data) if isinstance(data, list) else None
         if name.endswith(".npy"):
-            import numpy as np
             return int(np.load(path, mmap_mode="r").size)
         if name.endswith(".bin"):
             return path.stat().st_size // 2  # pretokenized uint16 ids
@@ -202,7 +209,6 @@ def _relative(p: Path, directory: Path) -> str:
 
 def _args_from_folder(directory: Path):
     """ModelArgs from params.json / config.json / a GGUF header, without loading the weights."""
-    from . import config as cfg
     try:
         if (directory / "params.json").is_file():
             return cfg.from_params_json(cfg.load_json(directory / "params.json"))
@@ -210,7 +216,6 @@ def _args_from_folder(directory: Path):
             return cfg.from_hf_config(cfg.load_json(directory / "config.json"))
         ggufs = sorted(directory.glob("*.gguf")) if directory.is_dir() else ([directory] if directory.suffix == ".gguf" else [])
         if len(ggufs) == 1:
-            from .formats import load_checkpoint
             return load_checkpoint(ggufs[0], dequantize=False).args
     except Exception as e:  # noqa: BLE001 - a card is still written without the architecture
         log.info("cannot read the architecture from %s: %s", directory, e)
@@ -218,21 +223,7 @@ def _args_from_folder(directory: Path):
 
 
 def _license_from_folder(directory: Path, base_model: str | None) -> str | None:
-    from .safety.license import identify
-    from types import SimpleNamespace
-    lic = None
-    if (directory / "config.json").is_file():
-        try:
-            lic = json.loads((directory / "config.json").read_text()).get("license")
-        except (ValueError, OSError):
-            lic = None
-    readme = directory / "README.md"
-    if not lic and readme.is_file():
-        import re
-        m = re.match(r"---\s*\n(.*?)\n---", readme.read_text(encoding="utf-8", errors="replace"), re.S)
-        lm = re.search(r"^license:\s*['\"]?([^'\"\n]+?)['\"]?\s*$", m.group(1), re.M) if m else None
-        lic = lm.group(1) if lm else None
-    return identify(SimpleNamespace(license=lic, path=directory, metadata={"name": base_model or ""}))
+    return detect_license(declared_license(directory), folders=[directory, directory.parent], names=[base_model])
 
 
 def _weight_files(directory: Path) -> list[Path]:
@@ -377,8 +368,6 @@ def build_card(directory: Path, *, produced_by: str, base_model: str | None = No
                data_files: list | None = None, training_config: dict | None = None, loss_curve: str | None = None,
                eval_results: dict | None = None, safety_results: dict | None = None, license: str | None = None,
                method: str | None = None, extra: dict | None = None, created: str | None = None) -> dict[str, Any]:
-    from . import __version__
-    from .safety.license import normalise
     args = args if args is not None else _args_from_folder(directory)
     license = normalise(license) or _license_from_folder(directory, base_model)
     arch = None
@@ -543,8 +532,6 @@ def regenerate(directory: str | Path) -> tuple[Path, Path]:
         raise FileNotFoundError(f"{d}: neither {CARD_JSON} nor checkpoint files found")
     args = None
     if old.get("architecture"):
-        from .config import ModelArgs
-        import dataclasses
         init = {f.name for f in dataclasses.fields(ModelArgs) if f.init}
         try:
             args = ModelArgs(**{k: v for k, v in old["architecture"].items() if k in init})

@@ -24,6 +24,8 @@ import torch
 from torch import nn
 
 from .fileio import atomic_write
+from .formats.hf import permute_hf, unpermute_hf
+from .quant.linear import dequantized_weight
 
 log = logging.getLogger(__name__)
 
@@ -132,15 +134,6 @@ class _DequantizedGrad(torch.autograd.Function):
         return grad @ dequantized_weight(ctx.module).to(grad.dtype), None
 
 
-@torch.no_grad()
-def dequantized_weight(module: nn.Module) -> torch.Tensor:
-    """W [out, in] of a packed linear: its own dequantize(), else read off its kernel with an identity input."""
-    if callable(getattr(module, "dequantize", None)):
-        return module.dequantize().float()
-    eye = torch.eye(module.in_features, device=next(iter(module.buffers())).device)
-    return module(eye).float().t()
-
-
 class FrozenQuantized(nn.Module):
     """A packed quantized linear that passes gradients to its input (QLoRA's frozen base)."""
 
@@ -227,7 +220,6 @@ def to_peft_tensors(state: dict[str, torch.Tensor], args) -> dict[str, torch.Ten
 
     B rows of q/k are permuted into HF's RoPE row order; other keys of ``state`` are ignored.
     """
-    from .formats.hf import permute_hf
     out = {}
     for key, t in state.items():
         m = re.fullmatch(r"layers\.(\d+)\.(\w+\.\w+)\.(lora_[AB])", key)
@@ -324,7 +316,6 @@ def load_adapter(model: nn.Module, directory: str | Path, *, merge: bool = True)
     merge=True folds the update into float base weights (no extra cost at inference); over a packed
     quantized base, or with merge=False, the LoraLinear modules stay (merge=False: to continue training).
     """
-    from .formats.hf import unpermute_hf
     config, tensors = read_adapter(directory)
     args = model.args
     factors: dict[tuple[int, str], dict[str, torch.Tensor]] = {}

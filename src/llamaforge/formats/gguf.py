@@ -1,7 +1,7 @@
 """GGUF files (llama.cpp): memory-mapped reading, dequantization and writing.
 
-Headers are parsed here (``parse``, cross-checked against ``gguf.GGUFReader`` in the tests, which is
-~40x slower on a 50k-token vocabulary); blocks are decoded by the ``gguf`` package's numpy
+Headers are parsed by ``llamaforge.gguf_file.parse`` (cross-checked against ``gguf.GGUFReader`` in
+the tests, which is ~40x slower on a 50k-token vocabulary); blocks are decoded by the ``gguf`` package's numpy
 dequantizers and files written with ``gguf.GGUFWriter``.
 
 llama.cpp's converter stores attn_q/attn_k rows in Meta's interleaved RoPE order (it undoes HF's
@@ -12,19 +12,25 @@ from __future__ import annotations
 
 import logging
 import re
-import struct
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import gguf
 import numpy as np
 import torch
+from gguf import GGMLQuantizationType, GGUFValueType, quants
 
 from ..config import ModelArgs, from_gguf_kv
+from ..fileio import atomic_write
+from ..gguf_file import GGUFTensorInfo, parse
 from ..quant.gguf_blocks import FLOAT_TYPES, QUANT_TYPES, QTensor, block_sizes
-from . import Checkpoint, CheckpointError
-from .meta import as_float, atomic_write, check_tensors, drop_tied_output, progress_iter, writer_inputs
+from ..tokenizer import Tokenizer
+from .checkpoint import Checkpoint, CheckpointError
+from .common import as_float, check_tensors, drop_tied_output, progress_iter, writer_inputs
+from .gguf_vocab import padded_vocab_kv
+
+__all__ = ["read", "write", "parse", "GGUFTensorInfo", "gguf_to_meta_name", "meta_to_gguf_name"]
 
 log = logging.getLogger(__name__)
 
@@ -61,130 +67,8 @@ def meta_to_gguf_name(name: str) -> str:
 
 # ---------------------------------------------------------------- reading
 
-@dataclass
-class GGUFTensorInfo:
-    name: str
-    qtype: str                   # GGML type name: "F32", "Q4_1", ...
-    shape: tuple[int, ...]       # torch order (GGUF's ne reversed)
-    offset: int                  # absolute byte offset in the file
-    nbytes: int
-    data: np.ndarray             # F32/F16: typed view; others: uint8 [rows, bytes_per_row]
-
-
-_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-_STRING, _ARRAY, _FLOAT32 = 8, 9, 6
-
-
-def parse(path: str | Path) -> tuple[int, dict[str, Any], list[GGUFTensorInfo]]:
-    """(version, metadata, tensors) of a GGUF file, tensors as views of one copy-on-write mapping.
-
-    gguf.GGUFReader builds a numpy view per string of the token arrays, which takes seconds for a
-    50k-token vocabulary; this does the same job in milliseconds. Tests check both agree.
-    """
-    path = Path(path)
-    try:
-        # copy-on-write: tensors are writable views (torch wants that) and the file is never modified
-        mm = np.memmap(path, dtype=np.uint8, mode="c")
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: cannot map GGUF file: {e}") from e
-    buf, size = memoryview(mm), len(mm)
-    pos = 0
-
-    def take(fmt: str):
-        nonlocal pos
-        (v,) = struct.unpack_from(fmt, buf, pos)
-        pos += struct.calcsize(fmt)
-        return v
-
-    def string() -> str:
-        nonlocal pos
-        n = take("<Q")
-        if pos + n > size:
-            raise EOFError("string runs past the end of the file")
-        s = str(buf[pos:pos + n], "utf-8")
-        pos += n
-        return s
-
-    def value(vtype: int):
-        nonlocal pos
-        if vtype in _SCALARS:
-            v = take(_SCALARS[vtype])
-            return float(str(np.float32(v))) if vtype == _FLOAT32 else v  # 1e-05, not 9.99999747e-06
-        if vtype == _STRING:
-            return string()
-        if vtype != _ARRAY:
-            raise ValueError(f"unknown metadata value type {vtype}")
-        etype, n = take("<I"), take("<Q")
-        if etype in _SCALARS:  # numeric arrays in one go
-            dt = np.dtype(_SCALARS[etype])
-            if pos + n * dt.itemsize > size:
-                raise EOFError("array runs past the end of the file")
-            out = np.frombuffer(mm, dtype=dt, count=n, offset=pos).tolist()
-            pos += n * dt.itemsize
-            return out
-        return [value(etype) for _ in range(n)]
-
-    try:
-        if bytes(buf[:4]) != b"GGUF":
-            raise ValueError(f"bad magic {bytes(buf[:4])!r}")
-        pos = 4
-        version = take("<I")
-        if version & 0xFFFF == 0:
-            raise ValueError("big-endian GGUF files are not supported")
-        if version not in (2, 3):
-            raise ValueError(f"GGUF version {version} is not supported (2 and 3 are)")
-        n_tensors, n_kv = take("<Q"), take("<Q")
-        if n_tensors > size or n_kv > size:
-            raise ValueError(f"implausible counts ({n_tensors} tensors, {n_kv} keys)")
-        kv: dict[str, Any] = {}
-        for _ in range(n_kv):
-            key = string()
-            kv[key] = value(take("<I"))
-        infos = []
-        for _ in range(n_tensors):
-            name = string()
-            dims = [take("<Q") for _ in range(take("<I"))]
-            infos.append((name, dims, take("<I"), take("<Q")))
-        align = kv.get("general.alignment", 32)
-        if not isinstance(align, int) or align <= 0 or align & (align - 1):
-            raise ValueError(f"invalid general.alignment {align!r}")
-        data_start = -(-pos // align) * align
-    except (struct.error, EOFError, ValueError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not a readable GGUF file (truncated or corrupt?): {e}") from e
-
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-    tensors = []
-    for name, dims, raw_type, off in infos:
-        try:
-            qtype = GGMLQuantizationType(raw_type).name
-        except ValueError:
-            raise CheckpointError(f"{path}: tensor {name} has unknown GGML type id {raw_type}") from None
-        bs, ts = GGML_QUANT_SIZES[GGMLQuantizationType(raw_type)]
-        shape = tuple(int(d) for d in reversed(dims))
-        if not dims or dims[0] % bs:
-            raise CheckpointError(f"{path}: tensor {name} ({qtype}) has a bad shape {shape}")
-        nbytes = int(np.prod(dims)) // bs * ts
-        start = data_start + off
-        if start + nbytes > size:
-            raise CheckpointError(f"{path}: truncated GGUF: tensor {name} ends at byte {start + nbytes} "
-                                  f"but the file has {size}")
-        raw = mm[start:start + nbytes]
-        if qtype == "F32":
-            data = raw.view(np.float32).reshape(shape)
-        elif qtype == "F16":
-            data = raw.view(np.float16).reshape(shape)
-        else:
-            data = raw.reshape(*shape[:-1], shape[-1] // bs * ts)
-        tensors.append(GGUFTensorInfo(name, qtype, shape, start, nbytes, data))
-    return version, kv, tensors
-
-def _tokenizer(kv: dict[str, Any], path: Path) -> Any:
+def _tokenizer(kv: dict[str, Any], path: Path) -> Tokenizer | None:
     if "tokenizer.ggml.model" not in kv:
-        return None
-    try:
-        from ..tokenizer import Tokenizer
-    except ImportError:
-        log.warning("llamaforge.tokenizer is not available; %s loaded without a tokenizer", path)
         return None
     try:
         return Tokenizer.from_gguf(kv)
@@ -200,7 +84,6 @@ def _to_torch(t: GGUFTensorInfo, dequantize: bool) -> torch.Tensor | QTensor:
         out = torch.from_numpy(t.data).view(torch.bfloat16).reshape(t.shape)
         return out.float() if dequantize else out
     if len(t.shape) != 2:  # QTensor is for matrices; anything else is simply dequantized
-        from gguf import GGMLQuantizationType, quants
         return torch.from_numpy(quants.dequantize(t.data, GGMLQuantizationType[t.qtype])).reshape(t.shape)
     q = QTensor(t.data, t.qtype, t.shape)  # type: ignore[arg-type]
     return q.dequantize() if dequantize else q
@@ -273,7 +156,6 @@ def _target_type(name: str, shape: tuple[int, ...], qtype: str, tied: bool) -> s
 
 def _encode(name: str, value: Any, target: str) -> tuple[np.ndarray, Any]:
     """(array for GGUFWriter.add_tensor, raw GGML type or None)."""
-    from gguf import GGMLQuantizationType
     if isinstance(value, QTensor) and value.qtype == target:
         return np.asarray(value.data), GGMLQuantizationType[target]  # already packed: copy the blocks as is
     t = as_float(value).detach().cpu()
@@ -290,7 +172,6 @@ def _encode(name: str, value: Any, target: str) -> tuple[np.ndarray, Any]:
 
 def _add_kv(w, key: str, value: Any) -> None:
     """Add one metadata value with the GGUF type llama.cpp expects for it."""
-    from gguf import GGUFValueType as V
     if isinstance(value, np.ndarray):
         value = value.tolist()
     if isinstance(value, (list, tuple)):
@@ -310,29 +191,13 @@ def _add_kv(w, key: str, value: Any) -> None:
         elif value >= 2**32:
             w.add_uint64(key, value)
         else:
-            w.add_key_value(key, value, V.UINT32)
+            w.add_key_value(key, value, GGUFValueType.UINT32)
     elif isinstance(value, float):
         w.add_float32(key, value)
     elif isinstance(value, str):
         w.add_string(key, value)
     else:
         raise ValueError(f"cannot store metadata {key!r} of type {type(value).__name__} in GGUF")
-
-
-def _tokenizer_kv(tokenizer: Any, vocab_size: int) -> dict[str, Any]:
-    kv = dict(tokenizer.gguf_kv())
-    tokens = list(kv.get("tokenizer.ggml.tokens") or [])
-    if len(tokens) > vocab_size:
-        raise ValueError(f"tokenizer has {len(tokens)} tokens but the model's vocab_size is {vocab_size}")
-    if tokens and len(tokens) < vocab_size:
-        # llama.cpp sizes the embedding from the token list: pad it as convert_hf_to_gguf does
-        pad = vocab_size - len(tokens)
-        kv["tokenizer.ggml.tokens"] = tokens + [f"[PAD{i}]" for i in range(len(tokens), vocab_size)]
-        if kv.get("tokenizer.ggml.scores"):
-            kv["tokenizer.ggml.scores"] = list(kv["tokenizer.ggml.scores"]) + [0.0] * pad
-        if kv.get("tokenizer.ggml.token_type"):
-            kv["tokenizer.ggml.token_type"] = list(kv["tokenizer.ggml.token_type"]) + [5] * pad  # UNUSED
-    return kv
 
 
 def write(path: str | Path, args: ModelArgs | Checkpoint, tensors: dict[str, Any] | None = None,
@@ -344,8 +209,6 @@ def write(path: str | Path, args: ModelArgs | Checkpoint, tensors: dict[str, Any
     projection (or the tied embedding) is Q8_0; a QTensor already of the target type is copied as is.
     metadata: "name", "license", and any extra GGUF keys ("general.author": ...).
     """
-    import gguf
-
     qtype = qtype.lower()
     if qtype not in _FILE_TYPES:
         raise ValueError(f"qtype {qtype!r} not writable; choose one of {', '.join(_FILE_TYPES)}")
@@ -354,7 +217,7 @@ def write(path: str | Path, args: ModelArgs | Checkpoint, tensors: dict[str, Any
     check_tensors(args, tensors, "tensors to write")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tok_kv = _tokenizer_kv(tokenizer, args.vocab_size) if tokenizer is not None else {}
+    tok_kv = padded_vocab_kv(tokenizer, args.vocab_size) if tokenizer is not None else {}
     if tokenizer is None:
         log.warning("%s: written without a tokenizer; llama.cpp cannot load it", path)
 

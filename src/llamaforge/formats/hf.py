@@ -14,11 +14,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from ..config import ModelArgs, from_hf_config, to_hf_config
-from . import Checkpoint, CheckpointError
-from .meta import (as_float, atomic_write, check_tensors, drop_tied_output, find_license, load_tokenizer,
-                   progress_iter, read_text_if, write_json, writer_inputs)
+from .checkpoint import Checkpoint, CheckpointError
+from ..fileio import atomic_write, atomic_write_json
+from ..safety.license import declared_license, license_from_files
+from .common import (as_float, check_tensors, drop_tied_output, load_tokenizer, progress_iter, read_text_if,
+                     writer_inputs)
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +104,6 @@ def _weight_files(folder: Path) -> tuple[list[Path], str]:
 def _read_file(f: Path, kind: str) -> dict[str, torch.Tensor]:
     try:
         if kind == "safetensors":
-            from safetensors import safe_open
             with safe_open(str(f), framework="pt") as sf:
                 return {k: sf.get_tensor(k) for k in sf.keys()}
         try:
@@ -127,17 +130,7 @@ def _chat_template(folder: Path) -> str | None:
 
 
 def _license(folder: Path, cfg: dict) -> str | None:
-    if isinstance(cfg.get("license"), str):
-        return cfg["license"]
-    readme = folder / "README.md"
-    if readme.is_file():
-        text = readme.read_text(encoding="utf-8", errors="replace")
-        m = re.match(r"---\s*\n(.*?)\n---", text, re.S)
-        if m:
-            lm = re.search(r"^license:\s*['\"]?([^'\"\n]+?)['\"]?\s*$", m.group(1), re.M)
-            if lm:
-                return lm.group(1)
-    return find_license(folder)
+    return declared_license(folder, cfg) or license_from_files(folder)
 
 
 def read(path: str | Path, *, progress: bool = False, dtype: torch.dtype | None = None) -> Checkpoint:
@@ -205,7 +198,6 @@ def write(path: str | Path, args: ModelArgs | Checkpoint, tensors: dict[str, Any
     ``model.safetensors.index.json``. The chat template goes into tokenizer_config.json; a licence
     (``metadata["license"]``) into README.md front matter when there is no README yet.
     """
-    from safetensors.torch import save_file
 
     args, tensors, tokenizer, chat_template, metadata = writer_inputs(args, tensors, tokenizer, chat_template, metadata)
     folder = Path(path)
@@ -248,7 +240,7 @@ def write(path: str | Path, args: ModelArgs | Checkpoint, tensors: dict[str, Any
             atomic_write(folder / fname, lambda p, g=g: save_file(g, str(p), metadata=st_meta))
             weight_map.update(dict.fromkeys(g, fname))
         total = sum(t.numel() * t.element_size() for t in out.values())
-        write_json(folder / "model.safetensors.index.json",
+        atomic_write_json(folder / "model.safetensors.index.json",
                    {"metadata": {"total_size": total}, "weight_map": weight_map})
 
     bos = getattr(tokenizer, "bos_id", None)
@@ -257,7 +249,7 @@ def write(path: str | Path, args: ModelArgs | Checkpoint, tensors: dict[str, Any
                        eos_id=eos if eos is not None and eos >= 0 else None)
     if len(dtypes) == 1:
         cfg["torch_dtype"] = str(dtypes.pop()).removeprefix("torch.")
-    write_json(folder / "config.json", cfg)
+    atomic_write_json(folder / "config.json", cfg)
 
     if tokenizer is not None:
         tokenizer.save(folder)
@@ -265,7 +257,7 @@ def write(path: str | Path, args: ModelArgs | Checkpoint, tensors: dict[str, Any
         tc = folder / "tokenizer_config.json"
         tcfg = json.loads(tc.read_text(encoding="utf-8")) if tc.is_file() else {}
         tcfg["chat_template"] = chat_template
-        write_json(tc, tcfg)
+        atomic_write_json(tc, tcfg)
     lic = metadata.get("license")
     if lic and not (folder / "README.md").exists():
         atomic_write(folder / "README.md", lambda p: p.write_text(f"---\nlicense: {lic}\n---\n", encoding="utf-8"))

@@ -1,8 +1,5 @@
 """Meta's original layout: ``params.json`` + ``consolidated.NN.pth`` shards + ``tokenizer.model``.
 
-Also the home of what every format shares, since Meta's names and shapes are the canonical ones:
-the expected tensor shapes of a config, the checks against them, tokenizer/licence/template lookup.
-
 Model-parallel shards split each matrix the way the reference's fairscale layers do:
 ColumnParallelLinear (wq, wk, wv, w1, w3, output) on dim 0, RowParallelLinear (wo, w2) on dim 1,
 ParallelEmbedding (tok_embeddings) on dim 1; norms are replicated.
@@ -10,124 +7,21 @@ ParallelEmbedding (tok_embeddings) on dim 1; norms are replicated.
 from __future__ import annotations
 
 import json
-import logging
 import re
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 
 from ..config import ModelArgs, from_params_json, to_params_json
 from ..fileio import atomic_write, atomic_write_json
-from . import Checkpoint, CheckpointError
-
-log = logging.getLogger(__name__)
+from ..safety.license import license_from_files
+from .checkpoint import Checkpoint, CheckpointError
+from .common import as_float, check_tensors, drop_tied_output, load_tokenizer, progress_iter, read_text_if, writer_inputs
 
 _DIM0 = ("attention.wq", "attention.wk", "attention.wv", "feed_forward.w1", "feed_forward.w3", "output")
 _DIM1 = ("attention.wo", "feed_forward.w2", "tok_embeddings")
 _IGNORED = ("rope.freqs",)  # LLaMA-1 checkpoints carry the RoPE table; it is recomputed
-
-
-# ---------------------------------------------------------------- shared by meta, hf and gguf
-
-def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
-    """Meta name -> torch shape for a config (output.weight omitted when tied)."""
-    d, h, q, kv = args.dim, args.ffn_hidden, args.n_heads * args.head_dim, args.kv_heads * args.head_dim
-    out: dict[str, tuple[int, ...]] = {"tok_embeddings.weight": (args.vocab_size, d)}
-    for i in range(args.n_layers):
-        p = f"layers.{i}."
-        out.update({
-            p + "attention.wq.weight": (q, d), p + "attention.wk.weight": (kv, d),
-            p + "attention.wv.weight": (kv, d), p + "attention.wo.weight": (d, q),
-            p + "feed_forward.w1.weight": (h, d), p + "feed_forward.w2.weight": (d, h),
-            p + "feed_forward.w3.weight": (h, d),
-            p + "attention_norm.weight": (d,), p + "ffn_norm.weight": (d,),
-        })
-    out["norm.weight"] = (d,)
-    if not args.tie_embeddings:
-        out["output.weight"] = (args.vocab_size, d)
-    return out
-
-
-def check_tensors(args: ModelArgs, tensors: dict[str, Any], where: Path | str) -> None:
-    """CheckpointError unless ``tensors`` are exactly the config's tensors with the config's shapes."""
-    want = expected_shapes(args)
-    missing = [n for n in want if n not in tensors]
-    unexpected = [n for n in tensors if n not in want]
-    if missing or unexpected:
-        raise CheckpointError(f"{where}: tensors do not match the config: missing {missing[:5]}"
-                              f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}")
-    for name, shape in want.items():
-        got = tuple(tensors[name].shape)
-        if got != shape:
-            raise CheckpointError(f"{where}: shape mismatch vs config: {name} is {got}, config expects {shape}")
-
-
-def drop_tied_output(args: ModelArgs, tensors: dict[str, Any]) -> None:
-    if args.tie_embeddings:
-        tensors.pop("output.weight", None)
-
-
-def load_tokenizer(path: Path) -> Any:
-    """llamaforge Tokenizer from a file or folder; None when there is none (or the module is absent)."""
-    try:
-        from ..tokenizer import Tokenizer
-    except ImportError:
-        log.warning("llamaforge.tokenizer is not available; %s loaded without a tokenizer", path)
-        return None
-    try:
-        return Tokenizer.load(path)
-    except Exception as e:  # noqa: BLE001 - any tokenizer failure is a bad checkpoint
-        raise CheckpointError(f"{path}: cannot load the tokenizer: {e}") from e
-
-
-def find_license(*folders: Path) -> str | None:
-    """'llama2' when a LICENSE / USE_POLICY.md in one of the folders is Meta's Llama 2 licence."""
-    for folder in folders:
-        for name in ("LICENSE", "LICENSE.txt", "LICENSE.md", "USE_POLICY.md"):
-            f = folder / name
-            if f.is_file():
-                text = f.read_text(encoding="utf-8", errors="replace")[:20000].upper()
-                if "LLAMA 2 COMMUNITY LICENSE" in text:
-                    return "llama2"
-    return None
-
-
-def read_text_if(path: Path) -> str | None:
-    return path.read_text(encoding="utf-8") if path.is_file() else None
-
-
-def write_json(path: Path, obj: Any) -> None:
-    atomic_write_json(path, obj)
-
-
-def writer_inputs(args: Any, tensors: dict | None, tokenizer: Any, chat_template: str | None,
-                  metadata: dict | None) -> tuple[ModelArgs, dict[str, Any], Any, str | None, dict]:
-    """Let writers take either (args, tensors, ...) or a whole Checkpoint as ``args``."""
-    if isinstance(args, Checkpoint):
-        ck = args
-        meta = dict(ck.metadata)
-        if ck.license and "license" not in meta:
-            meta["license"] = ck.license
-        meta.update(metadata or {})
-        args, tensors = ck.args, ck.tensors if tensors is None else tensors
-        tokenizer, chat_template, metadata = tokenizer or ck.tokenizer, chat_template or ck.chat_template, meta
-    if args is None or tensors is None:
-        raise ValueError("write() needs args and tensors (or a Checkpoint with a model)")
-    chat_template = chat_template or getattr(tokenizer, "chat_template", None)
-    return args, dict(tensors), tokenizer, chat_template, dict(metadata or {})
-
-
-def as_float(t: Any) -> torch.Tensor:
-    """A torch tensor whatever it is (packed GGUF tensors are dequantized)."""
-    return t if isinstance(t, torch.Tensor) else t.dequantize()
-
-
-def progress_iter(items: Iterable, enabled: bool, desc: str, total: int | None = None) -> Iterable:
-    if not enabled:
-        return items
-    from tqdm import tqdm
-    return tqdm(items, desc=desc, total=total, unit="tensor")
 
 
 # ---------------------------------------------------------------- Meta reader / writer
@@ -206,7 +100,7 @@ def read(path: str | Path, *, progress: bool = False, dtype: torch.dtype | None 
     return Checkpoint(
         args=args, tensors=tensors, tokenizer=load_tokenizer(tok_file) if tok_file else None,
         chat_template=read_text_if(folder / "chat_template.jinja"),
-        license=find_license(folder, folder.parent), format="meta", path=folder,
+        license=license_from_files(folder, folder.parent), format="meta", path=folder,
         metadata={"shards": len(files), "params": params},
     )
 
@@ -240,7 +134,7 @@ def write(path: str | Path, args: ModelArgs | Checkpoint, tensors: dict[str, Any
             # clone: torch.save of a view would serialise the whole underlying storage
             state[name] = part.to(dtype if dtype is not None else part.dtype).contiguous().clone()
         atomic_write(folder / f"consolidated.{i:02d}.pth", lambda p, s=state: torch.save(s, p))
-    write_json(folder / "params.json", to_params_json(args))
+    atomic_write_json(folder / "params.json", to_params_json(args))
     if tokenizer is not None:
         tokenizer.save(folder)
     if chat_template:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .gguf_blocks import QTensor
+from ..memory import release_pages
 from ..native import TYPE_IDS, kernels
 
 # 4-bit types get float32 block scales at load (measured per decode-sized call on this machine:
@@ -63,7 +64,6 @@ class GGMLLinear(nn.Module):
     def _release_source(self) -> None:
         """The file's pages were copied: let them go (keeps peak RSS to one copy of the weights)."""
         if self._source is not None:
-            from .repack import release_pages
             release_pages(self._source)
             self._source = None
 

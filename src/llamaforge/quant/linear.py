@@ -163,3 +163,15 @@ class Int8Embedding(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, int8 per-row"
+
+
+@torch.no_grad()
+def dequantized_weight(module: nn.Module) -> torch.Tensor:
+    """float32 W [out, in] a packed linear computes with: its own dequantize(), else read off its kernel.
+
+    Probing with an identity input is exact only up to the kernel's bfloat16 output rounding.
+    """
+    if callable(getattr(module, "dequantize", None)):
+        return module.dequantize().float()
+    eye = torch.eye(module.in_features, device=next(iter(module.buffers())).device)
+    return module(eye).float().t().contiguous()

@@ -17,11 +17,14 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from ..config import ModelArgs
+from ..memory import release_pages, scratch_to_mmap, trim_heap
+from ..model import Transformer
 from . import ggml
 from .gguf_blocks import QTensor
-from .linear import Int4Linear, Int8Embedding, Int8Linear, int4_supported, quantize_int8_rows
+from .linear import Int4Linear, Int8Embedding, Int8Linear, dequantized_weight, int4_supported, quantize_int8_rows
 
 log = logging.getLogger(__name__)
 
@@ -69,14 +72,6 @@ def repack(qt: QTensor, *, group_size: int = 32) -> nn.Module:
     return Int8Linear.from_float(w)
 
 
-def dequantized(module: nn.Module) -> torch.Tensor:
-    """float32 weight [N, K] that a packed module computes with (probed through its own kernel)."""
-    if isinstance(module, Int8Linear):
-        return module.dequantize()
-    eye = torch.eye(module.in_features, device=module.packed.device)
-    return module(eye).float().t().contiguous()  # bf16 outputs: exact only to bf16 rounding
-
-
 def repack_error(qt: QTensor, module: nn.Module | None = None) -> float:
     """Relative RMS error ||W_packed - W_gguf|| / ||W_gguf|| of repacking one tensor."""
     ref = qt.dequantize()
@@ -87,7 +82,7 @@ def repack_error(qt: QTensor, module: nn.Module | None = None) -> float:
         sz, g = module.scales_and_zeros.float(), module.group_size          # [K/g, N, 2]
         w = (q.float() - 8) * sz[..., 0].t().repeat_interleave(g, 1) + sz[..., 1].t().repeat_interleave(g, 1)
     else:
-        w = dequantized(module)
+        w = dequantized_weight(module)
     return float((w - ref).norm() / ref.norm().clamp(min=1e-12))
 
 
@@ -106,52 +101,45 @@ def load_packed(args: ModelArgs, tensors: dict[str, Any], device: str | torch.de
     `dtype`. A quantized embedding becomes a GGMLEmbedding or an Int8Embedding sharing the rows of
     a tied output projection.
     """
-    from ..model import Transformer
-    from .gguf_blocks import QTensor as _QT
     native = torch.device(device).type == "cpu"   # the block kernels are CPU code
-    if any(isinstance(t, _QT) and not (native and ggml.supported(t)) for t in tensors.values()):
-        _scratch_to_mmap()    # repacking ahead; the native path leaves malloc's defaults (prompt speed)
+    if any(isinstance(t, QTensor) and not (native and ggml.supported(t)) for t in tensors.values()):
+        scratch_to_mmap()    # repacking ahead; the native path leaves malloc's defaults (prompt speed)
     model = Transformer.empty(args, device=device)
     tensors = dict(tensors)
     emb = tensors.pop("tok_embeddings.weight")
     out = tensors.pop("output.weight", None)
-    names = list(tensors)
-    try:
-        from tqdm import tqdm
-        names = tqdm(names, desc="loading", unit="tensor", disable=not progress)
-    except ImportError:
-        pass
+    names = tqdm(list(tensors), desc="loading", unit="tensor", disable=not progress)
     for name in names:
         t = tensors.pop(name)
         path = name.removesuffix(".weight")
-        if isinstance(t, _QT) and native and ggml.supported(t):
+        if isinstance(t, QTensor) and native and ggml.supported(t):
             _set(model, path, ggml.GGMLLinear(t))     # computes from the mapped file's blocks
-        elif isinstance(t, _QT):
+        elif isinstance(t, QTensor):
             _set(model, path, repack(t).to(device))
             release_pages(t.data)
         else:  # a copy: a view would keep the whole file mapped
             p = nn.Parameter(torch.as_tensor(t).to(device=device, dtype=dtype, copy=True), requires_grad=False)
             _set(model, name, p)
     # embedding rows and the output projection
-    if isinstance(emb, _QT) and native and ggml.supported(emb):
+    if isinstance(emb, QTensor) and native and ggml.supported(emb):
         emb_lin = ggml.GGMLLinear(emb)
         model.tok_embeddings = ggml.GGMLEmbedding(emb_lin, dtype)
         if args.tie_embeddings or out is None:
             model.output = emb_lin
-        elif isinstance(out, _QT):
+        elif isinstance(out, QTensor):
             model.output = ggml.GGMLLinear(out) if ggml.supported(out) else repack(out)
         else:
             model.output = _float_linear(out, device, dtype)
-    elif isinstance(emb, _QT) or isinstance(out, _QT):
+    elif isinstance(emb, QTensor) or isinstance(out, QTensor):
         emb_mod = _int8_rows(emb, device)
-        if isinstance(emb, _QT):
+        if isinstance(emb, QTensor):
             release_pages(emb.data)
         model.tok_embeddings = Int8Embedding(emb_mod.qweight, emb_mod.scales, dtype)
         if args.tie_embeddings or out is None:
             model.output = emb_mod
         else:
-            model.output = repack(out).to(device) if isinstance(out, _QT) else _float_linear(out, device, dtype)
-            if isinstance(out, _QT):
+            model.output = repack(out).to(device) if isinstance(out, QTensor) else _float_linear(out, device, dtype)
+            if isinstance(out, QTensor):
                 release_pages(out.data)
         if isinstance(model.output, Int8Linear):
             model.output.exact_top = EXACT_TOP
@@ -166,59 +154,8 @@ def load_packed(args: ModelArgs, tensors: dict[str, Any], device: str | torch.de
     left = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
     if left:
         raise ValueError(f"checkpoint does not match the model: missing {left[:5]}")
-    _trim_heap()
+    trim_heap()
     return model.eval()
-
-
-def release_pages(arr: np.ndarray) -> None:
-    """Drop the resident pages of a memory-mapped array once it has been repacked (Linux; best effort).
-
-    Each tensor is read once, so without this the whole file stays resident next to its repacked
-    copy: a 7B model would need twice its size in RAM. The mapping is private and never written,
-    so a later read simply faults the pages in again from the file.
-    """
-    import ctypes
-    import mmap
-    if not isinstance(arr, np.ndarray) or not hasattr(mmap, "MADV_DONTNEED"):
-        return
-    base = arr
-    while isinstance(base, np.ndarray) and base.base is not None:
-        base = base.base
-    if not isinstance(base, mmap.mmap) and not isinstance(base, np.memmap):
-        return
-    page = mmap.PAGESIZE
-    start = -(-arr.ctypes.data // page) * page
-    end = (arr.ctypes.data + arr.nbytes) // page * page
-    if end > start:
-        try:
-            ctypes.CDLL(None, use_errno=True).madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start),
-                                                     mmap.MADV_DONTNEED)
-        except (OSError, AttributeError):
-            pass
-
-
-def _scratch_to_mmap() -> None:
-    """glibc: serve allocations over 256 KiB with mmap (returned to the OS on free).
-
-    Repacking interleaves short-lived scratch tensors with the long-lived packed ones; with glibc's
-    default (a threshold that rises after the first large free) the scratch ends up in the heap,
-    which fragments and grows by about 1 MiB per tensor: measured 609 MiB peak RSS for the bundled
-    model, 503 MiB with this. Process-wide, like MALLOC_MMAP_THRESHOLD_=262144.
-    """
-    import ctypes
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, 256 * 1024)   # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass
-
-
-def _trim_heap() -> None:
-    """Give the repacking scratch buffers back to the OS (glibc keeps freed heap memory otherwise)."""
-    import ctypes
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def q8_rows(qt: QTensor, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,13 +1,15 @@
 """Which licence a checkpoint carries, and the Llama 2 Community License notice (once per machine)."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
+from ..paths import state_dir
 from .policy import AUP_URL
 
 log = logging.getLogger(__name__)
@@ -23,6 +25,7 @@ NOTICE = (
 
 _LLAMA2_LICENSE = re.compile(r"^\s*(llama[\s_-]?2)([\s_-]community([\s_-]licen[cs]e)?)?\s*$", re.I)
 _LLAMA2_NAME = re.compile(r"llama[\s_-]?2(?![\d.])", re.I)
+_LLAMA_GUARD_V1 = re.compile(r"llama[\s_-]?guard(?![\s_-]?[23])", re.I)
 _LICENSE_FILES = ("LICENSE", "LICENSE.txt", "LICENSE.md", "USE_POLICY.md")
 
 
@@ -36,13 +39,50 @@ def normalise(license: str | None) -> str | None:
     return text
 
 
-def _folder_license(folder: Path) -> str | None:
-    for name in _LICENSE_FILES:
-        f = folder / name
-        if f.is_file():
-            head = f.read_text(encoding="utf-8", errors="replace")[:20000].upper()
-            if "LLAMA 2 COMMUNITY LICENSE" in head or ("LLAMA 2" in head and "ACCEPTABLE USE POLICY" in head):
-                return LLAMA2
+def license_from_files(*folders: Path) -> str | None:
+    """'llama2' when a LICENSE / USE_POLICY.md in one of the folders is Meta's Llama 2 licence."""
+    for folder in folders:
+        for name in _LICENSE_FILES:
+            f = Path(folder) / name
+            if f.is_file():
+                head = f.read_text(encoding="utf-8", errors="replace")[:20000].upper()
+                if "LLAMA 2 COMMUNITY LICENSE" in head or ("LLAMA 2" in head and "ACCEPTABLE USE POLICY" in head):
+                    return LLAMA2
+    return None
+
+
+def declared_license(folder: Path, config: dict | None = None) -> str | None:
+    """The licence a Hugging Face-style folder states: config.json's "license", else README.md front matter."""
+    folder = Path(folder)
+    if config is None and (folder / "config.json").is_file():
+        try:
+            config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        except (ValueError, OSError):
+            config = None
+    if isinstance((config or {}).get("license"), str):
+        return config["license"]
+    readme = folder / "README.md"
+    if readme.is_file():
+        m = re.match(r"---\s*\n(.*?)\n---", readme.read_text(encoding="utf-8", errors="replace"), re.S)
+        lm = re.search(r"^license:\s*['\"]?([^'\"\n]+?)['\"]?\s*$", m.group(1), re.M) if m else None
+        if lm:
+            return lm.group(1)
+    return None
+
+
+def detect_license(declared: str | None = None, *, folders: Iterable[Path] = (),
+                   names: Iterable[str | None] = ()) -> str | None:
+    """A licence ('llama2' for Llama 2) from, in order: what a file declares, licence files in
+    ``folders``, model names that name Llama 2 (or Llama Guard v1, a fine-tuned Llama 2)."""
+    lic = normalise(declared)
+    if lic:
+        return lic
+    found = license_from_files(*folders)
+    if found:
+        return found
+    for name in names:
+        if isinstance(name, str) and (_LLAMA2_NAME.search(name) or _LLAMA_GUARD_V1.search(name)):
+            return LLAMA2
     return None
 
 
@@ -53,27 +93,17 @@ def identify(ckpt: Any) -> str | None:
     Meta folder licence file as the readers found them), LICENSE / USE_POLICY.md next to the
     weights, and the model name (GGUF general.name, HF _name_or_path) when it names Llama 2.
     """
-    lic = normalise(getattr(ckpt, "license", None))
-    if lic:
-        return lic
     path = getattr(ckpt, "path", None)
+    folders: list[Path] = []
     if path is not None:
         p = Path(path)
-        for folder in ([p] if p.is_dir() else []) + [p.parent]:
-            found = _folder_license(folder)
-            if found:
-                return found
+        folders = ([p] if p.is_dir() else []) + [p.parent]
     meta = getattr(ckpt, "metadata", None) or {}
-    for key in ("name", "general.name", "_name_or_path", "basename", "general.basename"):
-        name = meta.get(key)
-        # Llama Guard (v1) is a fine-tuned Llama 2 and carries its licence
-        if isinstance(name, str) and (_LLAMA2_NAME.search(name) or re.search(r"llama[\s_-]?guard(?![\s_-]?[23])", name, re.I)):
-            return LLAMA2
-    return None
+    names = [meta.get(k) for k in ("name", "general.name", "_name_or_path", "basename", "general.basename")]
+    return detect_license(getattr(ckpt, "license", None), folders=folders, names=names)
 
 
 def notice_file() -> Path:
-    from ..paths import state_dir
     return state_dir() / "notices" / "llama2-license-shown"
 
 

@@ -1,0 +1,95 @@
+"""What every checkpoint format shares: the expected tensors of a config and the checks against them,
+tokenizer lookup, writer arguments, and small conversions. Meta's names and shapes are the canonical ones.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from tqdm import tqdm
+
+from ..config import ModelArgs
+from ..tokenizer import Tokenizer
+from .checkpoint import Checkpoint, CheckpointError
+
+
+def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
+    """Meta name -> torch shape for a config (output.weight omitted when tied)."""
+    d, h, q, kv = args.dim, args.ffn_hidden, args.n_heads * args.head_dim, args.kv_heads * args.head_dim
+    out: dict[str, tuple[int, ...]] = {"tok_embeddings.weight": (args.vocab_size, d)}
+    for i in range(args.n_layers):
+        p = f"layers.{i}."
+        out.update({
+            p + "attention.wq.weight": (q, d), p + "attention.wk.weight": (kv, d),
+            p + "attention.wv.weight": (kv, d), p + "attention.wo.weight": (d, q),
+            p + "feed_forward.w1.weight": (h, d), p + "feed_forward.w2.weight": (d, h),
+            p + "feed_forward.w3.weight": (h, d),
+            p + "attention_norm.weight": (d,), p + "ffn_norm.weight": (d,),
+        })
+    out["norm.weight"] = (d,)
+    if not args.tie_embeddings:
+        out["output.weight"] = (args.vocab_size, d)
+    return out
+
+
+def check_tensors(args: ModelArgs, tensors: dict[str, Any], where: Path | str) -> None:
+    """CheckpointError unless ``tensors`` are exactly the config's tensors with the config's shapes."""
+    want = expected_shapes(args)
+    missing = [n for n in want if n not in tensors]
+    unexpected = [n for n in tensors if n not in want]
+    if missing or unexpected:
+        raise CheckpointError(f"{where}: tensors do not match the config: missing {missing[:5]}"
+                              f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}")
+    for name, shape in want.items():
+        got = tuple(tensors[name].shape)
+        if got != shape:
+            raise CheckpointError(f"{where}: shape mismatch vs config: {name} is {got}, config expects {shape}")
+
+
+def drop_tied_output(args: ModelArgs, tensors: dict[str, Any]) -> None:
+    """Remove output.weight when the config ties it to the embedding (it is the same matrix)."""
+    if args.tie_embeddings:
+        tensors.pop("output.weight", None)
+
+
+def load_tokenizer(path: Path) -> Any:
+    """llamaforge Tokenizer from a file or folder; CheckpointError when it cannot be read."""
+    try:
+        return Tokenizer.load(path)
+    except Exception as e:  # noqa: BLE001 - any tokenizer failure is a bad checkpoint
+        raise CheckpointError(f"{path}: cannot load the tokenizer: {e}") from e
+
+
+def read_text_if(path: Path) -> str | None:
+    """The file's text, None when it does not exist."""
+    return path.read_text(encoding="utf-8") if path.is_file() else None
+
+
+def writer_inputs(args: Any, tensors: dict | None, tokenizer: Any, chat_template: str | None,
+                  metadata: dict | None) -> tuple[ModelArgs, dict[str, Any], Any, str | None, dict]:
+    """Let writers take either (args, tensors, ...) or a whole Checkpoint as ``args``."""
+    if isinstance(args, Checkpoint):
+        ck = args
+        meta = dict(ck.metadata)
+        if ck.license and "license" not in meta:
+            meta["license"] = ck.license
+        meta.update(metadata or {})
+        args, tensors = ck.args, ck.tensors if tensors is None else tensors
+        tokenizer, chat_template, metadata = tokenizer or ck.tokenizer, chat_template or ck.chat_template, meta
+    if args is None or tensors is None:
+        raise ValueError("write() needs args and tensors (or a Checkpoint with a model)")
+    chat_template = chat_template or getattr(tokenizer, "chat_template", None)
+    return args, dict(tensors), tokenizer, chat_template, dict(metadata or {})
+
+
+def as_float(t: Any) -> torch.Tensor:
+    """A torch tensor whatever it is (packed GGUF tensors are dequantized)."""
+    return t if isinstance(t, torch.Tensor) else t.dequantize()
+
+
+def progress_iter(items: Iterable, enabled: bool, desc: str, total: int | None = None) -> Iterable:
+    """``items`` with a tqdm bar when enabled."""
+    if not enabled:
+        return items
+    return tqdm(items, desc=desc, total=total, unit="tensor")
