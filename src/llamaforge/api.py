@@ -2,21 +2,58 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Literal, Sequence
 
 import torch
 
-from .config import ModelArgs
+from . import ops
+from .chat import encode_chat
+from .config import ModelArgs, torch_dtype
 from .formats import Checkpoint, load_checkpoint
 from .generate import ContextOverflow, generate, generate_batch
+from .lora import load_adapter
 from .model import Transformer
+from .paths import default_model_path
+from .quant import KINDS, quantize_model
+from .quant.repack import load_packed
+from .safety.license import notice_once
 from .sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+Weights = Literal["blocks", "float"]
+WEIGHTS = ("blocks", "float")
+_UNSET: Any = object()   # tells quantize=None given (old meaning: float weights) from not given
+
+
+def load_options(weights: str | None, quantize: str | None | object = _UNSET) -> tuple[str, str | None]:
+    """(weights, quantize) as Llama.load uses them, from the current spelling or the deprecated one.
+
+    Current: weights "blocks" | "float" (default "blocks"), quantize None | "none" | "int8" | "int4".
+    Deprecated, with a DeprecationWarning: quantize="auto" (weights="blocks") and quantize=None with
+    no weights given (weights="float"), the meanings quantize had before weights existed.
+    """
+    if quantize == "auto" or (quantize is None and weights is None):
+        old = "weights='blocks'" if quantize == "auto" else "weights='float'"
+        warnings.warn(f"quantize={quantize!r} is deprecated: use {old} (quantize now only means int8/int4 "
+                      "repacking)", DeprecationWarning, stacklevel=3)
+        weights = weights or ("blocks" if quantize == "auto" else "float")
+        quantize = None
+    if quantize is _UNSET or quantize == "none":
+        quantize = None
+    if quantize is not None and quantize not in KINDS:
+        raise ValueError(f"quantize must be None, {' or '.join(KINDS)} (got {quantize!r})")
+    if quantize is not None:
+        if weights == "blocks":
+            raise ValueError("quantize repacks float weights: use weights='float' or leave weights unset")
+        weights = "float"
+    weights = weights or "blocks"
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights must be one of {', '.join(WEIGHTS)} (got {weights!r})")
+    return weights, quantize
 
 
 @dataclass
@@ -48,41 +85,37 @@ class Llama:
 
     @classmethod
     def load(cls, path: str | Path | None = None, *, adapter: str | Path | None = None, dtype: str = "float32",
-             quantize: str | None = "auto", max_seq_len: int | None = None, device: str = "cpu",
-             progress: bool = False) -> "Llama":
+             weights: Weights | None = None, quantize: str | None | object = _UNSET, max_seq_len: int | None = None,
+             device: str = "cpu", progress: bool = False) -> "Llama":
         """Load a Meta folder, HF folder or GGUF file (the bundled SmolLM2 when path is None).
 
-        quantize: "auto" (default) computes with a GGUF's quantized blocks as they are (llamaforge's
-            native kernels, float32 arithmetic; float checkpoints stay float); None dequantizes them
-            to float32 matrices; "int8"/"int4" swap Linears for PyTorch's packed weight-only kernels.
+        weights: "blocks" (default) computes with a GGUF's quantized blocks as they are (llamaforge's
+            native kernels, float32 arithmetic; float checkpoints stay float); "float" dequantizes
+            them to `dtype` matrices.
+        quantize: None (default), or "int8"/"int4" to repack the float weights into PyTorch's packed
+            weight-only kernels. The old spellings quantize="auto" (= weights="blocks") and
+            quantize=None without weights (= weights="float") still work, with a DeprecationWarning.
         adapter: a PEFT-format LoRA folder applied on top.
         """
-        from .paths import default_model_path
+        weights, quantize = load_options(weights, quantize)
         path = Path(path) if path is not None else default_model_path()
-        # "auto": GGUF block-quantized tensors stay packed (memory-mapped) and are repacked for the kernels
-        packed = quantize == "auto"
-        from . import ops
+        packed = weights == "blocks" and quantize is None   # GGUF blocks stay packed (memory-mapped)
+        target = torch_dtype(dtype)
         ops.refresh()   # LLAMAFORGE_NATIVE is read per load, not per operation
         ckpt = load_checkpoint(path, progress=progress, dequantize=not packed)
-        from .safety.license import notice_once
         notice_once(ckpt)  # the Llama 2 licence notice and the Acceptable Use Policy, once per machine
         if ckpt.args is None:
             raise ValueError(f"{path}: holds a vocabulary only, no model weights")
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
         args = ckpt.args if max_seq_len is None else ckpt.args.replace(max_seq_len=max_seq_len)
         if packed and any(not isinstance(t, torch.Tensor) for t in ckpt.tensors.values()):
-            from .quant.repack import load_packed
-            model = load_packed(args, ckpt.tensors, device, DTYPES[dtype], progress=progress)
+            model = load_packed(args, ckpt.tensors, device, target, progress=progress)
         else:
-            tensors = {k: t.to(DTYPES[dtype]) for k, t in ckpt.tensors.items()}
+            tensors = {k: t.to(target) for k, t in ckpt.tensors.items()}
             model = Transformer.empty(args, device=device).load_tensors(tensors).to(device).eval()
         ckpt.tensors = {}  # the model owns the weights now
         if adapter is not None:
-            from .lora import load_adapter
             load_adapter(model, adapter)
-        if quantize not in (None, "auto"):
-            from .quant import quantize_model
+        if quantize is not None:
             quantize_model(model, quantize)
         tok = ckpt.tokenizer
         if tok is None:
@@ -106,7 +139,7 @@ class Llama:
         return [int(t) for t in prompt]
 
     def encode_chat(self, messages: Sequence[dict[str, Any]]) -> list[int]:
-        from .chat import encode_chat
+        """Prompt ids of a conversation in the model's chat format."""
         return encode_chat(self.tokenizer, messages, self.chat_template)
 
     def complete(self, prompt: str | Sequence[int], *, stream: bool = False, echo: bool = False,

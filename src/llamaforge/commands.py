@@ -6,12 +6,25 @@ import sys
 from pathlib import Path
 from typing import Literal
 
+from .api import Llama, Weights
+from .conversion import convert_checkpoint
+from .describe import describe
+from .paths import default_model_path
+from .safety.guard import Guard
 
-Quantize = Literal["auto", "none", "int8", "int4"]
+Quantize = Literal["none", "int8", "int4", "auto"]   # "auto": deprecated spelling of --weights blocks
+
+
+def load_model(model: str | None, weights: str | None, quantize: str, **kwargs) -> Llama:
+    """Llama.load with the CLI's --weights/--quantize (a note on stderr for the deprecated --quantize auto)."""
+    if quantize == "auto":
+        print("note: --quantize auto is deprecated; it means --weights blocks (the default)", file=sys.stderr)
+        weights, quantize = weights or "blocks", "none"
+    return Llama.load(model, weights=weights, quantize=quantize, **kwargs)
 
 
 def _quantize(q: str | None) -> str | None:
-    """The CLI's quantize choice as Llama.load takes it ("none" means float32 weights)."""
+    """Deprecated: the old --quantize auto|none|int8|int4 mapping, kept until server/app.py uses load_model."""
     return None if q in (None, "none") else q
 
 
@@ -23,16 +36,16 @@ def _sampling(max_tokens, temperature, top_p, top_k, min_p, repetition_penalty, 
 def generate(prompt: str, *, model: str | None = None, max_tokens: int = 128, temperature: float = 0.0,
              top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0, repetition_penalty: float = 1.0,
              seed: int | None = None, stop: list[str] | None = None, echo: bool = False,
-             quantize: Quantize = "auto") -> int:
+             weights: Weights | None = None, quantize: Quantize = "none") -> int:
     """Continue a prompt (raw completion, no chat template), streaming to stdout.
 
     model: checkpoint path (Meta folder, HF folder or .gguf); the bundled SmolLM2 when omitted
     temperature: 0 is greedy
     stop: strings that end generation
-    quantize: auto computes with a GGUF's quantized blocks (native kernels); none dequantizes to float32; int8/int4 repack any checkpoint for PyTorch's kernels
+    weights: blocks (default) computes with a GGUF's quantized blocks (native kernels); float dequantizes them to float32
+    quantize: int8/int4 repack the float weights for PyTorch's weight-only kernels (auto: deprecated, = --weights blocks)
     """
-    from .api import Llama
-    llm = Llama.load(model, quantize=_quantize(quantize))
+    llm = load_model(model, weights, quantize)
     for piece in llm.complete(prompt, stream=True, echo=echo,
                               **_sampling(max_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed, stop)):
         sys.stdout.write(piece)
@@ -44,19 +57,18 @@ def generate(prompt: str, *, model: str | None = None, max_tokens: int = 128, te
 def chat(prompt: str | None = None, *, model: str | None = None, system: str | None = None, max_tokens: int = 512,
          temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0,
          repetition_penalty: float = 1.0, seed: int | None = None, stop: list[str] | None = None,
-         quantize: Quantize = "auto", guard: bool = False) -> int:
+         weights: Weights | None = None, quantize: Quantize = "none", guard: bool = False) -> int:
     """Chat with a model: interactive with a terminal, one answer for a prompt argument or piped stdin.
 
     prompt: one user message; omitted, read turns from the terminal (or all of stdin when piped)
     system: system prompt
     guard: moderate user input and model output with the default guard
-    quantize: auto computes with a GGUF's quantized blocks (native kernels); none dequantizes to float32; int8/int4 repack any checkpoint for PyTorch's kernels
+    weights: blocks (default) computes with a GGUF's quantized blocks (native kernels); float dequantizes them to float32
+    quantize: int8/int4 repack the float weights for PyTorch's weight-only kernels (auto: deprecated, = --weights blocks)
     """
-    from .api import Llama
-    llm = Llama.load(model, quantize=_quantize(quantize))
+    llm = load_model(model, weights, quantize)
     checker = None
     if guard:
-        from .safety.guard import Guard
         checker = Guard.load()
     opts = _sampling(max_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed, stop)
     messages = [{"role": "system", "content": system}] if system else []
@@ -112,8 +124,6 @@ def info(path: str | None = None, *, json_output: bool = False) -> int:
     path: checkpoint (Meta folder, HF folder or .gguf); the bundled model when omitted
     json_output: print JSON instead of text
     """
-    from .inspect import describe
-    from .paths import default_model_path
     d = describe(Path(path) if path else default_model_path())
     if json_output:
         print(json.dumps(d, indent=2, default=str))
@@ -133,7 +143,6 @@ def convert(src: str, *, output: str, to: str = "hf", dtype: str = "float32") ->
     to: hf, meta or gguf
     output: destination folder (hf, meta) or .gguf file
     """
-    from .convert import convert_checkpoint
     convert_checkpoint(src, output, to=to, dtype=dtype)
     print(output)
     return 0

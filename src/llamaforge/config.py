@@ -10,6 +10,18 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+import torch
+
+# the float types weights can be loaded or written in, by the names the CLI and configs use
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a DTYPES name; ValueError naming the choices otherwise."""
+    if name not in DTYPES:
+        raise ValueError(f"dtype {name!r} is not one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
 
 @dataclass(frozen=True)
 class ModelArgs:

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from .formats import load_checkpoint
+from .safety.license import identify
 
 
 def _tensor_type(t: Any) -> str:
@@ -14,6 +15,7 @@ def _tensor_type(t: Any) -> str:
 
 
 def describe(path: Path) -> dict[str, Any]:
+    """Format, architecture, sizes, tensor types, tokenizer, licence and chat template of a checkpoint."""
     ckpt = load_checkpoint(path, dequantize=False)
     a, tok = ckpt.args, ckpt.tokenizer
     types = ckpt.metadata.get("tensor_types") or dict(Counter(_tensor_type(t) for t in ckpt.tensors.values()))
@@ -31,7 +33,6 @@ def describe(path: Path) -> dict[str, Any]:
         })
     if tok is not None:
         out["tokenizer"] = f"{tok.kind} (vocab {tok.vocab_size}, bos {tok.bos_id}, eos {tok.eos_id})"
-    from .safety.license import identify
     out["license"] = identify(ckpt) or "unknown"
     out["chat_template"] = ckpt.chat_template or "(none: Llama 2 [INST] format)" if tok is not None and tok.kind == "sentencepiece" and not ckpt.chat_template else (ckpt.chat_template or "(none)")
     return out
