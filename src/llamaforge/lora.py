@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .fileio import atomic_write
@@ -260,7 +261,6 @@ def save_adapter(model: nn.Module, directory: str | Path, *, base_model: str | N
 def save_adapter_tensors(state: dict[str, torch.Tensor], args, config: LoraConfig, directory: str | Path, *,
                          base_model: str | None = None) -> Path:
     """save_adapter from a state dict (what a distributed trainer gathers) rather than a live model."""
-    from safetensors.torch import save_file
     tensors = to_peft_tensors(state, args)
     if not tensors:
         raise ValueError("no LoRA tensors to save")
@@ -298,7 +298,6 @@ def read_adapter(directory: str | Path) -> tuple[LoraConfig, dict[str, torch.Ten
                         dropout=float(cfg.get("lora_dropout", 0.0)), targets=tuple(targets),
                         extra={k: v for k, v in cfg.items() if k in ("base_model_name_or_path",)})
     if w_file.is_file():
-        from safetensors.torch import load_file
         tensors = load_file(str(w_file))
     elif (d / "adapter_model.bin").is_file():
         tensors = torch.load(d / "adapter_model.bin", map_location="cpu", weights_only=True)
