@@ -84,3 +84,46 @@ def test_prompt_longer_than_context_is_a_clear_error():
     small = Llama.load(max_seq_len=64)
     with pytest.raises(ContextOverflow, match="context window is 64"):
         small.complete("word " * 200, max_tokens=4)
+
+
+@pytest.fixture
+def tiny_q8(make_checkpoint, tiny_tokenizer):
+    path, _ = make_checkpoint("gguf", tokenizer=tiny_tokenizer, qtype="q8_0")
+    return path
+
+
+def _wq(llm):
+    return llm.model.layers[0].attention.wq
+
+
+def test_weights_and_quantize_options(tiny_q8):
+    """weights= picks blocks or float; quantize= repacks float weights; the old spellings warn and mean the same."""
+    from torch import nn
+
+    from llamaforge.quant import Int8Linear
+
+    ids = list(range(1, 9))
+    blocks = Llama.load(tiny_q8)
+    flt = Llama.load(tiny_q8, weights="float")
+    assert not isinstance(_wq(blocks), nn.Linear)              # computes from the GGUF's blocks
+    assert isinstance(_wq(flt), nn.Linear) and _wq(flt).weight.dtype == torch.float32
+    torch.testing.assert_close(blocks.logits(ids), flt.logits(ids), atol=2e-3, rtol=0)
+    with pytest.warns(DeprecationWarning, match="weights='float'"):
+        old_float = Llama.load(tiny_q8, quantize=None)
+    assert isinstance(_wq(old_float), nn.Linear)
+    torch.testing.assert_close(old_float.logits(ids), flt.logits(ids))
+    with pytest.warns(DeprecationWarning, match="weights='blocks'"):
+        old_auto = Llama.load(tiny_q8, quantize="auto")
+    torch.testing.assert_close(old_auto.logits(ids), blocks.logits(ids))
+    assert isinstance(_wq(Llama.load(tiny_q8, quantize="int8")), Int8Linear)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"weights": "blocks", "quantize": "int8"}, "quantize repacks float weights"),
+    ({"weights": "packed"}, "weights must be one of blocks, float"),
+    ({"quantize": "int3"}, "quantize must be None, int8 or int4"),
+    ({"dtype": "float64"}, "dtype 'float64' is not one of float32, bfloat16, float16"),
+])
+def test_bad_load_options_are_clear_errors(tiny_q8, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Llama.load(tiny_q8, **kwargs)
