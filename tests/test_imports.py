@@ -2,7 +2,7 @@
 every module imports on its own and in reverse order in fresh interpreters."""
 from __future__ import annotations
 
-import ast
+import importlib.util
 import os
 import subprocess
 import sys
@@ -10,86 +10,20 @@ from pathlib import Path
 
 import llamaforge
 
+# the graph code lives with the script that draws it (docs/architecture.png)
+_spec = importlib.util.spec_from_file_location("module_graph", Path(__file__).resolve().parents[1] / "scripts" / "module_graph.py")
+module_graph = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(module_graph)
 PKG = Path(llamaforge.__file__).resolve().parent
+cycles = module_graph.cycles
 
 
 def modules() -> dict[str, Path]:
-    """Dotted name -> file of every module of the package (packages by their __init__.py)."""
-    out = {}
-    for p in sorted(PKG.rglob("*.py")):
-        rel = p.relative_to(PKG.parent).with_suffix("")
-        parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
-        if parts[-1] != "__main__":   # runs the CLI when imported, by design
-            out[".".join(parts)] = p
-    return out
+    return module_graph.modules(PKG)
 
 
 def import_graph() -> dict[str, set[str]]:
-    """Module -> the package's modules it imports anywhere in its file (function bodies included).
-
-    A package counts as its __init__.py; a module's implicit import of the packages it sits in is
-    not an edge (Python runs a package's __init__ before any of its submodules).
-    """
-    mods = modules()
-    graph: dict[str, set[str]] = {m: set() for m in mods}
-    for name, path in mods.items():
-        base = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            targets: list[str] = []
-            if isinstance(node, ast.Import):
-                targets = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom):
-                prefix = base[:len(base) - node.level + 1] if node.level else []
-                mod = ".".join(prefix + ([node.module] if node.module else []))
-                targets = [f"{mod}.{a.name}" if f"{mod}.{a.name}" in mods else mod for a in node.names]
-            for t in targets:
-                while t and t not in mods and "." in t:
-                    t = t.rsplit(".", 1)[0]
-                if t in mods and t != name and not name.startswith(t + "."):
-                    graph[name].add(t)
-    return graph
-
-
-def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
-    """Strongly connected components with more than one module (Tarjan, iterative)."""
-    index: dict[str, int] = {}
-    low: dict[str, int] = {}
-    stack: list[str] = []
-    on_stack: set[str] = set()
-    out: list[list[str]] = []
-    for root in graph:
-        if root in index:
-            continue
-        work = [(root, iter(sorted(graph[root])))]
-        index[root] = low[root] = len(index)
-        stack.append(root)
-        on_stack.add(root)
-        while work:
-            v, children = work[-1]
-            w = next(children, None)
-            if w is not None:
-                if w not in index:
-                    index[w] = low[w] = len(index)
-                    stack.append(w)
-                    on_stack.add(w)
-                    work.append((w, iter(sorted(graph[w]))))
-                elif w in on_stack:
-                    low[v] = min(low[v], index[w])
-                continue
-            work.pop()
-            if work:
-                low[work[-1][0]] = min(low[work[-1][0]], low[v])
-            if low[v] == index[v]:
-                comp = []
-                while True:
-                    w = stack.pop()
-                    on_stack.discard(w)
-                    comp.append(w)
-                    if w == v:
-                        break
-                if len(comp) > 1:
-                    out.append(sorted(comp))
-    return out
+    return module_graph.import_graph(PKG)
 
 
 def test_cycle_finder_finds_a_planted_cycle():
