@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from llamaforge.cards import CARD_JSON, CARD_MD, DIMENSIONS, OPENNESS_MD, card, openness_report, write_model_card
+from llamaforge.cards import CARD_JSON, CARD_MD, OPENNESS_MD, card, write_model_card
+from llamaforge.openness import DIMENSIONS, openness_report
 
 
 def _data(tmp_path):
