@@ -1,8 +1,8 @@
 """Weight-only quantization: swap a model's Linears for packed int8 / int4 modules.
 
 `quantize_model(model, "int4")` quantizes float weights; GGUF files whose tensors are already
-block-quantized are repacked without a float detour by `repack.load_packed` (``Llama.load(...,
-quantize="auto")``).
+block-quantized are loaded without a float detour by `repack.load_packed` (``Llama.load(...,
+weights="blocks")``, the default).
 """
 from __future__ import annotations
 
