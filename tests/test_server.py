@@ -424,3 +424,7 @@ def test_guard_moderates_the_model_output(llm):
         done = list(c.completions.create(model=MODEL, prompt="The sky is", max_tokens=4, stream=True))
         assert "".join(ch.choices[0].text for ch in done) == "blocked: O3: Criminal Planning"
         assert done[-1].choices[0].finish_reason == "content_filter"
+        # not streamed: the same finish_reason as chat (it used to keep the model's own reason)
+        whole = c.completions.create(model=MODEL, prompt="The sky is", max_tokens=4)
+        assert whole.choices[0].text == "blocked: O3: Criminal Planning"
+        assert whole.choices[0].finish_reason == "content_filter"

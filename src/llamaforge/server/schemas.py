@@ -1,0 +1,114 @@
+"""OpenAI's request bodies and error shape: what a request may say, and how a refusal is worded.
+
+Errors always take OpenAI's shape, {"error": {"message", "type", "code", "param"}}.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's shape."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", code: str | None = None,
+                 param: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.code, self.param = status, message, type, code, param
+        self.headers = headers
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "code": self.code, "param": self.param}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+class ClientGone(Exception):
+    """The client closed the connection before the answer was complete."""
+
+
+def validation_error(errors: list[dict[str, Any]]) -> APIError:
+    """The 400 for a body FastAPI could not parse or validate (pydantic's error list)."""
+    if any(err.get("type") == "json_invalid" for err in errors):
+        detail = errors[0].get("ctx", {}).get("error", "")
+        return APIError(400, f"the request body is not valid JSON: {detail}".rstrip(": "))
+    first = errors[0] if errors else {}
+    # drop pydantic's union-branch tags ("stop.str", "prompt.list[int]") from the field path
+    where = ".".join(str(x) for x in first.get("loc", ())[1:]
+                     if str(x) not in ("str", "int", "float", "bool") and "[" not in str(x)) or "body"
+    return APIError(400, f"{where}: {first.get('msg', 'invalid request')}", param=where)
+
+
+# -- request bodies (unknown fields are accepted and ignored, as OpenAI clients send many) ------
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class Sampling(_Body):
+    """The generation options both generation routes take."""
+    model: str | None = None
+    max_tokens: int | None = Field(default=None, ge=0)
+    temperature: float = Field(default=1.0, ge=0, le=2)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    top_k: int = Field(default=0, ge=0)                 # llama.cpp extensions
+    min_p: float = Field(default=0.0, ge=0, lt=1)
+    repetition_penalty: float = Field(default=1.0, gt=0)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    n: int = Field(default=1, ge=1)
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+
+    @property
+    def include_usage(self) -> bool:
+        return bool((self.stream_options or {}).get("include_usage"))
+
+
+class CompletionRequest(Sampling):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(default=16, ge=0)    # OpenAI's default for completions
+    echo: bool = False
+    logprobs: int | None = Field(default=None, ge=0, le=20)
+
+
+class ChatRequest(Sampling):
+    messages: list[dict[str, Any]] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=0)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    response_format: dict[str, Any] | None = None
+
+
+class TokenizeRequest(_Body):
+    model: str | None = None
+    prompt: str | None = None
+    content: str | None = None                          # llama.cpp's name for prompt
+    messages: list[dict[str, Any]] | None = None
+    add_special_tokens: bool = True
+
+
+class DetokenizeRequest(_Body):
+    model: str | None = None
+    tokens: list[int]
+
+
+def message_text(m: dict[str, Any]) -> dict[str, Any]:
+    """A chat message with list-of-parts content flattened to text (only text parts are understood)."""
+    content = m.get("content")
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text":
+                raise APIError(400, "only text content parts are supported", param="messages")
+            texts.append(str(part.get("text", "")))
+        m = {**m, "content": "".join(texts)}
+    elif content is None:
+        m = {**m, "content": ""}
+    elif not isinstance(content, str):
+        raise APIError(400, "message content must be a string or a list of text parts", param="messages")
+    return m
