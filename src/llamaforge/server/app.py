@@ -23,6 +23,7 @@ from ..api import Llama
 from ..commands import _quantize
 from ..paths import default_model_path
 from ..safety.guard import Guard
+from .gate import MAX_BODY, Gate
 from .routes import WEB, open_routes, router
 from .schemas import APIError, ClientGone, validation_error
 from .service import Server
@@ -31,11 +32,12 @@ DEFAULT_CTX = 2048          # KV cache per slot when --ctx is not given (the cac
 
 
 def create_app(llm, *, model_id: str | None = None, api_key: str | None = None, max_batch: int = 8,
-               ctx: int | None = None, max_queue: int = 64, guard=None) -> FastAPI:
+               ctx: int | None = None, max_queue: int = 64, guard=None, max_body: int = MAX_BODY,
+               threads: int | None = None) -> FastAPI:
     """The FastAPI app serving `llm` (a llamaforge.api.Llama); the scheduler runs while the app does."""
     ctx = min(ctx or DEFAULT_CTX, llm.args.max_seq_len)
     srv = Server(llm, model_id=model_id or "llamaforge", api_key=api_key, max_batch=max_batch, ctx=ctx,
-                 max_queue=max_queue, guard=guard)
+                 max_queue=max_queue, guard=guard, threads=threads)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -50,6 +52,7 @@ def create_app(llm, *, model_id: str | None = None, api_key: str | None = None, 
     app.include_router(open_routes)
     app.include_router(router)
     app.mount("/static", StaticFiles(directory=WEB), name="static")
+    app.add_middleware(Gate, server=srv, max_body=max_body)
     _error_handlers(app, srv)
     return app
 
@@ -109,7 +112,8 @@ def _on_a_passing_thread(fn):
 
 def serve(*, model: str | None = None, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           max_batch: int = 8, ctx: int | None = None, max_queue: int = 64, guard: bool = False,
-          quantize: Literal["auto", "none", "int8", "int4"] = "auto") -> int:
+          quantize: Literal["auto", "none", "int8", "int4"] = "auto", max_body: int = MAX_BODY,
+          threads: int | None = None) -> int:
     """Serve a model over an OpenAI-compatible HTTP API with continuous batching and a web chat page at /.
 
     model: checkpoint (Meta folder, HF folder or .gguf); the bundled SmolLM2 when omitted
@@ -121,6 +125,8 @@ def serve(*, model: str | None = None, host: str = "127.0.0.1", port: int = 8000
     max_queue: requests that may wait for a slot; beyond it the server answers 429
     guard: moderate user input and model output with llamaforge's guard
     quantize: auto computes with a GGUF's quantized blocks (native kernels); none dequantizes to float32; int8/int4 repack any checkpoint for PyTorch's kernels
+    max_body: largest request body in bytes; larger ones get 413
+    threads: CPU threads for the model (default: torch's, i.e. the cores or OMP_NUM_THREADS)
     """
     if not 0 < port < 65536:
         raise ValueError(f"port {port} is not in 1..65535")
@@ -128,6 +134,10 @@ def serve(*, model: str | None = None, host: str = "127.0.0.1", port: int = 8000
         raise ValueError("max_batch must be >= 1")
     if ctx is not None and ctx < 2:
         raise ValueError("ctx must be >= 2")
+    if max_body < 1:
+        raise ValueError("max_body must be >= 1")
+    if threads is not None and threads < 1:
+        raise ValueError("threads must be >= 1")
     if quantize not in ("auto", "none", "int8", "int4", None):
         raise ValueError(f"quantize must be auto, none, int8 or int4 (got {quantize!r})")
     checker = None
@@ -137,7 +147,7 @@ def serve(*, model: str | None = None, host: str = "127.0.0.1", port: int = 8000
     llm = _on_a_passing_thread(lambda: Llama.load(path, quantize=_quantize(quantize), progress=True))
     model_id = path.stem if path.is_file() else path.name
     app = create_app(llm, model_id=model_id, api_key=api_key, max_batch=max_batch, ctx=ctx, max_queue=max_queue,
-                     guard=checker)
+                     guard=checker, max_body=max_body, threads=threads)
     srv = app.state.server
     print(f"llamaforge: serving {model_id!r} on http://{host}:{port}  (batch {max_batch}, context "
           f"{srv.scheduler.max_seq}, queue {max_queue}{', guarded' if checker else ''})", flush=True)

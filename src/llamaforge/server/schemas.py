@@ -7,7 +7,12 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from ..sampling import SEED_MAX, SEED_MIN
+
+MAX_STOP = 16               # stop strings per request
+MAX_STOP_CHARS = 256        # characters per stop string (each is searched for after every token)
 
 
 class APIError(Exception):
@@ -43,8 +48,34 @@ def validation_error(errors: list[dict[str, Any]]) -> APIError:
 
 
 # -- request bodies (unknown fields are accepted and ignored, as OpenAI clients send many) ------
+def check_unicode(value: Any, where: str = "body") -> None:
+    """Refuse text JSON can carry but UTF-8 cannot: lone surrogates such as "\\ud800"."""
+    todo = [value]          # a stack, not recursion: JSON may nest deeper than Python recurses
+    while todo:
+        v = todo.pop()
+        if isinstance(v, str):
+            if not v.isascii():
+                try:
+                    v.encode("utf-8")
+                except UnicodeEncodeError as e:
+                    raise ValueError(f"{where} contains a lone surrogate (U+{ord(v[e.start]):04X}); "
+                                     "text must be valid Unicode") from None
+        elif isinstance(v, dict):
+            todo.extend(v.keys())
+            todo.extend(v.values())
+        elif isinstance(v, list):
+            todo.extend(x for x in v if not isinstance(x, int))
+
+
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    # strict: JSON types as written (true is not 1, 5.0 is not 5, "1" is not a number); no NaN/inf
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _valid_unicode(self):
+        for name in type(self).model_fields:
+            check_unicode(getattr(self, name), name)
+        return self
 
 
 class Sampling(_Body):
@@ -56,7 +87,7 @@ class Sampling(_Body):
     top_k: int = Field(default=0, ge=0)                 # llama.cpp extensions
     min_p: float = Field(default=0.0, ge=0, lt=1)
     repetition_penalty: float = Field(default=1.0, gt=0)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
     stop: str | list[str] | None = None
     n: int = Field(default=1, ge=1)
     stream: bool = False
@@ -67,6 +98,14 @@ class Sampling(_Body):
     @property
     def include_usage(self) -> bool:
         return bool((self.stream_options or {}).get("include_usage"))
+
+    def stop_strings(self) -> tuple[str, ...]:
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if len(stop) > MAX_STOP:
+            raise APIError(400, f"at most {MAX_STOP} stop strings", param="stop")
+        if any(len(s) > MAX_STOP_CHARS for s in stop):
+            raise APIError(400, f"a stop string may have at most {MAX_STOP_CHARS} characters", param="stop")
+        return tuple(stop)
 
 
 class CompletionRequest(Sampling):
@@ -82,6 +121,12 @@ class ChatRequest(Sampling):
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     response_format: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self):
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
 
 
 class TokenizeRequest(_Body):
@@ -107,8 +152,6 @@ def message_text(m: dict[str, Any]) -> dict[str, Any]:
                 raise APIError(400, "only text content parts are supported", param="messages")
             texts.append(str(part.get("text", "")))
         m = {**m, "content": "".join(texts)}
-    elif content is None:
-        m = {**m, "content": ""}
     elif not isinstance(content, str):
         raise APIError(400, "message content must be a string or a list of text parts", param="messages")
     return m
