@@ -77,6 +77,7 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0, min_
         sorted_logits, idx = torch.sort(logits, descending=True)
         cum = torch.softmax(sorted_logits, -1).cumsum(-1)
         drop = cum - torch.softmax(sorted_logits, -1) >= top_p   # keep the smallest prefix reaching top_p
+        drop[0] = False   # and always the most likely token (a top_p below float32's range rounds to 0)
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, idx, drop), float("-inf"))
     return logits
 

@@ -4,10 +4,10 @@ Errors always take OpenAI's shape, {"error": {"message", "type", "code", "param"
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, model_validator
 
 from ..sampling import SEED_MAX, SEED_MIN
 
@@ -63,8 +63,8 @@ def check_unicode(value: Any, where: str = "body") -> None:
         elif isinstance(v, dict):
             todo.extend(v.keys())
             todo.extend(v.values())
-        elif isinstance(v, list):
-            todo.extend(x for x in v if not isinstance(x, int))
+        elif isinstance(v, list) and not all(type(x) is int for x in v):   # token ids: nothing to see
+            todo.extend(v)
 
 
 class _Body(BaseModel):
@@ -108,8 +108,24 @@ class Sampling(_Body):
         return tuple(stop)
 
 
+def _prompt(v: Any) -> Any:
+    """A completions prompt: a string, a list of strings, a list of token ids, or a list of lists of
+    ids. Checked in one pass (pydantic's union would list an error per element of a million ids)."""
+    if isinstance(v, str):
+        return v
+    if isinstance(v, list):
+        first = v[0] if v else ""
+        if isinstance(first, str) and all(isinstance(x, str) for x in v):
+            return v
+        if type(first) is int and all(type(x) is int for x in v):
+            return v
+        if isinstance(first, list) and all(isinstance(x, list) and all(type(t) is int for t in x) for x in v):
+            return v
+    raise ValueError("prompt must be a string, a list of strings, a list of token ids or a list of lists of token ids")
+
+
 class CompletionRequest(Sampling):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: Annotated[Any, PlainValidator(_prompt)]
     max_tokens: int | None = Field(default=16, ge=0)    # OpenAI's default for completions
     echo: bool = False
     logprobs: int | None = Field(default=None, ge=0, le=20)
