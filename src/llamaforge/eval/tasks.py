@@ -22,7 +22,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import random
 import re
 from dataclasses import dataclass
@@ -31,13 +30,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-REPO_ROOT = Path(__file__).resolve().parents[3]
-
-
-def data_root() -> Path:
-    """The shared data folder: $LLAMAFORGE_DATA, else ../shared/data next to the repository."""
-    env = os.environ.get("LLAMAFORGE_DATA")
-    return Path(env) if env else REPO_ROOT.parent / "shared" / "data"
+from ..paths import data_dir
+from ..safety.guard import Guard
+from ..safety.training.command import evaluate_shipped
 
 
 @dataclass(frozen=True)
@@ -90,7 +85,7 @@ class Task:
             return p
         if self.default_file is None:
             raise FileNotFoundError(f"{self.name}: no data file is shipped; pass --data FILE ({self.file_format})")
-        p = data_root() / self.default_file
+        p = data_dir() / self.default_file
         if not p.is_file():
             raise FileNotFoundError(f"{self.name}: default data {p} not found; pass --data FILE ({self.file_format})")
         return p
@@ -335,7 +330,7 @@ class GSM8K(Task):
         rows = rows[:cfg.limit] if cfg.limit else rows
         train: list[dict] = []
         if cfg.shots:
-            tp = data_root() / self.train_file
+            tp = data_dir() / self.train_file
             if not tp.is_file():
                 raise FileNotFoundError(f"gsm8k: few-shot examples come from {tp}, which is missing")
             train = self.load(tp)
@@ -402,10 +397,6 @@ def read_csv(path: Path) -> list[dict]:
 
 def load_guard():
     """The project's default guard, or (None, reason) when it is not available."""
-    try:
-        from ..safety.guard import Guard
-    except ImportError as e:
-        return None, f"guard not available ({e})"
     try:
         return Guard.load(), None
     except Exception as e:   # a guard that cannot load must not stop the refusal measurement
@@ -544,7 +535,7 @@ class GuardHeldOut(Task):
     """The default guard on its held-out split (issue 7's targets): harmful prompts flagged (HarmBench
     and StrongREJECT's imported prompts), hand-written safe-but-scary prompts flagged (XSTest-style
     over-flagging, the held-out focus groups), plain benign questions flagged (GSM8K test,
-    ARC-Challenge). The data is the shared data folder; the split is `safety.train_guard`'s."""
+    ARC-Challenge). The data is the shared data folder; the split is `safety.training.data`'s."""
     name = "guard"
     default_file = "safety"
     file_format = "the shared data folder (with safety/, sft/ and eval/ inside)"
@@ -553,13 +544,12 @@ class GuardHeldOut(Task):
         return False
 
     def resolve_data(self, path: str | None) -> Path:
-        p = Path(path) if path else data_root()
+        p = Path(path) if path else data_dir()
         if not (p / "safety").is_dir():
             raise FileNotFoundError(f"{self.name}: {p}/safety not found; pass --data DIR ({self.file_format})")
         return p
 
     def run(self, lm, path, cfg):
-        from ..safety.train_guard import evaluate_shipped
         fig = evaluate_shipped(path)
         m: dict[str, Any] = {"threshold": fig["threshold"]}
         for key in ("harmful_flagged", "hard_benign_flagged", "plain_benign_flagged"):
