@@ -5,7 +5,7 @@ overrides (the flags given on the command line), each later source winning. YAML
 names; a nested dataclass field (``train``) takes a mapping (``train: {lr: 3e-4}``) or its fields
 may be written flat (``lr: 3e-4``) when no other field has that name. Overrides use dotted names
 (``{"train.lr": 3e-4}``). Fields whose metadata has ``path=True`` are read relative to the YAML
-file, so a config works from any directory.
+file, so a config works from any directory; fields marked ``internal=True`` are set by code only.
 """
 from __future__ import annotations
 
@@ -27,6 +27,8 @@ def walk(cls: type, prefix: str = "") -> Iterator[tuple[str, dataclasses.Field, 
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
+        if f.metadata.get("internal"):
+            continue
         if dataclasses.is_dataclass(tp):
             yield from walk(tp, prefix + f.name + ".")
         else:
@@ -104,8 +106,23 @@ def _make(cls: type, values: dict[str, Any], prefix: str):
             given = {k[len(sub):]: v for k, v in values.items() if k.startswith(sub)}
             kwargs[f.name] = dataclasses.replace(base, **given) if given else base
         elif prefix + f.name in values:
-            kwargs[f.name] = values[prefix + f.name]
+            kwargs[f.name] = _coerce(prefix + f.name, values[prefix + f.name], tp)
     return cls(**kwargs)
+
+
+def _coerce(name: str, value: Any, tp: Any) -> Any:
+    """YAML reads ``3e-4`` as a string and ``1`` where a float is meant: numbers become the field's type."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    base = args[0] if len(args) == 1 and typing.get_origin(tp) is not list else tp
+    if value is None or base not in (int, float) or isinstance(value, bool):
+        return value
+    try:
+        number = base(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"option {name}: {value!r} is not a{'n int' if base is int else ' number'}") from None
+    if base is int and number != float(value):
+        raise ValueError(f"option {name}: {value!r} is not an int")
+    return number
 
 
 def changed(obj: Any) -> dict[str, Any]:
