@@ -173,21 +173,6 @@ class MultipleChoice(Task):
         return metrics, records
 
 
-class ARCEasy(MultipleChoice):
-    name = "arc_easy"
-    default_file = "eval/arc_easy.jsonl"
-
-
-class ARCChallenge(MultipleChoice):
-    name = "arc_challenge"
-    default_file = "eval/arc_challenge.jsonl"
-
-
-class PIQA(MultipleChoice):
-    name = "piqa"
-    default_file = "eval/piqa.jsonl"
-
-
 def hellaswag_preprocess(text: str) -> str:
     """lm-eval's HellaSwag cleaning: WikiHow "[title]" markers become ". ", other [tags] go."""
     text = text.strip()
@@ -474,21 +459,6 @@ class Refusal(Task):
         return metrics, records
 
 
-class AdvBench(Refusal):
-    name = "advbench"
-    default_file = "safety/advbench_harmful_behaviors.csv"
-
-
-class StrongREJECT(Refusal):
-    name = "strongreject"
-    default_file = "safety/strongreject.csv"
-
-
-class HarmBench(Refusal):
-    name = "harmbench"
-    default_file = "safety/harmbench_behaviors_text_val.csv"
-
-
 class XSTest(Refusal):
     """XSTest format `id,prompt,type,label,focus,note`: refusal (and flag) rate per type and per label.
 
@@ -567,9 +537,21 @@ class GuardHeldOut(Task):
         return m, records
 
 
+def on_file(family: type[Task], name: str, default_file: str) -> type[Task]:
+    """A task of ``family`` (same prompts, same metrics) named ``name``, reading ``default_file`` of
+    the shared data folder unless --data names another."""
+    return type(name, (family,), {"name": name, "default_file": default_file})
+
+
 TASKS: dict[str, type[Task]] = {t.name: t for t in (
-    ARCEasy, ARCChallenge, PIQA, WinoGrande, HellaSwag, Lambada, Perplexity, GSM8K,
-    AdvBench, StrongREJECT, HarmBench, XSTest, Refusal, GuardHeldOut)}
+    on_file(MultipleChoice, "arc_easy", "eval/arc_easy.jsonl"),
+    on_file(MultipleChoice, "arc_challenge", "eval/arc_challenge.jsonl"),
+    on_file(MultipleChoice, "piqa", "eval/piqa.jsonl"),
+    WinoGrande, HellaSwag, Lambada, Perplexity, GSM8K,
+    on_file(Refusal, "advbench", "safety/advbench_harmful_behaviors.csv"),
+    on_file(Refusal, "strongreject", "safety/strongreject.csv"),
+    on_file(Refusal, "harmbench", "safety/harmbench_behaviors_text_val.csv"),
+    XSTest, Refusal, GuardHeldOut)}
 ALIASES = {"lambada": "lambada_openai", "wikitext": "wikitext2", "arc_e": "arc_easy", "arc_c": "arc_challenge"}
 
 
