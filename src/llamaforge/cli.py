@@ -182,8 +182,10 @@ def main(argv: list[str] | None = None) -> int:
             continue
         try:
             fn = _resolve(spec)
-        except (ImportError, AttributeError) as e:
-            sub.add_parser(name, help=f"(unavailable: {e})")
+        except ModuleNotFoundError as e:
+            if (e.name or "").split(".")[0] == "llamaforge":
+                raise   # a broken project module is a bug, not a missing optional dependency
+            sub.add_parser(name, help=f"(unavailable: {e})")   # e.g. `serve` without fastapi
             continue
         doc = inspect.getdoc(fn) or ""
         sp = sub.add_parser(name, help=doc.split("\n")[0], description=doc.split("\n\n")[0])
