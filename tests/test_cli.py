@@ -76,7 +76,7 @@ def test_dataclass_options_expand_into_flags_over_a_yaml_file(tmp_path):
         parser.parse_args(["--train.output", "x"])   # set from --output, not a flag of its own
 
 
-def test_data_dir_follows_the_variable_and_names_both_places_when_missing(tmp_path, monkeypatch):
+def test_data_dir_follows_the_variable_and_fails_clearly_when_it_is_wrong(tmp_path, monkeypatch):
     from llamaforge import paths
     monkeypatch.setenv("LLAMAFORGE_DATA", str(tmp_path))
     assert paths.data_dir() == tmp_path

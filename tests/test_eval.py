@@ -13,7 +13,8 @@ import torch
 
 from llamaforge.eval import harness, tasks
 from llamaforge.eval.harness import LM, run_evaluation
-from llamaforge.eval.tasks import Choice, gsm8k_answers, hellaswag_preprocess, is_refusal, mc_metrics
+from llamaforge.eval.safety_tasks import is_refusal
+from llamaforge.eval.tasks import Choice, gsm8k_answers, hellaswag_preprocess, mc_metrics
 
 from conftest import tiny_model
 

@@ -21,7 +21,8 @@ from ..api import Llama
 from ..fileio import atomic_write_json
 from ..generate import Batch
 from ..sampling import SamplingParams
-from .tasks import RunConfig, get_task
+from .base import RunConfig
+from .tasks import get_task
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 
 from ..api import Llama
 from .encoder import MiniLM
-from .head import HEAD_FILE, META_FILE, Head
+from .head import HEAD_FILE, META_FILE, Head  # noqa: F401  (META_FILE: the guard's files are named here too)
 from .lmfeatures import LMFeatures
 from .policy import (AUP_URL, DEFAULT_CATEGORIES, LLAMA_GUARD_V1, Category, Role, category_map,
                      conversation_turns, make_categories, parse_output, render_prompt)
