@@ -282,15 +282,16 @@ def on_file(family: type[Task], name: str, default_file: str) -> type[Task]:
     return type(name, (family,), {"name": name, "default_file": default_file})
 
 
+ARCEasy = on_file(MultipleChoice, "arc_easy", "eval/arc_easy.jsonl")
+ARCChallenge = on_file(MultipleChoice, "arc_challenge", "eval/arc_challenge.jsonl")
+PIQA = on_file(MultipleChoice, "piqa", "eval/piqa.jsonl")
+AdvBench = on_file(Refusal, "advbench", "safety/advbench_harmful_behaviors.csv")
+StrongREJECT = on_file(Refusal, "strongreject", "safety/strongreject.csv")
+HarmBench = on_file(Refusal, "harmbench", "safety/harmbench_behaviors_text_val.csv")
+
 TASKS: dict[str, type[Task]] = {t.name: t for t in (
-    on_file(MultipleChoice, "arc_easy", "eval/arc_easy.jsonl"),
-    on_file(MultipleChoice, "arc_challenge", "eval/arc_challenge.jsonl"),
-    on_file(MultipleChoice, "piqa", "eval/piqa.jsonl"),
-    WinoGrande, HellaSwag, Lambada, Perplexity, GSM8K,
-    on_file(Refusal, "advbench", "safety/advbench_harmful_behaviors.csv"),
-    on_file(Refusal, "strongreject", "safety/strongreject.csv"),
-    on_file(Refusal, "harmbench", "safety/harmbench_behaviors_text_val.csv"),
-    XSTest, Refusal, GuardHeldOut)}
+    ARCEasy, ARCChallenge, PIQA, WinoGrande, HellaSwag, Lambada, Perplexity, GSM8K,
+    AdvBench, StrongREJECT, HarmBench, XSTest, Refusal, GuardHeldOut)}
 ALIASES = {"lambada": "lambada_openai", "wikitext": "wikitext2", "arc_e": "arc_easy", "arc_c": "arc_challenge"}
 
 
