@@ -172,7 +172,7 @@ def test_quantize_command_runs_in_llama_cpp(qtype, tmp_path, tiny_tokenizer, tra
     pytest.importorskip("llama_cpp", reason="llama-cpp-python (test-only dependency) is not installed")
     from llamaforge.api import Llama
     from llamaforge.formats import load_checkpoint
-    from llamaforge.quant.convert import quantize
+    from llamaforge.quant.command import quantize
     src = trained_tiny_hf
     out = tmp_path / f"tiny-{qtype}.gguf"
     assert quantize(str(src), type=qtype, output=str(out)) == 0
@@ -194,7 +194,7 @@ def test_quantize_command_runs_in_llama_cpp(qtype, tmp_path, tiny_tokenizer, tra
 
 
 def test_quantize_command_bad_input(tmp_path):
-    from llamaforge.quant.convert import quantize
+    from llamaforge.quant.command import quantize
     with pytest.raises(ValueError, match="type"):
         quantize(str(tmp_path), type="q3_x", output=str(tmp_path / "a.gguf"))
     with pytest.raises(ValueError, match=".gguf"):
