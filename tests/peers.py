@@ -3,10 +3,9 @@
 A segfault or abort inside a peer would otherwise end the whole pytest run and hide every later
 result; here it fails only the test that called it, naming the signal and the peer's last output.
 
-On machines whose CPU reports AMX, llama.cpp builds compiled for that CPU use an AMX weight buffer
-that raises a general protection fault in VMs that report AMX without enabling it (any quantized
-batch > 1). The peer then loads models with ``use_extra_bufts = false`` (llama_model_params: no AMX
-buffer, no CPU weight repacking) and the test output says so; LLAMAFORGE_PEER_AMX=1 keeps AMX.
+On machines whose CPU reports AMX the peer loads models without llama.cpp's AMX buffer
+(``llamaforge.llama_cpp_peer``: VMs that report AMX without enabling it fault there) and the test
+output says so; LLAMAFORGE_PEER_AMX=1 keeps AMX.
 """
 from __future__ import annotations
 
@@ -23,37 +22,10 @@ from typing import Any, Callable
 import numpy as np
 import pytest
 
+from llamaforge.llama_cpp_peer import amx_off, disable_extra_bufts
+
 HAVE_LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
 needs_llama_cpp = pytest.mark.skipif(not HAVE_LLAMA_CPP, reason="llama-cpp-python (test-only peer) is not installed")
-
-
-def cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
-
-
-def amx_disabled() -> bool:
-    """True when the peer runs with llama.cpp's AMX (and repack) buffers turned off."""
-    return bool(cpu_flags() & {"amx_tile", "amx_int8", "amx_bf16"}) and os.environ.get("LLAMAFORGE_PEER_AMX") != "1"
-
-
-def _without_extra_bufts() -> None:
-    """Make every llama_cpp.Llama load with use_extra_bufts = false (the AMX buffer is one of them)."""
-    import llama_cpp.llama_cpp as lib
-    default = lib.llama_model_default_params
-
-    def params():
-        p = default()
-        p.use_extra_bufts = False
-        return p
-
-    lib.llama_model_default_params = params
 
 
 def _child(conn, fn: Callable, args: tuple, kwargs: dict, log: str, no_amx: bool) -> None:
@@ -62,7 +34,7 @@ def _child(conn, fn: Callable, args: tuple, kwargs: dict, log: str, no_amx: bool
     os.dup2(fd, 2)
     try:
         if no_amx:
-            _without_extra_bufts()
+            disable_extra_bufts()
         conn.send(("ok", fn(*args, **kwargs)))
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which fails the test
         conn.send(("error", f"{type(e).__name__}: {e}", traceback.format_exc()))
@@ -74,10 +46,10 @@ def run(fn: Callable[..., Any], *args: Any, timeout: float = 600, **kwargs: Any)
     fn must be importable by name (a module-level function). A child killed by a signal, an
     exception in the child, or a time-out fails the calling test with the reason.
     """
-    no_amx = amx_disabled()
+    no_amx = amx_off()
     if no_amx:
-        warnings.warn("this CPU reports AMX: llama.cpp peer runs with use_extra_bufts=false (AMX path off)",
-                      stacklevel=2)
+        warnings.warn("llama.cpp peer runs with use_extra_bufts=false: AMX path off (the CPU reports AMX, "
+                      "or LLAMAFORGE_PEER_AMX=0)", stacklevel=2)
     ctx = multiprocessing.get_context("spawn")   # no fork of a process that holds torch's threads
     recv, send = ctx.Pipe(duplex=False)
     with tempfile.NamedTemporaryFile(prefix="peer-", suffix=".log", delete=False) as f:
@@ -166,6 +138,12 @@ def llama_cpp_vocab(path: str, texts: list[str], *, add_bos: bool, special: bool
            "bos": llm.token_bos(), "eos": llm.token_eos()}
     llm.close()
     return out
+
+
+def llama_cpp_extra_bufts() -> bool:
+    """Whether llama_cpp.Llama would load with extra buffer types (AMX, repacking) in this child."""
+    import llama_cpp.llama_cpp as lib
+    return bool(lib.llama_model_default_params().use_extra_bufts)
 
 
 def crash(sig: int) -> None:

@@ -322,3 +322,61 @@ def test_peer_crash_fails_only_the_test():
         peers.run(peers.crash, signal.SIGSEGV)
     with pytest.raises(pytest.fail.Exception, match=r"raised FileNotFoundError"):
         peers.run(open, "/nonexistent.gguf")
+
+
+@needs_llama_cpp
+def test_peer_amx_switch(monkeypatch, tmp_path, tiny_tokenizer, trained_tiny_hf):
+    """Where llama.cpp's AMX path would run, the peer loads without it, says so, and still computes."""
+    monkeypatch.setenv("LLAMAFORGE_PEER_AMX", "1")
+    assert peers.run(peers.llama_cpp_extra_bufts) is True
+    out = tmp_path / "tiny-q4_0.gguf"
+    quantize(str(trained_tiny_hf), type="q4_0", output=str(out))
+    ids = tiny_tokenizer.encode("the quick brown fox", bos=True)
+    default = peers.run(peers.llama_cpp_logits, str(out), ids)
+    monkeypatch.setenv("LLAMAFORGE_PEER_AMX", "0")
+    with pytest.warns(UserWarning, match="AMX path off"):
+        assert peers.run(peers.llama_cpp_extra_bufts) is False
+    with pytest.warns(UserWarning, match="AMX path off"):
+        plain = peers.run(peers.llama_cpp_logits, str(out), ids)
+    assert np.allclose(plain, default, atol=1e-2)
+
+
+@pytest.fixture(scope="module")
+def bundled_f32(bundled_gguf, tmp_path_factory):
+    """The bundled SmolLM2 Q4_1 dequantized to an F32 GGUF: the common source of both quantizers."""
+    from llamaforge.formats.gguf import write
+    path = tmp_path_factory.mktemp("smollm-f32") / "smollm2-f32.gguf"
+    write(path, load_checkpoint(bundled_gguf), qtype="f32")
+    return path
+
+
+def _wikitext_ids(tokenizer, n: int) -> list[int]:
+    from llamaforge.eval.tasks import data_root
+    raw = data_root() / "eval" / "wikitext2_test.raw"
+    if not raw.is_file():
+        pytest.skip(f"{raw} not found (shared data)")
+    return tokenizer.encode(raw.read_text(encoding="utf-8")[:20000], bos=True)[:n]
+
+
+def _perplexity(path, ids: list[int]) -> float:
+    llm = Llama.load(path, quantize=None, max_seq_len=len(ids))   # the file's weights, float32 arithmetic
+    logits = llm.logits(ids)
+    return float(torch.exp(F.cross_entropy(logits[:-1], torch.tensor(ids[1:]))))
+
+
+@pytest.mark.slow
+@needs_llama_cpp
+@pytest.mark.parametrize("ftype", ["q4_k_m", "q5_k_m", "q6_k", "q8_0", "q4_0", "q4_1"])
+def test_bundled_quantized_perplexity_matches_llama_cpp(ftype, bundled_f32, tmp_path):
+    """Issue 13 item 5: wikitext-2 perplexity of our file within 1% of llama.cpp's quantizer output
+    for the same F32 source (the full-file figures are in docs/benchmarks.md)."""
+    ours, ref = tmp_path / f"ours-{ftype}.gguf", tmp_path / f"ref-{ftype}.gguf"
+    assert quantize(str(bundled_f32), type=ftype, output=str(ours)) == 0
+    peers.run(peers.llama_cpp_quantize, str(bundled_f32), str(ref), ftype)
+    ids = _wikitext_ids(Llama.load(bundled_f32, quantize=None).tokenizer, 512)
+    p_ours, p_ref = _perplexity(ours, ids), _perplexity(ref, ids)
+    print(f"{ftype}: wikitext-2 slice ({len(ids)} tokens) perplexity ours {p_ours:.4f}, llama.cpp {p_ref:.4f}")
+    assert abs(p_ours / p_ref - 1) < 0.01, (p_ours, p_ref)
+    # in fact the tensors are llama.cpp's, byte for byte
+    a, b = _tensors(ours), _tensors(ref)
+    assert all(np.array_equal(np.asarray(a[n].data).view(np.uint8), np.asarray(b[n].data).view(np.uint8)) for n in a)
