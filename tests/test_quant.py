@@ -261,6 +261,36 @@ def test_type_mix_follows_llama_cpp_rules():
     assert tensor_type("blk.0.attn_norm.weight", (4096,), "q4_k_m", 32, False) == "F32"
 
 
+def test_writer_streams_lazy_tensors(tmp_path, tiny_tokenizer):
+    """The writer asks for one tensor at a time (bench/make_llama_shaped.py writes a 13.5 GB F16 so)."""
+    import weakref
+
+    from llamaforge.config import PRESETS
+    from llamaforge.formats.gguf import write
+    from llamaforge.formats.meta import expected_shapes
+    args = PRESETS["tiny"]
+    alive = []
+
+    class Lazy:
+        def __init__(self, shape, seed):
+            self.shape, self.seed = shape, seed
+
+        def dequantize(self):
+            assert sum(r() is not None for r in alive) <= 1, "more than one float tensor alive"
+            t = torch.randn(self.shape, generator=torch.Generator().manual_seed(self.seed))
+            alive.append(weakref.ref(t))
+            return t
+
+    shapes = expected_shapes(args)
+    out = write(tmp_path / "lazy.gguf", args, {n: Lazy(s, i) for i, (n, s) in enumerate(shapes.items())},
+                tokenizer=tiny_tokenizer, qtype="q8_0")
+    ck = load_checkpoint(out)
+    assert len(alive) == len(shapes)
+    want = torch.randn(shapes["layers.1.attention.wv.weight"], generator=torch.Generator().manual_seed(
+        list(shapes).index("layers.1.attention.wv.weight")))
+    assert rel_err(ck.tensors["layers.1.attention.wv.weight"], want) < 0.01
+
+
 @pytest.fixture(scope="module")
 def f32_source(tmp_path_factory, tiny_tokenizer):
     """An F32 GGUF of random weights whose shapes exercise every rule: 8 layers (use_more_bits),
