@@ -329,6 +329,10 @@ def test_quantize_matches_llama_cpp_quantizer(ftype, f32_source, tmp_path):
         assert np.array_equal(np.asarray(a[name].data).view(np.uint8), np.asarray(b[name].data).view(np.uint8)), name
     if ftype == "q4_k_m":   # the mix is really mixed here
         assert {t.qtype for t in a.values()} == {"F32", "Q4_K", "Q5_0", "Q6_K", "Q8_0"}
+    # and llama.cpp runs our file (metadata and all) exactly as its own
+    ids = list(range(1, 40, 3))
+    want = peers.run(peers.llama_cpp_logits, str(ref), ids)
+    assert np.array_equal(peers.run(peers.llama_cpp_logits, str(ours), ids), want)
 
 
 @needs_llama_cpp
