@@ -56,5 +56,6 @@ def tensor_type(name: str, shape: tuple[int, ...], ftype: str, n_layers: int, ti
         want, new = new, _FALLBACK.get(new, new)
         if cols % block_sizes(new)[0]:
             new = "F16"
-        log.info("%s: %d columns are not a multiple of the %s block; using %s", name, cols, want, new)
+        (log.warning if new == "F16" else log.info)(
+            "%s: %d columns are not a multiple of the %s block; using %s", name, cols, want, new)
     return new
