@@ -267,7 +267,7 @@ def test_writer_streams_lazy_tensors(tmp_path, tiny_tokenizer):
 
     from llamaforge.config import PRESETS
     from llamaforge.formats.gguf import write
-    from llamaforge.formats.meta import expected_shapes
+    from llamaforge.formats.common import expected_shapes
     args = PRESETS["tiny"]
     alive = []
 
@@ -297,7 +297,7 @@ def f32_source(tmp_path_factory, tiny_tokenizer):
     256-wide rows (K-quants) and 384-wide ffn_down rows (K-quant fallbacks)."""
     from llamaforge.config import ModelArgs
     from llamaforge.formats.gguf import write
-    from llamaforge.formats.meta import expected_shapes
+    from llamaforge.formats.common import expected_shapes
     args = ModelArgs(dim=256, n_layers=8, n_heads=4, n_kv_heads=2, hidden_dim=384,
                      vocab_size=tiny_tokenizer.vocab_size, max_seq_len=128)
     tensors = {}
