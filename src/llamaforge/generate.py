@@ -33,7 +33,8 @@ class TokenEvent:
     id: int
     text: str                    # text this token completed (may be "" while a character or stop string is pending)
     logprob: float | None = None
-    finish_reason: str | None = None   # "stop" | "length" on the last event
+    finish_reason: str | None = None   # "stop" | "length" on the last event; "error" with error set
+    error: Exception | None = None     # why this sequence failed (the batch's other sequences go on)
 
 
 _WINDOW = 4   # ids of already-released text decoded again before a new token, for context
@@ -161,6 +162,7 @@ class Batch:
         self.model, self.tok = model, tokenizer
         self.max_seq = min(max_seq or model.args.max_seq_len, model.args.max_seq_len)
         self.cache = model.new_cache(max_batch, self.max_seq)
+        self.size = max_batch
         self.free = list(range(max_batch))   # kept sorted: the lowest slot goes first, so rows stay contiguous
         self.active: list[Sequence] = []
         self.prefill_chunk = prefill_chunk
@@ -174,6 +176,10 @@ class Batch:
     def check_prompt(self, n: int) -> None:
         check_prompt(n, self.max_seq)
 
+    def slot_counts(self) -> tuple[int, int, int]:
+        """(free, busy, total) slots; free + busy == total unless a slot has leaked."""
+        return len(self.free), len(self.active), self.size
+
     @torch.inference_mode()
     def add(self, prompt: Seq[int], params: SamplingParams, stop_ids: Seq[int] | None = None) -> Sequence:
         """Prefill a new sequence into a free slot; its first token is sampled at the next step()."""
@@ -184,10 +190,10 @@ class Batch:
         if stop_ids is None:
             stop_ids = getattr(self.tok, "eog_ids", ()) or ()
         slot, start = self._take_slot(prompt)
-        stream = TextStream(self.tok, params.stop, prompt) if self.tok is not None else None
-        seq = Sequence(prompt, params, slot, stream, make_generator(params.seed),
-                       frozenset() if params.ignore_eos else frozenset(stop_ids), reused=start)
-        try:
+        try:   # from here on, any failure gives the slot back
+            stream = TextStream(self.tok, params.stop, prompt) if self.tok is not None else None
+            seq = Sequence(prompt, params, slot, stream, make_generator(params.seed),
+                           frozenset() if params.ignore_eos else frozenset(stop_ids), reused=start)
             slots = torch.tensor([slot], device=self.device)
             for begin in range(start, len(prompt), self.prefill_chunk):
                 chunk = prompt[begin:begin + self.prefill_chunk]
@@ -270,7 +276,14 @@ class Batch:
         live = [s for s in self.active if not s.finish_reason]
         if not live:
             return []
-        events = [(seq, self._advance(seq, tid)) for seq, tid in zip(live, self._greedy_ids(live))]
+        events = []
+        for seq, tid in zip(live, self._greedy_ids(live)):
+            try:
+                ev = self._advance(seq, tid)
+            except Exception as e:  # noqa: BLE001 - a row's failure ends that row only
+                seq.finish_reason, seq.next_logits = "error", None
+                ev = TokenEvent(-1, "", None, "error", e)
+            events.append((seq, ev))
         if emit is not None:
             emit(events)
         # rows in slot order: when the slots are 0..B-1 the cache is read in place, not gathered
@@ -354,6 +367,8 @@ def generate(model, prompt: Seq[int], params: SamplingParams = SamplingParams(),
         return
     while not seq.finish_reason:
         for _, ev in batch.step():
+            if ev.error is not None:
+                raise ev.error
             yield ev
 
 
@@ -365,5 +380,7 @@ def generate_batch(model, prompts: Seq[Seq[int]], params: SamplingParams | Seq[S
     batch = Batch(model, tokenizer, max_batch=len(prompts), max_seq=min(need, model.args.max_seq_len))
     seqs = [batch.add(p, sp, stop_ids) for p, sp in zip(prompts, plist)]
     while any(not s.finish_reason for s in seqs):
-        batch.step()
+        for _, ev in batch.step():
+            if ev.error is not None:
+                raise ev.error
     return seqs

@@ -68,11 +68,14 @@ class Scheduler:
     """Runs every request through one shared `Batch` on a background thread."""
 
     def __init__(self, model, tokenizer, *, max_batch: int = 8, max_seq: int | None = None, max_queue: int = 64,
-                 prefix_reuse: bool = True):
+                 prefix_reuse: bool = True, threads: int | None = None):
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
         if max_queue < 0:
             raise ValueError("max_queue must be >= 0")
+        if threads is not None and threads < 1:
+            raise ValueError("threads must be >= 1")
+        self.threads = threads
         # the Batch (its KV cache) is made on the scheduler thread, the only one that runs the model
         self._make_batch = lambda: Batch(model, tokenizer, max_batch=max_batch, max_seq=max_seq,
                                          prefix_reuse=prefix_reuse)
@@ -86,6 +89,10 @@ class Scheduler:
         self._cv = threading.Condition()
         self._stop = False
         self._thread: threading.Thread | None = None
+        # batch slots (free, busy, total) and the jobs holding them, as the scheduler thread saw them
+        # between two steps: written there only, in one assignment, so always a consistent snapshot.
+        # Invariants: free + busy == total, busy == jobs.
+        self.slots = {"free": max_batch, "busy": 0, "total": max_batch, "jobs": 0}
 
     @property
     def max_seq(self) -> int:
@@ -124,6 +131,8 @@ class Scheduler:
         # parallel ops its own OpenMP team, and with more team threads than cores its workers stop
         # spinning between ops, which on 2 cores halved decode speed (see docs/serving.md).
         try:
+            if self.threads is not None:   # OpenMP's thread count is per thread: set it on this one
+                torch.set_num_threads(self.threads)
             if self.batch is None:
                 self.batch = self._make_batch()
             ready.append(None)
@@ -145,25 +154,39 @@ class Scheduler:
     # -- called from the event loop ------------------------------------------------------------
     def submit(self, prompt: Seq[int], params: SamplingParams, logits_processor: LogitsProcessor | None = None) -> Job:
         """Queue a request; raises ContextOverflow/ValueError for a bad prompt, QueueFull when saturated."""
-        prompt = [int(t) for t in prompt]
-        self.check_prompt(len(prompt))
-        job = Job(prompt, params, asyncio.get_running_loop(), logits_processor)
+        return self.submit_all([(prompt, params, logits_processor)])[0]
+
+    def submit_all(self, requests: Seq[tuple[Seq[int], SamplingParams, LogitsProcessor | None]]) -> list[Job]:
+        """Queue several requests, all or none: QueueFull (nothing queued) if they do not all fit."""
+        loop = asyncio.get_running_loop()
+        jobs = []
+        for prompt, params, processor in requests:
+            prompt = [int(t) for t in prompt]
+            self.check_prompt(len(prompt))
+            jobs.append(Job(prompt, params, loop, processor))
         with self._cv:
             # free slots take waiting jobs at the next step; beyond them, at most max_queue may wait
-            if len(self._waiting) >= self.max_queue + self.max_batch - self.running:
-                self.stats.rejected_total += 1
+            room = self.max_queue + self.max_batch - self.running - len(self._waiting)
+            if len(jobs) > room:
+                self.stats.rejected_total += len(jobs)
                 raise QueueFull(f"the server is busy: {self.running} requests running and "
-                                f"{len(self._waiting)} waiting (max_queue={self.max_queue}); retry later")
-            self._waiting.append(job)
+                                f"{len(self._waiting)} waiting (max_queue={self.max_queue}); "
+                                f"{len(jobs)} more do not fit; retry later")
+            self._waiting.extend(jobs)
             self._cv.notify()
-        return job
+        return jobs
 
     def cancel(self, job: Job) -> None:
-        """The client went away: free its slot before the next step."""
+        """The client went away: a waiting job leaves the queue now, a running one frees its slot
+        before the next step."""
         if job.cancelled:
             return
         with self._cv:
             job.cancelled = True
+            try:
+                self._waiting.remove(job)
+            except ValueError:
+                pass     # running, being admitted or finished
             self._cv.notify()
 
     async def stream(self, job: Job) -> AsyncIterator[TokenEvent]:
@@ -185,6 +208,7 @@ class Scheduler:
         torch.set_grad_enabled(False)
         while True:
             self._drop_cancelled()   # first, so their slots can take waiting requests right away
+            self._snapshot()
             with self._cv:
                 while not self._stop and not self._waiting and not self._running:
                     self._cv.wait()
@@ -209,7 +233,12 @@ class Scheduler:
             finally:
                 with self._cv:
                     self._admitting = 0
+                self._snapshot()
         self._fail_all(RuntimeError("the server is shutting down"))
+
+    def _snapshot(self) -> None:
+        free, busy, total = self.batch.slot_counts()
+        self.slots = {"free": free, "busy": busy, "total": total, "jobs": len(self._running)}
 
     def _drop_cancelled(self) -> None:
         for key, job in list(self._running.items()):
@@ -258,10 +287,15 @@ class Scheduler:
                 job.first_token = now
                 self.stats.ttft_seconds_total += now - job.submitted
                 self.stats.ttft_count += 1
-            self.stats.generated_tokens_total += 1
             if ev.finish_reason:
                 self.batch.release(seq)
                 del self._running[id(seq)]
+            if ev.error is not None:   # this sequence failed; the others go on
+                self.stats.failed_total += 1
+                out.append((job, ev.error))
+                continue
+            self.stats.generated_tokens_total += 1
+            if ev.finish_reason:
                 self.stats.finished[ev.finish_reason] += 1
             out.append((job, ev))
         self._send_all(out)

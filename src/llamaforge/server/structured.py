@@ -15,6 +15,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
+MAX_SCHEMA_CHARS = 64 * 1024     # a response_format schema, as compact JSON
+
 
 class StructuredOutputError(ValueError):
     """A response_format that cannot be honoured (bad schema, library missing, unsupported tokenizer)."""
@@ -47,10 +49,16 @@ def grammar_for(response_format: dict[str, Any] | None) -> str | None:
         schema = spec.get("schema", {})
     else:
         raise StructuredOutputError(f"response_format type {kind!r} is not one of text, json_object, json_schema")
+    try:
+        text = json.dumps(schema)
+    except (RecursionError, ValueError) as e:
+        raise StructuredOutputError(f"the JSON schema cannot be read: {e}") from e
+    if len(text) > MAX_SCHEMA_CHARS:
+        raise StructuredOutputError(f"the JSON schema has {len(text)} characters; at most {MAX_SCHEMA_CHARS}")
     ll = _llguidance()
     try:
         # compact separators: a small model given free whitespace tends to emit newlines forever
-        grammar = ll.LLMatcher.grammar_from_json_schema(json.dumps(schema), defaults={"whitespace_flexible": False})
+        grammar = ll.LLMatcher.grammar_from_json_schema(text, defaults={"whitespace_flexible": False})
     except Exception as e:  # noqa: BLE001 - the library's message names the problem
         raise StructuredOutputError(f"invalid JSON schema: {e}") from e
     err = ll.LLMatcher.validate_grammar(grammar)

@@ -1,0 +1,149 @@
+"""Response shaping: an answer (`Piece`s) as OpenAI's chat or text-completion objects, whole or as
+server-sent events. Both endpoints share `sse_chunks` and `collect`; a `Shape` says how each
+endpoint words a choice."""
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from typing import Any, AsyncIterator, Callable
+
+from fastapi.responses import StreamingResponse
+
+from .service import Piece
+
+log = logging.getLogger(__name__)
+
+DONE = "data: [DONE]\n\n"
+
+
+def sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+class EventStream(StreamingResponse):
+    """A server-sent-event response that runs on_close however it ends: finished, failed, or its
+    client gone before the first byte (when the chunk generator may never have started, so its own
+    clean-up would not run)."""
+
+    def __init__(self, chunks: AsyncIterator[str], on_close: Callable[[], None]):
+        super().__init__(chunks, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()
+
+
+async def given(*pieces: Piece) -> AsyncIterator[Piece]:
+    """An answer known in advance (a refusal)."""
+    for p in pieces:
+        yield p
+
+
+class Shape:
+    """How one endpoint words an answer: the response head, a streamed choice, a whole choice."""
+    prefix = object_name = chunk_name = ""
+
+    def __init__(self, model_id: str, logprobs: bool):
+        self.head = {"id": f"{self.prefix}-{uuid.uuid4().hex[:24]}", "object": self.object_name,
+                     "created": int(time.time()), "model": model_id}
+        self.logprobs = logprobs
+
+    def response(self, choices: list[dict[str, Any]], usage: dict[str, int]) -> dict[str, Any]:
+        return {**self.head, "choices": choices, "usage": usage}
+
+    def chunk(self, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+        return {**self.head, "object": self.chunk_name, "choices": choices, **extra}
+
+    def opening(self) -> list[dict[str, Any]]:
+        """Streamed choices sent before the answer."""
+        return []
+
+    def delta(self, piece: Piece) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def whole(self, index: int, text: str, tokens: list[dict[str, Any]], reason: str) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+class ChatShape(Shape):
+    prefix, object_name, chunk_name = "chatcmpl", "chat.completion", "chat.completion.chunk"
+
+    def opening(self) -> list[dict[str, Any]]:
+        return [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]
+
+    def delta(self, piece: Piece) -> dict[str, Any]:
+        return {"index": 0, "delta": {"content": piece.text} if piece.text else {},
+                "logprobs": {"content": [piece.token]} if piece.token else None, "finish_reason": piece.finish_reason}
+
+    def whole(self, index: int, text: str, tokens: list[dict[str, Any]], reason: str) -> dict[str, Any]:
+        return {"index": index, "message": {"role": "assistant", "content": text},
+                "logprobs": {"content": tokens} if self.logprobs else None, "finish_reason": reason}
+
+
+class CompletionShape(Shape):
+    prefix, object_name, chunk_name = "cmpl", "text_completion", "text_completion"
+
+    def __init__(self, model_id: str, logprobs: bool, *, top: bool, echo: list[str]):
+        super().__init__(model_id, logprobs)
+        self.top, self.echo = top, echo     # echo: the prompt text put before each choice's answer
+        self._offset = 0                    # streamed: where the next token starts in the answer
+
+    def opening(self) -> list[dict[str, Any]]:
+        first = self.echo[0] if self.echo else ""
+        return [{"index": 0, "text": first, "logprobs": None, "finish_reason": None}] if first else []
+
+    def delta(self, piece: Piece) -> dict[str, Any]:
+        lp = None
+        if piece.token is not None:
+            lp = self._logprobs([piece.token], self._offset)
+            self._offset += len(piece.token["token"])
+        return {"index": 0, "text": piece.text, "logprobs": lp, "finish_reason": piece.finish_reason}
+
+    def whole(self, index: int, text: str, tokens: list[dict[str, Any]], reason: str) -> dict[str, Any]:
+        return {"index": index, "text": (self.echo[index] if self.echo else "") + text,
+                "logprobs": self._logprobs(tokens, 0) if self.logprobs else None, "finish_reason": reason}
+
+    def _logprobs(self, tokens: list[dict[str, Any]], start: int) -> dict[str, Any]:
+        offsets, pos = [], start
+        for t in tokens:
+            offsets.append(pos)
+            pos += len(t["token"])
+        return {"tokens": [t["token"] for t in tokens], "token_logprobs": [t["logprob"] for t in tokens],
+                "top_logprobs": [{e["token"]: e["logprob"] for e in t["top_logprobs"]} for t in tokens]
+                if self.top and tokens else None,
+                "text_offset": offsets}
+
+
+async def sse_chunks(shape: Shape, pieces: AsyncIterator[Piece],
+                     usage: Callable[[], dict[str, int]] | None = None) -> AsyncIterator[str]:
+    """The answer as server-sent events, ending with usage (when asked for) and [DONE]."""
+    for choice in shape.opening():
+        yield sse(shape.chunk([choice]))
+    try:
+        async for piece in pieces:
+            yield sse(shape.chunk([shape.delta(piece)]))
+    except Exception as e:  # noqa: BLE001 - the status line is gone; report the error in the stream
+        log.exception("generation failed")
+        yield sse({"error": {"message": str(e), "type": "server_error", "code": None, "param": None}})
+        yield DONE
+        return
+    if usage is not None:
+        yield sse(shape.chunk([], usage=usage()))
+    yield DONE
+
+
+async def collect(pieces: AsyncIterator[Piece]) -> tuple[str, list[dict[str, Any]], str]:
+    """A whole answer: its text, its tokens' logprob entries, its finish reason."""
+    texts, tokens, reason = [], [], "length"
+    async for piece in pieces:
+        texts.append(piece.text)
+        if piece.token is not None:
+            tokens.append(piece.token)
+        reason = piece.finish_reason or reason
+    return "".join(texts), tokens, reason

@@ -1,0 +1,178 @@
+"""The HTTP routes. Each reads the shared `Server` from the app's state; shaping is in responses.py."""
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import FileResponse, PlainTextResponse
+
+from .metrics import prometheus
+from .responses import ChatShape, CompletionShape, EventStream, collect, given, sse_chunks
+from .schemas import APIError, ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, message_text
+from .service import Piece, Server, TopLogprobs, generated
+from .structured import StructuredOutputError, grammar_for
+
+WEB = Path(__file__).parent / "web"
+
+
+def server(request: Request) -> Server:
+    return request.app.state.server
+
+
+open_routes = APIRouter()
+router = APIRouter()         # /v1/*, /tokenize, /detokenize: behind the API key (gate.py)
+
+
+# -- plain routes ----------------------------------------------------------------------------------
+@open_routes.get("/health")
+async def health(srv: Server = Depends(server)):
+    s = srv.scheduler
+    return {"status": "ok", "model": srv.model_id, "running": s.running, "waiting": s.waiting,
+            "max_batch": s.max_batch, "slots": s.slots}
+
+
+@open_routes.get("/metrics")
+async def metrics(srv: Server = Depends(server)):
+    return PlainTextResponse(prometheus(srv), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+@open_routes.get("/", include_in_schema=False)
+async def index():
+    return FileResponse(WEB / "index.html", headers={"Cache-Control": "no-cache"})
+
+
+@router.get("/v1/models")
+async def models(srv: Server = Depends(server)):
+    return {"object": "list", "data": [{"id": srv.model_id, "object": "model", "created": srv.created,
+                                        "owned_by": "llamaforge", "max_model_len": srv.scheduler.max_seq}]}
+
+
+@router.get("/v1/models/{name:path}")
+async def model(name: str, srv: Server = Depends(server)):
+    srv.check_model(name)
+    return {"id": srv.model_id, "object": "model", "created": srv.created, "owned_by": "llamaforge"}
+
+
+@router.post("/tokenize")
+async def tokenize(body: TokenizeRequest, srv: Server = Depends(server)):
+    srv.check_model(body.model)
+    if body.messages is not None:
+        ids = await srv.encode_chat([message_text(m) for m in body.messages])
+    else:
+        text = body.prompt if body.prompt is not None else body.content
+        if text is None:
+            raise APIError(400, "give 'prompt' (or 'content') or 'messages'", param="prompt")
+        ids = await srv.encode(text, "prompt", bos=bool(srv.tok.add_bos and body.add_special_tokens))
+    return {"tokens": ids, "count": len(ids), "max_model_len": srv.scheduler.max_seq}
+
+
+@router.post("/detokenize")
+async def detokenize(body: DetokenizeRequest, srv: Server = Depends(server)):
+    srv.check_model(body.model)
+    vocab = srv.llm.args.vocab_size
+    if len(body.tokens) > srv.scheduler.max_seq:
+        raise APIError(400, f"at most {srv.scheduler.max_seq} tokens (the context window)", param="tokens")
+    bad = [t for t in body.tokens if not 0 <= t < vocab]
+    if bad:
+        raise APIError(400, f"token ids out of range [0, {vocab}): {bad[:5]}", param="tokens")
+    return {"prompt": srv.tok.decode(body.tokens)}
+
+
+# -- generation ------------------------------------------------------------------------------------
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, request: Request, srv: Server = Depends(server)):
+    srv.check_model(body.model)
+    prompts = await _prompts(srv, body.prompt)
+    if body.stream and len(prompts) > 1:
+        raise APIError(400, "streaming takes a single prompt", param="prompt")
+    want_lp = body.logprobs is not None
+    tops = [TopLogprobs(body.logprobs, srv.tok) if body.logprobs else None for _ in prompts]
+    params = [srv.sampling(body, body.max_tokens, len(ids), want_lp, "prompt") for _, ids in prompts]
+    shape = CompletionShape(srv.model_id, want_lp, top=bool(body.logprobs),
+                            echo=[text for text, _ in prompts] if body.echo else [])
+    refusals = await srv.screen([("User", text) for text, _ in prompts])
+    todo = [i for i, r in enumerate(refusals) if r is None]
+    jobs: list = [None] * len(prompts)
+    for i, job in zip(todo, srv.submit_all([(prompts[i][1], params[i], tops[i]) for i in todo])):
+        jobs[i] = job
+    answers = [given(Piece(refusal, "content_filter")) if job is None else
+               srv.pieces(job, top, want_lp, [{"role": "user", "content": text}])
+               for job, top, refusal, (text, _) in zip(jobs, tops, refusals, prompts)]
+    n_prompt = sum(len(ids) for _, ids in prompts)
+    if body.stream:
+        usage = (lambda: srv.usage(n_prompt, generated(jobs[0]))) if body.include_usage else None
+        return EventStream(sse_chunks(shape, answers[0], usage), lambda: srv.cancel_all(jobs))
+    outs = await _collect_all(srv, request, jobs, answers)
+    choices = [shape.whole(i, *out) for i, out in enumerate(outs)]
+    return shape.response(choices, srv.usage(n_prompt, sum(generated(j) for j in jobs)))
+
+
+@router.post("/v1/chat/completions")
+async def chat(body: ChatRequest, request: Request, srv: Server = Depends(server)):
+    srv.check_model(body.model)
+    messages = [message_text(m) for m in body.messages]
+    ids = await srv.encode_chat(messages)
+    processor = None
+    try:
+        grammar = await asyncio.to_thread(grammar_for, body.response_format)
+        if grammar is not None:
+            processor = await asyncio.to_thread(srv.constrainer.processor, grammar)
+    except StructuredOutputError as e:
+        raise APIError(400, str(e), param="response_format") from e
+    top = TopLogprobs(body.top_logprobs, srv.tok, processor) if body.logprobs and body.top_logprobs else None
+    params = srv.sampling(body, body.max_completion_tokens if body.max_completion_tokens is not None
+                          else body.max_tokens, len(ids), body.logprobs, "messages")
+    shape = ChatShape(srv.model_id, body.logprobs)
+    # every turn the client sends is input, its own "assistant" turns included
+    verdicts = await srv.screen([("Agent" if m.get("role") == "assistant" else "User", m["content"])
+                                 for m in messages])
+    refusal = next((r for r in verdicts if r is not None), None)
+    job = None
+    if refusal is not None:
+        answer = given(Piece(refusal, "content_filter"))
+    else:
+        (job,) = srv.submit_all([(ids, params, top or processor)])
+        answer = srv.pieces(job, top, body.logprobs, messages)
+    if body.stream:
+        usage = (lambda: srv.usage(len(ids), generated(job))) if body.include_usage else None
+        return EventStream(sse_chunks(shape, answer, usage), lambda: srv.cancel_all([job]))
+    (out,) = await _collect_all(srv, request, [job], [answer])
+    return shape.response([shape.whole(0, *out)], srv.usage(len(ids), generated(job)))
+
+
+# -- helpers -----------------------------------------------------------------------------------------
+async def _collect_all(srv: Server, request: Request, jobs: list, answers: list) -> list[tuple[str, list, str]]:
+    """Every answer whole. A client that leaves meanwhile, or one answer failing, cancels all of the
+    request's jobs: none is left running for nobody."""
+    watcher = asyncio.create_task(srv.watch(request, [j for j in jobs if j is not None]))
+    try:
+        return await asyncio.gather(*(collect(a) for a in answers))
+    finally:
+        watcher.cancel()
+        srv.cancel_all(jobs)
+
+
+async def _prompts(srv: Server, prompt) -> list[tuple[str, list[int]]]:
+    """(text, ids) for each prompt of a completions request."""
+    if isinstance(prompt, str):
+        prompt = [prompt]
+    elif prompt and isinstance(prompt[0], int):
+        prompt = [prompt]
+    if not prompt:
+        raise APIError(400, "the prompt is empty", param="prompt")
+    if len(prompt) > srv.max_prompts:
+        raise APIError(400, f"at most {srv.max_prompts} prompts (batch slots + queue)", param="prompt")
+    out = []
+    for p in prompt:
+        if isinstance(p, str):
+            out.append((p, await srv.encode(p, "prompt", bos=bool(srv.tok.add_bos))))
+        else:
+            if len(p) >= srv.scheduler.max_seq:   # before looking at a million ids
+                raise APIError(400, f"the prompt has {len(p)} tokens but the context window is "
+                                    f"{srv.scheduler.max_seq}", code="context_length_exceeded", param="prompt")
+            vocab = srv.llm.args.vocab_size
+            if any(not 0 <= t < vocab for t in p):
+                raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
+            out.append((srv.tok.decode(p), list(p)))
+    return out

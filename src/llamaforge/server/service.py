@@ -1,0 +1,216 @@
+"""What the routes share: the model and its scheduler, request checks, moderation, and one job's
+answer as a sequence of `Piece`s (the same for both endpoints, streamed or not)."""
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Sequence
+
+import torch
+from fastapi import Request
+
+from ..generate import ContextOverflow, TokenEvent
+from ..sampling import SamplingParams
+from .scheduler import Job, QueueFull, Scheduler
+from .schemas import APIError, ClientGone, Sampling
+from .structured import Constrainer
+
+
+@dataclass
+class Piece:
+    """A part of an answer: text, the logprob entry of its token (when asked for), the finish reason."""
+    text: str
+    finish_reason: str | None = None
+    token: dict[str, Any] | None = None   # {"token", "logprob", "bytes", "top_logprobs": [...]}
+
+
+class TopLogprobs:
+    """A logits processor that only watches: keeps the k most likely tokens at each step."""
+
+    def __init__(self, k: int, tokenizer, inner=None):
+        self.k, self.tok, self.inner, self.steps = k, tokenizer, inner, []
+
+    def __call__(self, out: list[int], logits: torch.Tensor) -> torch.Tensor:
+        if self.inner is not None:
+            logits = self.inner(out, logits)
+        lp = torch.log_softmax(logits.float(), -1)
+        vals, ids = torch.topk(lp, self.k)
+        self.steps.append({self.tok.decode([int(i)]): float(v) for v, i in zip(vals, ids)})
+        return logits
+
+
+def _token_entry(text: str, logprob: float | None, tops: dict[str, float]) -> dict[str, Any]:
+    return {"token": text, "logprob": logprob, "bytes": list(text.encode()),
+            "top_logprobs": [{"token": t, "logprob": v, "bytes": list(t.encode())} for t, v in tops.items()]}
+
+
+class Server:
+    """Routes' shared state: the model, its scheduler, options, limits."""
+
+    def __init__(self, llm, *, model_id: str, api_key: str | None, max_batch: int, ctx: int, max_queue: int,
+                 guard=None, threads: int | None = None):
+        self.llm = llm
+        self.tok = llm.tokenizer
+        self.model_id = model_id
+        self.api_key = api_key
+        self.guard = guard
+        self.scheduler = Scheduler(llm.model, llm.tokenizer, max_batch=max_batch, max_seq=ctx, max_queue=max_queue,
+                                   threads=threads)
+        self.constrainer = Constrainer(llm.tokenizer, llm.args.vocab_size)
+        self.created = int(time.time())
+        self.http_errors: dict[int, int] = {}
+        self._eog = frozenset(getattr(self.tok, "eog_ids", ()) or ())
+        # No token covers more than this many bytes of text, so a text of more characters than
+        # max_seq times it cannot fit the context: refused before the tokenizer runs (which holds the
+        # GIL for seconds on megabytes, stalling every stream)
+        longest = max((len(self.tok.decode([i], skip_special=False).encode()) for i in range(self.tok.vocab_size)),
+                      default=1)
+        self.max_prompt_chars = self.scheduler.max_seq * (longest + 1)   # +1: a SentencePiece word's space
+        self.max_prompts = max_batch + max_queue     # more could never be admitted at once
+
+    def count_error(self, status: int) -> None:
+        self.http_errors[status] = self.http_errors.get(status, 0) + 1
+
+    # -- checks --------------------------------------------------------------------------------
+    def check_model(self, name: str | None) -> None:
+        if name and name != self.model_id:
+            raise APIError(404, f"the model {name!r} does not exist; this server serves {self.model_id!r}",
+                           code="model_not_found", param="model")
+
+    def check_size(self, chars: int, param: str) -> None:
+        """Refuse a text too long for any prompt before tokenizing it."""
+        if chars > self.max_prompt_chars:
+            raise APIError(400, f"the {param} has {chars} characters, more than a {self.scheduler.max_seq}-token "
+                                "context window can hold", code="context_length_exceeded", param=param)
+
+    async def encode(self, text: str, param: str, *, bos: bool) -> list[int]:
+        """Token ids of a prompt, tokenized on a worker thread (size checked first)."""
+        self.check_size(len(text), param)
+        return await asyncio.to_thread(self.tok.encode, text, bos=bos)
+
+    async def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
+        """Token ids of a conversation through the model's template, rendered on a worker thread."""
+        self.check_size(sum(len(m["content"]) for m in messages), "messages")
+        try:
+            return await asyncio.to_thread(self.llm.encode_chat, messages)
+        except ContextOverflow as e:
+            raise APIError(400, str(e), code="context_length_exceeded", param="messages") from e
+        except (ValueError, TypeError, KeyError, RecursionError) as e:   # ChatFormatError is a ValueError
+            raise APIError(400, f"cannot format these messages: {e}", param="messages") from e
+
+    def sampling(self, body: Sampling, max_tokens: int | None, prompt_len: int, logprobs: bool,
+                 param: str) -> SamplingParams:
+        """The request's SamplingParams for a prompt of prompt_len tokens (param names the prompt)."""
+        if body.n != 1:
+            raise APIError(400, "only n=1 is supported", param="n")
+        if body.presence_penalty or body.frequency_penalty:
+            raise APIError(400, "presence_penalty and frequency_penalty are not supported; "
+                                "use repetition_penalty", param="presence_penalty")
+        stop = body.stop_strings()
+        try:
+            self.scheduler.check_prompt(prompt_len)
+        except ContextOverflow as e:
+            raise APIError(400, str(e), code="context_length_exceeded", param=param) from e
+        except ValueError as e:
+            raise APIError(400, str(e), param=param) from e
+        room = self.scheduler.max_seq - prompt_len
+        try:
+            return SamplingParams(max_tokens=room if max_tokens is None else min(max_tokens, max(room, 0)),
+                                  temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
+                                  min_p=body.min_p, repetition_penalty=body.repetition_penalty, seed=body.seed,
+                                  stop=stop, logprobs=logprobs)
+        except ValueError as e:
+            raise APIError(400, str(e)) from e
+
+    def submit_all(self, requests: list[tuple[list[int], SamplingParams, Any]]) -> list[Job]:
+        """Queue a request's jobs, all or none (429 when they do not all fit)."""
+        try:
+            return self.scheduler.submit_all(requests)
+        except QueueFull as e:
+            raise APIError(429, str(e), type="server_overloaded", code="queue_full",
+                           headers={"Retry-After": "1"}) from e
+        except ValueError as e:
+            raise APIError(400, str(e)) from e
+
+    def cancel_all(self, jobs: Sequence[Job | None]) -> None:
+        """Free whatever the jobs still hold (a no-op for finished ones)."""
+        for job in jobs:
+            if job is not None and (job.seq is None or not job.seq.finish_reason):
+                self.scheduler.cancel(job)
+
+    # -- moderation ----------------------------------------------------------------------------
+    async def screen(self, turns: list[tuple[str, str]]) -> list[str | None]:
+        """The guard's refusal for each unsafe (role, text) input turn, else None; one worker thread,
+        one guard batch per role."""
+        if self.guard is None:
+            return [None] * len(turns)
+
+        def run() -> list[str | None]:
+            out: list[str | None] = [None] * len(turns)
+            for role in ("User", "Agent"):
+                idx = [i for i, (r, t) in enumerate(turns) if r == role and t.strip()]
+                if idx:
+                    for i, v in zip(idx, self.guard.check_batch([turns[i][1] for i in idx], role=role)):
+                        out[i] = None if v.safe else self.guard.refusal(v)
+            return out
+        return await asyncio.to_thread(run)
+
+    async def moderate(self, text: str, role: str, context: list[dict[str, Any]]) -> str | None:
+        """The guard's refusal when text is unsafe, else None."""
+        if self.guard is None:
+            return None
+        verdict = await asyncio.to_thread(self.guard.check, text, role=role, context=context)
+        return None if verdict.safe else self.guard.refusal(verdict)
+
+    # -- answers -------------------------------------------------------------------------------
+    async def pieces(self, job: Job, top: TopLogprobs | None, logprobs: bool,
+                     context: list[dict[str, Any]]) -> AsyncIterator[Piece]:
+        """One job's answer as Pieces. With a guard, nothing is released until the guard has seen the
+        whole answer (context: the conversation it answers); an unsafe one becomes the refusal."""
+        held: list[Piece] = []
+        n = 0          # answer tokens so far (the index into top.steps)
+        async for ev in self.scheduler.stream(job):
+            entry = None
+            if self._in_answer(ev):
+                if logprobs:
+                    tops = top.steps[n] if top is not None and n < len(top.steps) else {}
+                    entry = _token_entry(self.tok.decode([ev.id]), ev.logprob, tops)
+                n += 1
+            if not (ev.text or entry or ev.finish_reason):
+                continue
+            piece = Piece(ev.text, ev.finish_reason, entry)
+            if self.guard is None:
+                yield piece
+            else:
+                held.append(piece)
+        if self.guard is not None:
+            text = "".join(p.text for p in held)
+            refusal = await self.moderate(text, "Agent", context + [{"role": "assistant", "content": text}])
+            if refusal is not None:
+                held = [Piece(refusal, "content_filter")]
+            for p in held:
+                yield p
+
+    def _in_answer(self, ev: TokenEvent) -> bool:
+        """Whether the event's token belongs to the answer (the end-of-generation token does not)."""
+        return ev.id >= 0 and not (ev.finish_reason == "stop" and ev.id in self._eog)
+
+    async def watch(self, request: Request, jobs: Sequence[Job]) -> None:
+        """Cancel the request's jobs when its client disconnects (run as a task while waiting)."""
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                for job in jobs:
+                    self.scheduler.cancel(job)
+                    job.events.put_nowait(ClientGone())
+                return
+
+    def usage(self, prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens}
+
+
+def generated(job: Job | None) -> int:
+    """Tokens a finished job generated (its answer, without the end-of-generation token)."""
+    return len(job.seq.out) if job is not None and job.seq is not None else 0
