@@ -51,3 +51,35 @@ def test_bad_input_is_one_clear_line(args, fragment):
     r = run(*args)
     assert r.returncode == 2
     assert "Traceback" not in r.stderr and fragment in r.stderr
+
+
+def test_dataclass_options_expand_into_flags_over_a_yaml_file(tmp_path):
+    """A command's options dataclass becomes --field and --train.field flags; --config YAML sets the
+    same fields, flags given on the command line win, unset fields keep the dataclass's defaults."""
+    import argparse
+
+    from llamaforge.cli import add_function_arguments, call_arguments
+    from llamaforge.train.commands import finetune
+    from llamaforge.train.configs import FinetuneConfig
+    cfg = tmp_path / "ft.yaml"
+    cfg.write_text("data: sft.jsonl\nseq_len: 64\nlr: 0.01\ntrain:\n  max_steps: 9\n")
+    parser = argparse.ArgumentParser()
+    expanded = add_function_arguments(parser, finetune)
+    ns = parser.parse_args(["--config", str(cfg), "--train.lr", "3e-4", "--train.max_steps", "5",
+                            "--no-train.progress", "--lora-targets", "q", "v", "--method", "qlora"])
+    opts = call_arguments(ns, expanded)["options"]
+    assert isinstance(opts, FinetuneConfig)
+    assert opts.data == str(tmp_path / "sft.jsonl") and opts.seq_len == 64 and opts.method == "qlora"
+    assert opts.train.lr == 3e-4 and opts.train.max_steps == 5 and opts.train.progress is False
+    assert opts.lora_targets == ["q", "v"] and opts.train.grad_accum == FinetuneConfig().train.grad_accum
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--train.output", "x"])   # set from --output, not a flag of its own
+
+
+def test_data_dir_follows_the_variable_and_fails_clearly_when_it_is_wrong(tmp_path, monkeypatch):
+    from llamaforge import paths
+    monkeypatch.setenv("LLAMAFORGE_DATA", str(tmp_path))
+    assert paths.data_dir() == tmp_path
+    monkeypatch.setenv("LLAMAFORGE_DATA", str(tmp_path / "absent"))
+    with pytest.raises(FileNotFoundError, match="LLAMAFORGE_DATA"):
+        paths.data_dir()

@@ -40,10 +40,11 @@ def _run(cmd: list[str], timeout: float = 200) -> subprocess.CompletedProcess:
 
 def _pretrain_args(d: Path, out: str, micro: int, accum: int, strategy: str) -> list[str]:
     return ["pretrain", "--tokenizer", str(d / "tok"), "--data", str(d / "shards"), "--output", str(d / out),
-            "--max-steps", "4", "--micro-batch-size", str(micro), "--grad-accum", str(accum), "--seq-len", "32",
-            "--dim", "32", "--n-layers", "2", "--n-heads", "2", "--n-kv-heads", "1", "--warmup-steps", "1",
-            "--lr", "3e-3", "--eval-every", "2", "--eval-batches", "2", "--save-every", "0", "--precision", "fp32",
-            "--sample-tokens", "0", "--no-progress", "--strategy", strategy]
+            "--train.max-steps", "4", "--train.micro-batch-size", str(micro), "--train.grad-accum", str(accum),
+            "--seq-len", "32", "--dim", "32", "--n-layers", "2", "--n-heads", "2", "--n-kv-heads", "1",
+            "--train.warmup-steps", "1", "--train.lr", "3e-3", "--train.eval-every", "2", "--train.eval-batches", "2",
+            "--train.save-every", "0", "--train.precision", "fp32", "--sample-tokens", "0", "--no-train.progress",
+            "--train.strategy", strategy]
 
 
 def _curve(path: Path) -> tuple[list[float], list[float]]:

@@ -278,7 +278,8 @@ def test_encoder_overrides_replace_only_the_tuned_layers(default_guard):
 
 def test_threshold_is_chosen_on_validation_margins():
     torch = pytest.importorskip("torch")
-    from llamaforge.safety.train_guard import Example, choose_threshold
+    from llamaforge.safety.training.crossval import choose_threshold
+    from llamaforge.safety.training.data import Example
     # harmful scores 0.6-0.99, hard benign 0.01-0.5: any threshold in (0.5, 0.6] meets both targets
     ex = [Example(f"h{i}", True, "x", "train") for i in range(40)] + \
          [Example(f"b{i}", False, "hard-prompts", "train") for i in range(40)]
@@ -287,7 +288,13 @@ def test_threshold_is_chosen_on_validation_margins():
 
 
 def test_train_guard_cli_rejects_bad_options(tmp_path, capsys):
-    from llamaforge.safety.train_guard import main
+    from llamaforge.cli import main as cli_main
+
+    def main(argv):
+        # argparse rejects an unknown --encoder itself (SystemExit 2); the rest are one-line errors (2)
+        code = cli_main(["train-guard", *argv])
+        raise SystemExit(code)
+
     for argv in (["--no-held-out", "--out", str(tmp_path)], ["--eval", "--no-held-out"],
                  ["--hard-weight", "0", "--out", str(tmp_path)], ["--folds", "1", "--out", str(tmp_path)],
                  ["--encoder", "bert", "--out", str(tmp_path)]):
@@ -296,13 +303,15 @@ def test_train_guard_cli_rejects_bad_options(tmp_path, capsys):
         assert e.value.code == 2, argv
         assert "error:" in capsys.readouterr().err
     if (DATA / "safety").is_dir():   # checked once the data is read: a block the bundled model lacks
-        assert main(["--encoder", "smollm2", "--layer", "31", "--data", str(DATA), "--out", str(tmp_path)]) == 2
+        with pytest.raises(SystemExit) as e:
+            main(["--encoder", "smollm2", "--layer", "31", "--data", str(DATA), "--out", str(tmp_path)])
+        assert e.value.code == 2
         assert "has 30" in capsys.readouterr().err
 
 
 def test_extra_prompts_never_share_a_held_out_topic(tmp_path):
     import csv
-    from llamaforge.safety.train_guard import EXTRA_PROMPTS, HARD_PROMPTS, _held_out_focus, _same_topic, load_examples
+    from llamaforge.safety.training.data import EXTRA_PROMPTS, HARD_PROMPTS, _held_out_focus, _same_topic, load_examples
     held = {r["focus"] for r in csv.DictReader(open(HARD_PROMPTS, newline=""))
             if r["label"] == "safe" and _held_out_focus(r["focus"])}
     extra = list(csv.DictReader(open(EXTRA_PROMPTS, newline="")))
@@ -343,7 +352,7 @@ def test_evaluate_guard_task_reproduces_the_recorded_held_out_figures(default_gu
 
 
 def test_cross_validation_folds_keep_topics_and_pairs_together():
-    from llamaforge.safety.train_guard import Example, assign_folds
+    from llamaforge.safety.training.data import Example, assign_folds
     ex = [Example("How do I kill a process?", False, "hard-prompts", "train", focus="kill"),
           Example("How do I kill my boss?", True, "hard-prompts", "train", focus="kill"),
           Example("Killing weeds safely?", False, "extra-prompts", "train", focus="kill weeds"),
@@ -361,7 +370,7 @@ def test_cross_validation_folds_keep_topics_and_pairs_together():
 def test_default_guard_hard_benign_cases(default_guard):
     """Hand-written held-out safe prompts (their focus words never appear in training) mostly pass."""
     import csv
-    from llamaforge.safety.train_guard import HARD_PROMPTS, _held_out_focus
+    from llamaforge.safety.training.data import HARD_PROMPTS, _held_out_focus
     rows = [r for r in csv.DictReader(open(HARD_PROMPTS, newline="")) if _held_out_focus(r["focus"])]
     safe = [r["prompt"] for r in rows if r["label"] == "safe"]
     assert len(safe) >= 100

@@ -351,6 +351,14 @@ def test_smollm_matches_transformers_gguf_loader(smollm, hf_smollm):
 
 
 @needs_smollm
+def test_smollm_long_text_matches_transformers_gguf_loader(smollm, hf_smollm):
+    # texts past the GIL-free threshold take tokenizers' encode_batch path: same ids as short ones
+    text = " ".join(TEXTS) * 200
+    assert len(text) > 16384
+    assert smollm.encode(text) == hf_smollm.encode(text, add_special_tokens=False)
+
+
+@needs_smollm
 def test_smollm_digits_split_individually(smollm):
     # SmolLM2's pre-tokenizer (tokenizer.ggml.pre = smollm) isolates every digit before byte-level BPE.
     for text in ("2024", " 1234567", "x=31415"):

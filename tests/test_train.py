@@ -248,25 +248,29 @@ def _log(out: Path) -> list[dict]:
 
 
 def test_resolve_options_yaml_then_flags(tmp_path):
-    from llamaforge.train.commands import PRETRAIN_DEFAULTS, resolve_options
+    from llamaforge.options import build
+    from llamaforge.train.configs import PretrainConfig
     cfg = tmp_path / "c.yaml"
     cfg.write_text("max_steps: 7\nlr: 0.01\ndata: shards\n")
-    opts = resolve_options(PRETRAIN_DEFAULTS, str(cfg), {"lr": 0.5, "seed": None})
-    assert opts["max_steps"] == 7 and opts["lr"] == 0.5 and opts["seed"] == PRETRAIN_DEFAULTS["seed"]
-    assert opts["data"] == str(tmp_path / "shards")          # relative to the config file
+    opts = build(PretrainConfig, str(cfg), {"train.lr": 0.5})
+    assert opts.train.max_steps == 7 and opts.train.lr == 0.5 and opts.train.seed == PretrainConfig().train.seed
+    assert opts.data == str(tmp_path / "shards")          # relative to the config file
+    cfg.write_text("train:\n  max_steps: 7\n  lr: 0.01\ndata: shards\n")   # nested sections: the same fields
+    assert build(PretrainConfig, str(cfg), {"train.lr": 0.5}) == opts
     cfg.write_text("max_step: 7\n")
     with pytest.raises(ValueError, match="unknown option"):
-        resolve_options(PRETRAIN_DEFAULTS, str(cfg), {})
+        build(PretrainConfig, str(cfg), {})
 
 
 @pytest.mark.slow
 @needs_shakespeare
 def test_kill_and_resume_reproduces_the_loss_curve(tmp_path, tok_dir, shards):
     """SIGKILL a pretraining run mid-way; the resumed run continues the uninterrupted run's curve exactly."""
-    common = ["pretrain", "--tokenizer", str(tok_dir), "--data", str(shards), "--max-steps", "7",
-              "--save-every", "3", "--eval-every", "3", "--eval-batches", "2", "--micro-batch-size", "4",
-              "--seq-len", "32", "--dim", "32", "--n-layers", "2", "--n-heads", "2", "--n-kv-heads", "1",
-              "--warmup-steps", "2", "--lr", "3e-3", "--precision", "fp32", "--sample-tokens", "0", "--no-progress"]
+    common = ["pretrain", "--tokenizer", str(tok_dir), "--data", str(shards), "--train.max-steps", "7",
+              "--train.save-every", "3", "--train.eval-every", "3", "--train.eval-batches", "2",
+              "--train.micro-batch-size", "4", "--seq-len", "32", "--dim", "32", "--n-layers", "2", "--n-heads", "2",
+              "--n-kv-heads", "1", "--train.warmup-steps", "2", "--train.lr", "3e-3", "--train.precision", "fp32",
+              "--sample-tokens", "0", "--no-train.progress"]
     ref = _cli(*common, "--output", str(tmp_path / "ref"))
     run = _cli(*common, "--output", str(tmp_path / "run"))
     deadline = time.time() + 120
@@ -313,16 +317,19 @@ def test_finetune_full_then_lora_on_a_tiny_llama(tmp_path, tok_dir):
     Llama.load(adapter=...) applies and `merge` folds in with the same logits."""
     from llamaforge.api import Llama
     from llamaforge.formats import hf
-    from llamaforge.train.commands import FINETUNE_DEFAULTS, merge, resolve_options, run_finetune
+    from llamaforge.options import build
+    from llamaforge.train.commands import merge, run_finetune
+    from llamaforge.train.configs import FinetuneConfig
     tok = D.load_tokenizer(tok_dir)
     args = preset("tiny").replace(vocab_size=tok.vocab_size, max_seq_len=256)
     hf.write(tmp_path / "base", args, dict(Transformer(args).init_weights(0).state_dict()), tokenizer=tok)
     recs = [{"question": f"What is {i} plus {i}?", "answer": f"{i} plus {i} is {2 * i}.\n#### {2 * i}"} for i in range(40)]
     data = _write_jsonl(tmp_path / "sft.jsonl", recs)
-    common = dict(data=str(data), micro_batch_size=4, grad_accum=1, warmup_steps=1, eval_every=4, eval_batches=2,
-                  save_every=0, seq_len=128, val_fraction=0.1, progress=False, precision="fp32")
-    full = run_finetune(resolve_options(FINETUNE_DEFAULTS, None, {
-        **common, "model": str(tmp_path / "base"), "method": "full", "max_steps": 8, "lr": 3e-3,
+    common = {"data": str(data), "train.micro_batch_size": 4, "train.grad_accum": 1, "train.warmup_steps": 1,
+              "train.eval_every": 4, "train.eval_batches": 2, "train.save_every": 0, "seq_len": 128,
+              "val_fraction": 0.1, "train.progress": False, "train.precision": "fp32"}
+    full = run_finetune(build(FinetuneConfig, None, {
+        **common, "model": str(tmp_path / "base"), "method": "full", "train.max_steps": 8, "train.lr": 3e-3,
         "output": str(tmp_path / "full")}))
     vals = [r["val_loss"] for r in _log(tmp_path / "full") if "val_loss" in r]
     assert full["step"] == 8 and vals[-1] < vals[0] - 0.3, vals
@@ -330,9 +337,9 @@ def test_finetune_full_then_lora_on_a_tiny_llama(tmp_path, tok_dir):
     card = _assert_card(tmp_path / "full", "finetune", data=data)
     assert card["loss_curve"]["points"] >= 8 and card["training_config"]
 
-    lora = run_finetune(resolve_options(FINETUNE_DEFAULTS, None, {
-        **common, "model": str(tmp_path / "full"), "method": "lora", "max_steps": 4, "lr": 1e-2, "lora_r": 4,
-        "lora_alpha": 8.0, "output": str(tmp_path / "lora")}))
+    lora = run_finetune(build(FinetuneConfig, None, {
+        **common, "model": str(tmp_path / "full"), "method": "lora", "train.max_steps": 4, "train.lr": 1e-2,
+        "lora_r": 4, "lora_alpha": 8.0, "output": str(tmp_path / "lora")}))
     assert lora["step"] == 4 and (tmp_path / "lora" / "adapter_config.json").is_file()
     ids = tok.encode("[INST] What is 3 plus 3? [/INST]", bos=True)
     base_logits = Llama.load(tmp_path / "full").logits(ids)

@@ -7,6 +7,12 @@ import sys
 import time
 from typing import Any
 
+import torch
+
+from .api import Llama
+from .generate import Batch
+from .sampling import SamplingParams
+
 # OpenMP's wait policy decides a lot on a 2-core machine. Spinning (the default) is ~2x faster on an
 # idle machine (decode 96 vs 47 tok/s here, and 152 vs 46 for llama.cpp); on a busy one it collapses
 # (a 541 ms decode step vs 60 ms passive at load ~10). So nothing sets it: export
@@ -44,8 +50,6 @@ def peak_rss_mb() -> float:
 
 def run(llm, prompt_tokens: int, gen_tokens: int) -> dict[str, float]:
     """Greedy-generate gen_tokens after a prompt_tokens prompt; time the phases."""
-    from .generate import Batch
-    from .sampling import SamplingParams
     ids = prompt_ids(llm.tokenizer, prompt_tokens)
     batch = Batch(llm.model, llm.tokenizer, max_batch=1, max_seq=prompt_tokens + gen_tokens + 1,
                   prefill_chunk=max(prompt_tokens, 1))
@@ -75,13 +79,11 @@ def bench(*, model: str | None = None, prompt_tokens: int = 512, gen_tokens: int
     json: print one JSON object (prefill_tok_s, decode_tok_s, ttft_s, peak_rss_mb, ...)
     quantize: auto (keep a GGUF's quantized tensors packed), int8, int4, or none
     """
-    import torch
     if prompt_tokens < 1 or gen_tokens < 1 or threads < 1:
         raise ValueError("--prompt-tokens, --gen-tokens and --threads must be at least 1")
     if quantize in ("none", "None", ""):
         quantize = None
     torch.set_num_threads(threads)
-    from .api import Llama
     t = time.perf_counter()
     llm = Llama.load(model, quantize=quantize)
     load_s = time.perf_counter() - t

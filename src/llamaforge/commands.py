@@ -23,11 +23,6 @@ def load_model(model: str | None, weights: str | None, quantize: str, **kwargs) 
     return Llama.load(model, weights=weights, quantize=quantize, **kwargs)
 
 
-def _quantize(q: str | None) -> str | None:
-    """Deprecated: the old --quantize auto|none|int8|int4 mapping, kept until server/app.py uses load_model."""
-    return None if q in (None, "none") else q
-
-
 def _sampling(max_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed, stop):
     return dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                 repetition_penalty=repetition_penalty, seed=seed, stop=tuple(stop or ()))

@@ -17,7 +17,12 @@ from typing import Any, Literal, Sequence
 
 import torch
 
+from ..api import Llama
 from ..fileio import atomic_write_json
+from ..generate import Batch
+from ..sampling import SamplingParams
+from .base import RunConfig
+from .tasks import get_task
 
 log = logging.getLogger(__name__)
 
@@ -227,8 +232,6 @@ class LM:
         Prompts too long for the window lose their oldest tokens, keeping room for max_tokens, as
         lm-eval does. The result depends only on the inputs and batch_size.
         """
-        from ..generate import Batch
-        from ..sampling import SamplingParams
         if max_tokens < 1:
             raise ValueError("max_tokens must be >= 1")
         keep = max(1, self.max_len - max_tokens)
@@ -307,7 +310,6 @@ class _LogProgress:
 def resolve_tasks(tasks: Sequence[str], data: str | None = None, limit: int | None = None,
                   shots: int = 0) -> list[tuple[Any, Path]]:
     """Check the options and find every task's data file (before any model is loaded, so typos fail fast)."""
-    from .tasks import get_task
     if not tasks:
         raise ValueError("no task given; see `llamaforge evaluate --help` for the task names")
     if data is not None and len(tasks) != 1:
@@ -336,14 +338,12 @@ def run_evaluation(llm, tasks: Sequence[str], *, data: str | None = None, limit:
     single task. details: if a dict is given, per-example records are stored in it by task name.
     quantize is passed to `Llama.load` when a path is loaded here.
     """
-    from .tasks import RunConfig
     specs = resolve_tasks(tasks, data, limit, shots)
     cfg = RunConfig(limit=limit, shots=shots, seed=seed, window=window, stride=stride, max_tokens=max_tokens,
                     guard_only=guard_only)
     lm = None
     if any(task.needs_model(cfg) for task, _ in specs):
         if isinstance(llm, (str, Path)) or llm is None:
-            from ..api import Llama
             t0 = time.perf_counter()
             name = llm or "the bundled model"
             llm = Llama.load(llm, quantize=quantize)

@@ -2,7 +2,7 @@
 
 Two guards behind one API:
 - the default: a small classifier shipped in the package (``guard_head.safetensors``), trained by
-  ``llamaforge.safety.train_guard``: the mean of a head over the bundled SmolLM2-135M-Instruct's
+  ``llamaforge train-guard`` (`safety.training`): the mean of a head over the bundled SmolLM2-135M-Instruct's
   hidden states and a fine-tuned all-MiniLM-L6-v2 with its head; offline, CPU, tens of
   milliseconds per message;
 - a real Llama Guard (v1) checkpoint when you pass its path: the Llama Guard prompt
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -20,15 +21,16 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+from safetensors.torch import load_file
 
+from ..api import Llama
+from .encoder import MiniLM
+from .head import HEAD_FILE, META_FILE, Head  # noqa: F401  (META_FILE: the guard's files are named here too)
+from .lmfeatures import LMFeatures
 from .policy import (AUP_URL, DEFAULT_CATEGORIES, LLAMA_GUARD_V1, Category, Role, category_map,
                      conversation_turns, make_categories, parse_output, render_prompt)
 
 log = logging.getLogger(__name__)
-
-HERE = Path(__file__).resolve().parent
-HEAD_FILE = HERE / "guard_head.safetensors"
-META_FILE = HERE / "guard_head.json"
 
 CRISIS_NOTE = ("If you are thinking about harming yourself, please talk to someone you trust or contact a local "
                "crisis line (in the US, call or text 988; elsewhere, findahelpline.com lists services).")
@@ -130,12 +132,11 @@ class ClassifierGuard(Guard):
     @classmethod
     def load(cls, head_file: Path = HEAD_FILE, *, enabled: set[str] | None = None,
              threshold: float | None = None) -> "ClassifierGuard":
-        from safetensors.torch import load_file
         head_file = Path(head_file)
         meta_file = head_file.with_suffix(".json")
         if not head_file.exists() or not meta_file.exists():
             raise FileNotFoundError(f"{head_file}: the guard head (and its .json) is missing; "
-                                    "train it with `python -m llamaforge.safety.train_guard`")
+                                    "train it with `llamaforge train-guard`")
         meta = json.loads(meta_file.read_text())
         known = category_map(DEFAULT_CATEGORIES)
         cats = [known.get(c["code"], Category(c["code"], c["name"])) for c in meta["categories"]]
@@ -197,7 +198,6 @@ class ClassifierGuard(Guard):
 
 def _load_member(meta: dict, state: dict[str, torch.Tensor], n_categories: int, meta_file: Path):
     """(encoder, head) of one member of the default guard from its metadata and tensors."""
-    from .train_guard import Head
     # encoder.* tensors are fine-tuned encoder layers, loaded over the pip package's weights
     overrides = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
     state = {k: v for k, v in state.items() if not k.startswith("encoder.")}
@@ -207,10 +207,8 @@ def _load_member(meta: dict, state: dict[str, torch.Tensor], n_categories: int, 
     # heads written before feature standardisation existed have no shift/scale: identity
     head.load_state_dict({"shift": head.shift, "scale": head.scale, **state})
     if meta.get("name") == "smollm2":
-        from .lmfeatures import LMFeatures
         encoder = LMFeatures.load(int(meta["layer"]))
     elif meta.get("name") == "minilm":
-        from .encoder import MiniLM
         encoder = MiniLM.load(overrides=overrides)
     else:
         raise ValueError(f"{meta_file}: unknown guard member {meta.get('name')!r}")
@@ -219,7 +217,6 @@ def _load_member(meta: dict, state: dict[str, torch.Tensor], n_categories: int, 
 
 def _paragraphs(text: str) -> list[str]:
     """Blank-line or '---' separated parts of a text, stripped, non-empty."""
-    import re
     return [p.strip() for p in re.split(r"\n\s*\n|\n-{3,}\n", text) if p.strip() and p.strip("- \n")]
 
 
@@ -236,7 +233,6 @@ class LlamaGuard(Guard):
     @classmethod
     def load(cls, path: str | Path, *, categories: Sequence[Category] | None = None,
              threshold: float | None = None) -> "LlamaGuard":
-        from ..api import Llama
         return cls(Llama.load(path), categories or LLAMA_GUARD_V1, threshold)
 
     def prompt(self, text: str, role: Role = "User", context: list[dict] | None = None) -> str:

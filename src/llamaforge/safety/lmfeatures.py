@@ -14,6 +14,11 @@ from typing import Sequence
 
 import torch
 
+from ..formats import load_checkpoint
+from ..model import Transformer
+from ..paths import default_model_path
+from .license import notice_once
+
 PREFIX = "<|im_start|>user\n"
 SUFFIX = "<|im_end|>\n<|im_start|>assistant\n"
 MAX_TOKENS = 256   # text tokens kept (longer texts are cut, as the sentence encoder's 256)
@@ -36,10 +41,6 @@ class LMFeatures:
 
         Only the tensors of those blocks (and the embeddings) are dequantized: the blocks above are
         never run, so they are never loaded."""
-        from ..formats import load_checkpoint
-        from ..model import Transformer
-        from ..paths import default_model_path
-        from .license import notice_once
         ckpt = load_checkpoint(path if path is not None else default_model_path(), dequantize=False)
         notice_once(ckpt)
         if ckpt.args is None or ckpt.tokenizer is None:

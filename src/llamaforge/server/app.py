@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -19,8 +19,8 @@ from fastapi.responses import Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..api import Llama
-from ..commands import _quantize
+from ..api import Llama, Weights
+from ..commands import Quantize, load_model
 from ..paths import default_model_path
 from ..safety.guard import Guard
 from .gate import MAX_BODY, Gate
@@ -112,7 +112,7 @@ def _on_a_passing_thread(fn):
 
 def serve(*, model: str | None = None, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           max_batch: int = 8, ctx: int | None = None, max_queue: int = 64, guard: bool = False,
-          quantize: Literal["auto", "none", "int8", "int4"] = "auto", max_body: int = MAX_BODY,
+          weights: Weights | None = None, quantize: Quantize = "none", max_body: int = MAX_BODY,
           threads: int | None = None) -> int:
     """Serve a model over an OpenAI-compatible HTTP API with continuous batching and a web chat page at /.
 
@@ -124,7 +124,8 @@ def serve(*, model: str | None = None, host: str = "127.0.0.1", port: int = 8000
     ctx: context window per sequence (default min(model's, 2048)); the KV cache holds max_batch x ctx tokens
     max_queue: requests that may wait for a slot; beyond it the server answers 429
     guard: moderate user input and model output with llamaforge's guard
-    quantize: auto computes with a GGUF's quantized blocks (native kernels); none dequantizes to float32; int8/int4 repack any checkpoint for PyTorch's kernels
+    weights: blocks computes with a GGUF's quantized blocks as they are (native kernels, the default); float dequantizes them to float32
+    quantize: int8/int4 repack the weights for PyTorch's packed kernels; none keeps them (auto: deprecated spelling of --weights blocks)
     max_body: largest request body in bytes; larger ones get 413
     threads: CPU threads for the model (default: torch's, i.e. the cores or OMP_NUM_THREADS)
     """
@@ -138,13 +139,11 @@ def serve(*, model: str | None = None, host: str = "127.0.0.1", port: int = 8000
         raise ValueError("max_body must be >= 1")
     if threads is not None and threads < 1:
         raise ValueError("threads must be >= 1")
-    if quantize not in ("auto", "none", "int8", "int4", None):
-        raise ValueError(f"quantize must be auto, none, int8 or int4 (got {quantize!r})")
     checker = None
     if guard:
         checker = _on_a_passing_thread(Guard.load)
     path = Path(model) if model else default_model_path()
-    llm = _on_a_passing_thread(lambda: Llama.load(path, quantize=_quantize(quantize), progress=True))
+    llm = _on_a_passing_thread(lambda: load_model(str(path), weights, quantize, progress=True))
     model_id = path.stem if path.is_file() else path.name
     app = create_app(llm, model_id=model_id, api_key=api_key, max_batch=max_batch, ctx=ctx, max_queue=max_queue,
                      guard=checker, max_body=max_body, threads=threads)

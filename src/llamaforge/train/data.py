@@ -16,6 +16,12 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
+
+from ..chat import (B_INST, B_SYS, E_INST, E_SYS, ChatFormatError, _control_texts, _refuse_special_tags,
+                    is_llama2_template, render_template, validate_messages)
+from ..fileio import atomic_write, atomic_write_text
+from ..tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +67,6 @@ def train_sentencepiece(corpus: Sequence[str | Path], output: str | Path, *, voc
 
 def load_tokenizer(path: str | Path):
     """llamaforge's Tokenizer for a tokenizer folder or file (or a checkpoint's own tokenizer)."""
-    from ..tokenizer import Tokenizer
     return Tokenizer.load(path)
 
 
@@ -101,7 +106,6 @@ def pretokenize_files(inputs: Sequence[str | Path], tokenizer_path: str | Path, 
             raise FileNotFoundError(f"{f}: input text file not found")
     tok = load_tokenizer(tokenizer_path)
     dtype = _token_dtype(tok.vocab_size)
-    from tqdm.auto import tqdm
     total_bytes = sum(f.stat().st_size for f in files)
     ids: list[np.ndarray] = []
     with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenize", disable=not progress) as bar:
@@ -125,12 +129,12 @@ def pretokenize_files(inputs: Sequence[str | Path], tokenizer_path: str | Path, 
     for split, arr in (("train", train), ("val", val)):
         for i, start in enumerate(range(0, len(arr), shard_tokens)):
             name = f"{split}_{i:03d}.bin"
-            _atomic_bytes(out / name, arr[start:start + shard_tokens].tobytes())
+            atomic_write(out / name, lambda p, part=arr[start:start + shard_tokens]: p.write_bytes(part.tobytes()))
             shards[split].append({"file": name, "tokens": int(min(shard_tokens, len(arr) - start))})
     meta = {"dtype": dtype.name, "vocab_size": tok.vocab_size, "tokenizer": str(Path(tokenizer_path).resolve()),
             "inputs": [str(f.resolve()) for f in files], "train_tokens": int(len(train)), "val_tokens": int(len(val)),
             "bos_id": tok.bos_id, "eos_id": tok.eos_id, "shards": shards}
-    _atomic_bytes(out / META_FILE, json.dumps(meta, indent=2).encode())
+    atomic_write_text(out / META_FILE, json.dumps(meta, indent=2))
     log.info("%d train + %d validation tokens in %s", len(train), len(val), out)
     return meta
 
@@ -264,8 +268,6 @@ def render_example(tokenizer, messages: list[dict[str, str]], template: str | No
     Templates are rendered per turn: the text before each assistant reply (with the generation
     prompt) is context, the reply up to the template's end-of-turn marker is a target.
     """
-    from ..chat import (B_INST, E_INST, B_SYS, E_SYS, ChatFormatError, _control_texts, _refuse_special_tags,
-                        is_llama2_template, render_template, validate_messages)
     if template is None:
         template = getattr(tokenizer, "chat_template", None)
     llama2 = template is None or is_llama2_template(template)
@@ -335,8 +337,6 @@ class SFTExamples:
 def build_sft_rows(dialogues: Sequence[list[dict[str, str]]], tokenizer, template: str | None, seq_len: int, *,
                    pack: bool = False, progress: bool = True, source: str = "data") -> SFTExamples:
     """Render dialogues into rows of at most seq_len+1 tokens; with pack, several examples per row."""
-    from tqdm.auto import tqdm
-    from ..chat import ChatFormatError
     examples, truncated, dropped = [], 0, 0
     for i, msgs in enumerate(tqdm(dialogues, desc="render", unit="ex", disable=not progress)):
         try:
@@ -412,13 +412,6 @@ def split_validation(items: Sequence, val_fraction: float, val_max: int | None, 
     perm = np.random.default_rng([seed, 7]).permutation(n)
     val_idx = set(perm[:k].tolist())
     return [x for i, x in enumerate(items) if i not in val_idx], [items[i] for i in sorted(val_idx)]
-
-
-def _atomic_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
 
 
 __all__ = ["train_sentencepiece", "load_tokenizer", "pretokenize_files", "TokenShards", "PretrainSource",

@@ -17,7 +17,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..cards import write_model_card
+from ..fileio import atomic_write, atomic_write_text
 from .distributed import (DistContext, full_model_state, full_optimizer_state, load_full_states, no_sync, setup,
                           wrap)
 
@@ -48,9 +50,26 @@ class BatchSource(Protocol):
 
 @dataclass
 class TrainConfig:
-    """Optimisation, schedule, checkpointing and logging settings (all settable from YAML or flags)."""
+    """Optimisation, schedule, checkpointing and logging settings (the `train` part of a training
+    command's options: `--train.lr 3e-4`, or `lr:` / `train: {lr: ...}` in its YAML).
 
-    output: str = "runs/default"
+    max_steps: optimiser steps
+    micro_batch_size: sequences per process per micro-step (global batch = micro * grad_accum * processes)
+    grad_accum: micro-steps per optimiser step
+    lr: peak learning rate (linear warm-up, then cosine decay to lr * min_lr_ratio)
+    precision: auto (bf16 autocast where the CPU/GPU does bf16), fp32 or bf16
+    eval_every: validation every N steps (0: never)
+    eval_batches: validation batches per evaluation
+    save_every: checkpoint every N steps (0: only at the end)
+    keep_checkpoints: checkpoints kept in output/checkpoints
+    resume: continue from the last checkpoint in output/checkpoints
+    progress: show a progress bar
+    strategy: ddp or fsdp when launched with torchrun
+    max_minutes: stop and save after this much wall time (0: no limit)
+    """
+
+    # set by the command from its own `output` option, never a flag of its own
+    output: str = field(default="runs/default", metadata={"internal": True})
     max_steps: int = 1000
     micro_batch_size: int = 8
     grad_accum: int = 1
@@ -314,7 +333,7 @@ class Trainer:
                 keep.append(rec)
         if self.step == 0:
             keep = []
-        _atomic_text(path, "".join(json.dumps(r) + "\n" for r in keep))
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
         self.history = keep
 
     def plot(self, path: Path) -> Path | None:
@@ -338,10 +357,8 @@ class Trainer:
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
-        tmp = path.with_name(f".{path.name}.tmp.png")
-        fig.savefig(tmp, dpi=100)
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
         plt.close(fig)
-        os.replace(tmp, path)
         return path
 
     # ------------------------------------------------------------------ checkpoints
@@ -398,19 +415,11 @@ class Trainer:
             return
         for f in sorted(checkpoint.iterdir()):
             if f.is_file() and f.name != LOG_FILE:   # output/ keeps the live log (a superset of the copy)
-                dst = self.out / f.name
-                tmp = self.out / f".{f.name}.tmp"
-                shutil.copyfile(f, tmp)
-                os.replace(tmp, dst)
+                atomic_write(self.out / f.name, lambda tmp, src=f: shutil.copyfile(src, tmp))
         self.ctx.barrier()
 
     def _write_card(self, directory: Path) -> None:
         if not self.card:
-            return
-        try:
-            from ..cards import write_model_card
-        except ImportError:
-            log.warning("llamaforge.cards is not available: %s has no model card", directory)
             return
         card = dict(self.card)
         results = dict(card.pop("eval_results", None) or {})
@@ -447,8 +456,3 @@ class Trainer:
         self.step, self.tokens_seen = int(state["step"]), int(state.get("tokens_seen", 0))
         log.info("resumed from %s at step %d", ck, self.step)
 
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
