@@ -1,7 +1,7 @@
 """No code from disk (issue 14 item 5): every file the project reads with torch.load refuses a pickle
 that would run code, with a clear error naming the file, and the payload never runs. The files:
 Meta shards, HF pytorch_model.bin, PEFT adapter_model.bin, the trainer's model.pt / optimizer.pt /
-rng.pt, and the guard trainer's feature cache.
+rng.pt, and the guard trainer's feature cache (safety/training/recipes.py).
 """
 from __future__ import annotations
 
@@ -117,10 +117,10 @@ def test_lora_adapter_bin_refuses_pickled_code(tmp_path):
 
 
 def test_guard_feature_cache_refuses_pickled_code(tmp_path, monkeypatch):
-    from llamaforge.safety import train_guard
+    from llamaforge.safety.training import recipes
     monkeypatch.setenv("LLAMAFORGE_HOME", str(tmp_path))
     marker = tmp_path / "PAYLOAD_RAN"
-    plant(tmp_path / "features.pt", marker)
-    with pytest.raises(Exception) as e:
-        train_guard._cached("features.pt", ["a"], lambda texts: [torch.zeros(2) for _ in texts], 8, "x")
-    assert "features.pt" in str(e.value) and not marker.exists()
+    target = tmp_path / "features.pt"
+    plant(target, marker)
+    refused(lambda: recipes._cached("features.pt", ["a"], lambda texts: [torch.zeros(2) for _ in texts], 8, "x"),
+            target, marker)

@@ -24,8 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .errors import CheckpointError
-from .fileio import atomic_write
+from .fileio import atomic_write, load_torch_file
 from .formats.hf import permute_hf, unpermute_hf
 from .quant.linear import dequantized_weight
 
@@ -301,10 +300,7 @@ def read_adapter(directory: str | Path) -> tuple[LoraConfig, dict[str, torch.Ten
     if w_file.is_file():
         tensors = load_file(str(w_file))
     elif (d / "adapter_model.bin").is_file():
-        try:  # weights only: a pickle naming any other global (code) is refused
-            tensors = torch.load(d / "adapter_model.bin", map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - unpickling and zip errors alike
-            raise CheckpointError(f"{d / 'adapter_model.bin'}: cannot load adapter weights: {e}") from e
+        tensors = load_torch_file(d / "adapter_model.bin", "adapter weights")
     else:
         raise FileNotFoundError(f"{d}: no {ADAPTER_WEIGHTS} (or adapter_model.bin)")
     return config, tensors

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 
 from ..config import ModelArgs, from_hf_config, to_hf_config
 from .checkpoint import Checkpoint, CheckpointError
-from ..fileio import atomic_write, atomic_write_json
+from ..fileio import atomic_write, atomic_write_json, load_torch_file
 from ..safety.license import declared_license, license_from_files
 from .common import (as_float, chat_template_or_none, check_state_dict, check_tensors, drop_tied_output,
                      load_tokenizer, progress_iter, read_json, read_text_if, writer_inputs)
@@ -106,17 +106,13 @@ def _weight_files(folder: Path) -> tuple[list[Path], str]:
 
 
 def _read_file(f: Path, kind: str) -> dict[str, torch.Tensor]:
+    if kind == "bin":
+        return check_state_dict(load_torch_file(f, "bin weights", mmap=True), f)
     try:
-        if kind == "safetensors":
-            with safe_open(str(f), framework="pt") as sf:
-                return {k: sf.get_tensor(k) for k in sf.keys()}
-        try:
-            state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:  # legacy (non-zip) serialisation cannot be memory-mapped
-            state = torch.load(f, map_location="cpu", weights_only=True)
+        with safe_open(str(f), framework="pt") as sf:
+            return {k: sf.get_tensor(k) for k in sf.keys()}
     except Exception as e:  # noqa: BLE001 - corrupted headers raise several exception types
-        raise CheckpointError(f"{f}: cannot read {kind} weights (corrupted or truncated?): {e}") from e
-    return check_state_dict(state, f)
+        raise CheckpointError(f"{f}: cannot read safetensors weights (corrupted or truncated?): {e}") from e
 
 
 def _chat_template(folder: Path) -> str | None:

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from ..config import ModelArgs, from_params_json, to_params_json
-from ..fileio import atomic_write, atomic_write_json
+from ..fileio import atomic_write, atomic_write_json, load_torch_file
 from ..safety.license import license_from_files
 from .checkpoint import Checkpoint, CheckpointError
 from .common import (as_float, check_state_dict, check_tensors, drop_tied_output, load_tokenizer, progress_iter,
@@ -78,11 +78,7 @@ def read(path: str | Path, *, progress: bool = False, dtype: torch.dtype | None 
 
     states = []
     for f in progress_iter(files, progress and len(files) > 1, "shards"):
-        try:
-            state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as e:  # noqa: BLE001 - pickle/zip errors of all kinds
-            raise CheckpointError(f"{f}: cannot load shard: {e}") from e
-        states.append(check_state_dict(state, f))
+        states.append(check_state_dict(load_torch_file(f, "shard", mmap=True), f))
     names = [n for n in states[0] if n not in _IGNORED]
     for f, s in zip(files[1:], states[1:]):
         if set(n for n in s if n not in _IGNORED) != set(names):

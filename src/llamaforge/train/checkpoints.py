@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError
+from ..fileio import load_torch_file
 from ..formats.common import check_state_dict, read_json
 
 log = logging.getLogger(__name__)
@@ -74,15 +75,6 @@ def recover(root: Path) -> None:
             shutil.rmtree(d, ignore_errors=True)
 
 
-def load_state(path: Path) -> Any:
-    """A trainer-state file read with weights_only=True: tensors and plain containers, never code."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - unpickling, zip and file errors alike
-        raise CheckpointError(f"{path}: cannot load trainer state (only tensors and plain containers are "
-                              f"read): {e}") from e
-
-
 def read_progress(state_dir: Path) -> tuple[int, int, Any]:
     """(step, tokens_seen, global_batch) from a checkpoint's state.json."""
     path = state_dir / "state.json"
@@ -95,13 +87,21 @@ def read_progress(state_dir: Path) -> tuple[int, int, Any]:
 
 def load_model_state(state_dir: Path) -> dict[str, torch.Tensor]:
     """The trained tensors of a checkpoint (model.pt)."""
-    return check_state_dict(load_state(state_dir / "model.pt"), state_dir / "model.pt")
+    return check_state_dict(load_torch_file(state_dir / "model.pt", "trained weights"), state_dir / "model.pt")
+
+
+def load_optimizer_state(state_dir: Path) -> Any:
+    """The optimizer's state_dict of a checkpoint (optimizer.pt: tensors, numbers, lists, dicts)."""
+    state = load_torch_file(state_dir / "optimizer.pt", "optimizer state")
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{state_dir / 'optimizer.pt'}: holds a {type(state).__name__}, not an optimizer state")
+    return state
 
 
 def load_rng_states(state_dir: Path) -> list[dict[str, Any]]:
     """The per-process RNG states of a checkpoint (rng.pt): [{"torch": ByteTensor, "cuda": [...]}, ...]."""
     path = state_dir / "rng.pt"
-    rngs = load_state(path)
+    rngs = load_torch_file(path, "RNG states")
     if not (isinstance(rngs, list) and rngs and all(
             isinstance(r, dict) and isinstance(r.get("torch"), torch.Tensor) and r["torch"].dtype == torch.uint8
             and all(isinstance(c, torch.Tensor) for c in r.get("cuda") or []) for r in rngs)):
