@@ -28,6 +28,7 @@ HELPER = textwrap.dedent('''
     matplotlib.use("Agg")
     import matplotlib.pyplot  # noqa: F401 - imported once here, not in every child
     import torch
+    import torch._dynamo  # noqa: F401 - the optimizer imports it lazily: once here, not in every child
     from llamaforge.config import preset
     from llamaforge.model import Transformer
     from llamaforge.train.trainer import STATE_DIR, TrainConfig, Trainer
