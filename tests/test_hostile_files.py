@@ -22,6 +22,7 @@ import torch
 
 from conftest import build_sp_model, tiny_model
 from llamaforge.formats import gguf, hf, meta
+from llamaforge.tokenizer import Tokenizer
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 CASE_SECONDS = 10.0   # a hang guard, far above what any of these takes
@@ -114,6 +115,10 @@ GGUF_CASES = {
         _kv("tokenizer.ggml.model", STR, _s("klingon")),
         _kv("tokenizer.ggml.tokens", ARR, struct.pack("<IQ", STR, 1) + _s("a"))]),
 }
+
+# a real tiny GGUF written by formats.gguf (with a tokenizer), cut at these fractions of its size:
+# inside the header, the metadata, the tensor infos and the tensor data
+CUTS = (0.001, 0.01, 0.05, 0.2, 0.5, 0.9, 0.999)
 
 # ---------------------------------------------------------------- Meta and Hugging Face folders
 
@@ -309,6 +314,15 @@ def hostile(tmp_path_factory):
         p = tmp / f"case-{i}.gguf"
         p.write_bytes(data)
         cases["gguf: " + name] = p
+    real = tmp / "real.gguf"
+    model = tiny_model("tiny", 0)
+    tok = Tokenizer.load(sp_model)
+    gguf.write(real, model.args, model.state_dict(), tokenizer=tok, qtype="q8_0")
+    data = real.read_bytes()
+    for cut in CUTS:
+        p = tmp / f"cut-{cut}.gguf"
+        p.write_bytes(data[:max(4, int(len(data) * cut))])
+        cases[f"gguf: real file cut at {cut:.1%}"] = p
     cases.update(_meta_cases(make, tmp))
     cases.update(_hf_cases(make, tmp, sp_model))
     env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
@@ -320,7 +334,7 @@ def hostile(tmp_path_factory):
     return {k: (*results[k], cases[k]) for k in cases}
 
 
-ALL_CASES = (["gguf: " + n for n in GGUF_CASES] +
+ALL_CASES = (["gguf: " + n for n in GGUF_CASES] + [f"gguf: real file cut at {c:.1%}" for c in CUTS] +
              ["meta: " + n for n in ("params n_layers 1e9", "params n_heads 0", "params n_kv_heads 3",
                                      "params dim a string", "params dim 1.5", "params dim true", "params dim -64",
                                      "params dim 2^70", "params rope_theta NaN", "params norm_eps inf",
@@ -352,7 +366,7 @@ def test_hostile_file_gives_one_line_checkpoint_error(hostile, case):
 
 
 def test_every_case_is_listed():
-    assert len(ALL_CASES) == len(set(ALL_CASES)) == len(GGUF_CASES) + 50
+    assert len(ALL_CASES) == len(set(ALL_CASES)) == len(GGUF_CASES) + len(CUTS) + 50
 
 
 @pytest.mark.parametrize("key, value, fragment", [
