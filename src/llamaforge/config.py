@@ -199,7 +199,7 @@ def from_params_json(params: Mapping[str, Any], vocab_size: int | None = None) -
         multiple_of=params.get("multiple_of", 256), ffn_dim_multiplier=params.get("ffn_dim_multiplier"),
         norm_eps=params.get("norm_eps", 1e-5), rope_theta=params.get("rope_theta", 10000.0),
         max_seq_len=params.get("max_seq_len", 4096), hidden_dim=params.get("hidden_dim"),
-        tie_embeddings=params.get("tie_embeddings", False)))
+        tie_embeddings=params.get("tie_embeddings") or False))
 
 
 def to_params_json(args: ModelArgs) -> dict[str, Any]:
@@ -242,7 +242,7 @@ def from_hf_config(cfg: Mapping[str, Any]) -> ModelArgs:
         dim=g["hidden_size"], n_layers=g["num_hidden_layers"], n_heads=g["num_attention_heads"],
         n_kv_heads=cfg.get("num_key_value_heads"), vocab_size=g["vocab_size"], hidden_dim=g["intermediate_size"],
         norm_eps=cfg.get("rms_norm_eps", 1e-6), rope_theta=theta,
-        max_seq_len=cfg.get("max_position_embeddings", 4096), tie_embeddings=cfg.get("tie_word_embeddings", False)))
+        max_seq_len=cfg.get("max_position_embeddings", 4096), tie_embeddings=cfg.get("tie_word_embeddings") or False))
     head_dim = cfg.get("head_dim")
     if head_dim is not None and _integral(head_dim) != args.head_dim:
         raise ValueError(f"config.json head_dim {head_dim!r} differs from hidden_size / num_attention_heads "
