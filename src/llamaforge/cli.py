@@ -31,7 +31,7 @@ COMMANDS: dict[str, str] = {
     "generate": "llamaforge.commands:generate",
     "chat": "llamaforge.commands:chat",
     "info": "llamaforge.commands:info",
-    "quantize": "llamaforge.quant.convert:quantize",
+    "quantize": "llamaforge.quant.command:quantize",
     "convert": "llamaforge.commands:convert",
     "bench": "llamaforge.benchmark:bench",
     "serve": "llamaforge.server.app:serve",

@@ -13,11 +13,12 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Sequence
 
 import torch
 
-from ..api import Llama
+from ..api import Llama, Weights
+from ..commands import Quantize, load_model
 from ..fileio import atomic_write_json
 from ..generate import Batch
 from ..sampling import SamplingParams
@@ -330,13 +331,13 @@ def run_evaluation(llm, tasks: Sequence[str], *, data: str | None = None, limit:
                    shots: int = 0, batch_size: int = 16, seed: int = 1234, progress: bool = True,
                    window: int = 1024, stride: int = 512, max_tokens: int | None = None,
                    guard_only: bool = False, details: dict | None = None,
-                   quantize: Literal["int8", "int4", "auto"] | None = None) -> dict[str, dict[str, Any]]:
+                   weights: Weights | None = None, quantize: Quantize = "none") -> dict[str, dict[str, Any]]:
     """Evaluate a loaded `Llama` (or a checkpoint path, None = bundled model, loaded only if a task needs it) on tasks.
 
     Returns {"TASK": {"metric": value, ..., "n": count, "seconds": s, "examples_per_s": r}}.
     A task may be written NAME=FILE to read another file in the same format; `data` does that for a
     single task. details: if a dict is given, per-example records are stored in it by task name.
-    quantize is passed to `Llama.load` when a path is loaded here.
+    weights / quantize are passed to `Llama.load` when a path is loaded here (float32 weights by default).
     """
     specs = resolve_tasks(tasks, data, limit, shots)
     cfg = RunConfig(limit=limit, shots=shots, seed=seed, window=window, stride=stride, max_tokens=max_tokens,
@@ -346,7 +347,9 @@ def run_evaluation(llm, tasks: Sequence[str], *, data: str | None = None, limit:
         if isinstance(llm, (str, Path)) or llm is None:
             t0 = time.perf_counter()
             name = llm or "the bundled model"
-            llm = Llama.load(llm, quantize=quantize)
+            # evaluation defaults to float32 weights (the reference figures); the deprecated
+            # --quantize auto still means the GGUF's blocks
+            llm = load_model(llm, weights or (None if quantize == "auto" else "float"), quantize)
             log.info("loaded %s in %.1fs", name, time.perf_counter() - t0)
         lm = LM(llm, batch_size=batch_size, progress=progress)
     results: dict[str, dict[str, Any]] = {}
@@ -380,7 +383,7 @@ def write_json_atomic(path: str | Path, obj: Any) -> Path:
 
 def evaluate(*, model: str | None = None, task: list[str], data: str | None = None, limit: int | None = None,
              shots: int = 0, output: str | None = None, batch_size: int = 16, seed: int = 1234,
-             quantize: Literal["int8", "int4", "auto"] | None = None, window: int = 1024, stride: int = 512,
+             weights: Weights | None = None, quantize: Quantize = "none", window: int = 1024, stride: int = 512,
              max_tokens: int | None = None, guard_only: bool = False, details: str | None = None,
              progress: bool = True) -> int:
     """Evaluate a checkpoint on benchmarks, perplexity, GSM8K and safety prompt sets.
@@ -393,7 +396,8 @@ def evaluate(*, model: str | None = None, task: list[str], data: str | None = No
     output: write the results JSON here
     batch_size: continuations (or prompts) per forward pass
     seed: seed for the choice of few-shot examples
-    quantize: int8, int4 or auto (GGUF blocks kept packed) weight-only kernels, passed to Llama.load; float32 when omitted
+    weights: float (the default) evaluates a GGUF's blocks dequantized to float32; blocks computes with them as they are (native kernels)
+    quantize: int8 or int4 repack the weights for PyTorch's weight-only kernels; none keeps them (auto: deprecated spelling of --weights blocks)
     window: perplexity window in tokens
     stride: perplexity stride in tokens (new tokens scored per window)
     max_tokens: generation budget per answer (GSM8K 256, safety 64 by default)
@@ -405,7 +409,7 @@ def evaluate(*, model: str | None = None, task: list[str], data: str | None = No
     # the model is loaded there, after the tasks are checked, and only if one of them needs it
     results = run_evaluation(model, task, data=data, limit=limit, shots=shots, batch_size=batch_size, seed=seed,
                              progress=progress, window=window, stride=stride, max_tokens=max_tokens,
-                             guard_only=guard_only, details=records, quantize=quantize)
+                             guard_only=guard_only, details=records, weights=weights, quantize=quantize)
     print(markdown_table(results))
     if output:
         write_json_atomic(output, results)

@@ -24,7 +24,9 @@ from gguf import GGMLQuantizationType, GGUFValueType, quants
 from ..config import ModelArgs, from_gguf_kv
 from ..fileio import atomic_write
 from ..gguf_file import GGUFTensorInfo, parse
+from ..quant import kquants
 from ..quant.gguf_blocks import FLOAT_TYPES, QUANT_TYPES, QTensor, block_sizes
+from ..quant.mixes import FILE_TYPES, tensor_type
 from ..tokenizer import Tokenizer
 from .checkpoint import Checkpoint, CheckpointError
 from .common import as_float, chat_template_or_none, check_tensors, drop_tied_output, progress_iter, writer_inputs
@@ -135,40 +137,23 @@ def read(path: str | Path, *, dequantize: bool = True, progress: bool = False) -
 
 # ---------------------------------------------------------------- writing
 
-_FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0",
-               "q4_0": "MOSTLY_Q4_0", "q4_1": "MOSTLY_Q4_1"}
+def _nbytes(shape: tuple[int, ...], target: str) -> int:
+    bs, ts = block_sizes(target)
+    return int(np.prod(shape)) // bs * ts
 
 
-def _target_type(name: str, shape: tuple[int, ...], qtype: str, tied: bool) -> str:
-    """GGML type of one tensor under llama.cpp's conventions for a file type."""
-    if len(shape) < 2 or qtype == "f32":
-        return "F32"  # norms stay F32 whatever the file type
-    if qtype in ("f16", "bf16"):
-        return qtype.upper()
-    t = qtype.upper()
-    # llama-quantize keeps the output projection at higher precision (Q6_K; we can only write Q8_0)
-    if t in ("Q4_0", "Q4_1") and (name == "output.weight" or (tied and name == "tok_embeddings.weight")):
-        t = "Q8_0"
-    if shape[-1] % block_sizes(t)[0]:
-        log.warning("%s: %d columns are not a multiple of the %s block; writing F16", name, shape[-1], t)
-        return "F16"
-    return t
-
-
-def _encode(name: str, value: Any, target: str) -> tuple[np.ndarray, Any]:
-    """(array for GGUFWriter.add_tensor, raw GGML type or None)."""
+def _encode(value: Any, target: str) -> np.ndarray:
+    """The bytes of one tensor in GGML type ``target`` (a QTensor already of that type is copied as is)."""
     if isinstance(value, QTensor) and value.qtype == target:
-        return np.asarray(value.data), GGMLQuantizationType[target]  # already packed: copy the blocks as is
+        return np.asarray(value.data)
     t = as_float(value).detach().cpu()
     if target == "F32":
-        return t.to(torch.float32).contiguous().numpy(), None
+        return t.to(torch.float32).contiguous().numpy()
     if target == "F16":
-        return t.to(torch.float16).contiguous().numpy(), None
+        return t.to(torch.float16).contiguous().numpy()
     if target == "BF16":
-        raw = t.to(torch.bfloat16).contiguous().view(torch.uint8).numpy()
-        return raw, GGMLQuantizationType.BF16
-    q = QTensor.quantize(t, target)
-    return q.data, GGMLQuantizationType[target]
+        return t.to(torch.bfloat16).contiguous().view(torch.uint8).numpy()
+    return kquants.quantize(t.to(torch.float32).numpy(), target)
 
 
 def _add_kv(w, key: str, value: Any) -> None:
@@ -206,13 +191,15 @@ def write(path: str | Path, args: ModelArgs | Checkpoint, tensors: dict[str, Any
           metadata: dict | None = None, *, progress: bool = False) -> Path:
     """Write a llama-architecture GGUF file atomically (temporary file, then rename).
 
-    qtype: f32 | f16 | bf16 | q8_0 | q4_0 | q4_1. 1-D tensors stay F32; with q4_* the output
-    projection (or the tied embedding) is Q8_0; a QTensor already of the target type is copied as is.
+    qtype: a file type of ``quant.mixes.FILE_TYPES`` (f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1,
+    q4_k_m, q5_k_m, q6_k); each tensor gets llama.cpp's type for it (``mixes.tensor_type``), quantized
+    by ``quant.kquants``; a QTensor already of its target type is copied as is. Tensors are encoded
+    and written one at a time.
     metadata: "name", "license", and any extra GGUF keys ("general.author": ...).
     """
     qtype = qtype.lower()
-    if qtype not in _FILE_TYPES:
-        raise ValueError(f"qtype {qtype!r} not writable; choose one of {', '.join(_FILE_TYPES)}")
+    if qtype not in FILE_TYPES:
+        raise ValueError(f"qtype {qtype!r} not writable; choose one of {', '.join(FILE_TYPES)}")
     args, tensors, tokenizer, chat_template, metadata = writer_inputs(args, tensors, tokenizer, chat_template, metadata)
     drop_tied_output(args, tensors)
     check_tensors(args, tensors, "tensors to write")
@@ -235,7 +222,7 @@ def write(path: str | Path, args: ModelArgs | Checkpoint, tensors: dict[str, Any
         w.add_layer_norm_rms_eps(args.norm_eps)
         w.add_rope_freq_base(args.rope_theta)
         w.add_vocab_size(args.vocab_size)
-        w.add_file_type(int(gguf.LlamaFileType[_FILE_TYPES[qtype]]))
+        w.add_file_type(int(gguf.LlamaFileType[FILE_TYPES[qtype][0]]))
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         if metadata.get("license"):
             w.add_license(str(metadata["license"]))
@@ -252,14 +239,20 @@ def write(path: str | Path, args: ModelArgs | Checkpoint, tensors: dict[str, Any
         # llama.cpp's tensor order: embeddings, blocks, final norm, output
         order = sorted(tensors, key=lambda n: (0, 0, n) if n == "tok_embeddings.weight" else
                        (1, int(n.split(".")[1]), n) if n.startswith("layers.") else (2, 0, n))
-        for name in progress_iter(order, progress, f"writing {path.name}"):
-            value = tensors[name]
-            target = _target_type(name, tuple(value.shape), qtype, args.tie_embeddings)
-            arr, raw = _encode(name, value, target)
-            w.add_tensor(meta_to_gguf_name(name), arr, raw_dtype=raw)
+        # Stream: declare every tensor first, then encode and write one at a time, so a 7B model is
+        # never in memory at once (values may be lazy: anything with .shape and .dequantize()).
+        targets = {}
+        for name in order:
+            shape = tuple(int(d) for d in tensors[name].shape)
+            targets[name] = tensor_type(meta_to_gguf_name(name), shape, qtype, args.n_layers, args.tie_embeddings)
+            w.add_tensor_info(meta_to_gguf_name(name), shape, np.dtype(np.float32), _nbytes(shape, targets[name]),
+                              raw_dtype=gguf.GGMLQuantizationType[targets[name]])
         w.write_header_to_file()
         w.write_kv_data_to_file()
-        w.write_tensors_to_file()
+        w.write_ti_data_to_file()
+        for name in progress_iter(order, progress, f"writing {path.name}"):
+            # pop: the writer's own dict, so each float copy can be freed once written
+            w.write_tensor_data(_encode(tensors.pop(name), targets[name]))
         w.close()
 
     atomic_write(path, _write)
