@@ -307,3 +307,56 @@ def test_llama2_template_on_bpe_tokenizer_uses_reference(smollm):
         want += tok.encode(f"[INST] {prompt['content'].strip()} [/INST] {answer['content'].strip()} ", bos=True, eos=True)
     want += tok.encode(f"[INST] {dialog[-1]['content'].strip()} [/INST]", bos=True)
     assert encode_chat(tok, dialog) == want
+
+
+# Templates are data from checkpoint files: hostile ones must fail quickly, never hang or eat memory.
+HOSTILE_TEMPLATES = {
+    "nested range loops": "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+    "nested loops with output": "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}",
+    "string times 1e9": "{{ 'a' * 1000000000 }}",
+    "list times 1e5": "{{ (range(100000)|list * 100000)|length }}",
+    "huge power": "{{ 10 ** 100000000 }}",
+    "center 1e9": "{{ 'a'|center(1000000000) }}",
+    "ljust 1e9": "{{ 'a'.ljust(1000000000) }}",
+    "slice 1e9": "{{ range(10)|slice(1000000000)|list|length }}",
+    "percent width": "{{ '%0999999999d' % 1 }}",
+    "format filter width": "{{ '%0999999999d'|format(1) }}",
+    "str.format width": "{{ '{:>999999999}'.format(1) }}",
+    "doubling with ~": "{% set ns = namespace(s='ab') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}"
+                       "{% endfor %}{{ ns.s|length }}",
+    "doubling with +": "{% set ns = namespace(s='ab') %}{% for i in range(64) %}{% set ns.s = ns.s + ns.s %}"
+                       "{% endfor %}{{ ns.s|length }}",
+    "doubling by recursion": "{% macro f(s) %}{{ f(s ~ s) }}{% endmacro %}{{ f('ab') }}",
+    "deep parentheses": "{{" + "(" * 5000 + "1" + ")" * 5000 + "}}",
+    "output of 100 MB": "{% for i in range(100000) %}{{ 'x' * 1000 }}{% endfor %}",
+    "template of 2 MB": "x" * (2 << 20),
+}
+
+
+@pytest.mark.parametrize("name", list(HOSTILE_TEMPLATES))
+def test_hostile_template_fails_within_budget(name):
+    import sys
+    import time
+
+    from llamaforge.chat import RENDER_SECONDS
+    tracer = sys.gettrace()
+    t = time.monotonic()
+    with pytest.raises(ChatFormatError) as e:
+        render_template(HOSTILE_TEMPLATES[name], DIALOGS[1], "<s>", "</s>")
+    # the budget plus one slow step; without it these run for hours or take gigabytes
+    assert time.monotonic() - t < RENDER_SECONDS + 2.0
+    assert "\n" not in str(e.value)
+    assert sys.gettrace() is tracer  # the deadline's tracer is removed again
+
+
+def test_budget_leaves_real_templates_alone(smollm):
+    """A long real dialogue through SmolLM2's template renders as plain Jinja renders it; the budget is per call."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    long = [{"role": "user" if i % 2 == 0 else "assistant", "content": "word " * 20000} for i in range(21)]
+    text = render_template(smollm.chat_template, long, None, None)
+    plain = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(smollm.chat_template)
+    assert text == plain.render(messages=long, bos_token="", eos_token="", add_generation_prompt=True)
+    assert len(text) > 21 * 100000
+    for _ in range(3):
+        assert render_template("{% for m in messages %}{{ m.content|length }},{% endfor %}", long, "", "") \
+            == "100000," * 21

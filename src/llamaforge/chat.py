@@ -4,13 +4,19 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 import re
+import sys
+import threading
+import time
 from datetime import datetime
 from typing import Mapping, Sequence
 
 import jinja2
 import jinja2.ext
+from jinja2.runtime import markup_join, str_join
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 __all__ = [
@@ -163,12 +169,117 @@ class _Namespace(jinja2.utils.Namespace):
             raise jinja2.exceptions.SecurityError(f"namespace attribute {name!r} is not allowed")
 
 
+# Budgets of one rendering: a template is data from a checkpoint file, and a hostile one must fail
+# quickly rather than hang a loader or a server request. Real chat templates render in milliseconds.
+RENDER_SECONDS = 2.0
+MAX_TEMPLATE_CHARS = 1 << 20        # real templates are a few KB
+MAX_OUTPUT_CHARS = 1 << 20          # plus 4x the messages' own text (a template may quote a turn twice)
+MAX_ARGUMENT = 1 << 20              # numbers passed to filters and methods (center(10**9), ljust, slice)
+
+
+class _BudgetExceeded(Exception):
+    pass
+
+
+class _Budget(threading.local):
+    deadline: float = math.inf
+    max_chars: int = MAX_OUTPUT_CHARS
+
+
+_BUDGET = _Budget()
+
+
+def _size(value) -> int:
+    return len(value) if isinstance(value, (str, bytes, list, tuple, dict)) else 0
+
+
+def _check_size(value):
+    if _size(value) > _BUDGET.max_chars:
+        raise _BudgetExceeded(f"a value of {_size(value)} items exceeds the budget of {_BUDGET.max_chars}")
+    return value
+
+
+def _check_arguments(args, kwargs) -> None:
+    for v in (*args, *kwargs.values()):
+        if isinstance(v, int) and not isinstance(v, bool) and abs(v) > MAX_ARGUMENT:
+            raise _BudgetExceeded(f"argument {v} is larger than {MAX_ARGUMENT}")
+
+
+def _check_format(fmt) -> None:
+    # a width or precision in a format string ("%0999999999d", "{:>999999999}") is one C call that
+    # builds the whole string: refuse large ones before formatting
+    if isinstance(fmt, str) and any(len(d) > 7 or int(d) > MAX_ARGUMENT for d in re.findall(r"\d+", fmt)):
+        raise _BudgetExceeded(f"format string {fmt[:40]!r} asks for a width beyond {MAX_ARGUMENT}")
+
+
+def _bounded_filter(name, f):
+    @functools.wraps(f)  # keeps jinja's pass_context/pass_eval_context markers
+    def run(*args, **kwargs):
+        _check_arguments(args, kwargs)
+        if name == "format":
+            _check_format(next((a for a in args if isinstance(a, str)), None))
+        return _check_size(f(*args, **kwargs))
+    return run
+
+
+def _bounded_join(join):
+    # `~` compiles to str_join/markup_join, which the sandbox does not intercept: a doubling loop
+    # would otherwise reach gigabytes
+    def run(seq):
+        parts = list(seq)
+        if sum(_size(p) for p in parts) > _BUDGET.max_chars:
+            raise _BudgetExceeded(f"a string beyond the budget of {_BUDGET.max_chars} characters")
+        return join(parts)
+    return run
+
+
+def _trace(frame, event, arg):
+    # line events of the template's own code only (tracing jinja's too costs 60% more): a template
+    # loop meets the deadline within one iteration, and the loops inside filters and methods are
+    # bounded by MAX_ARGUMENT and the size checks
+    if frame.f_code.co_filename == "<template>":
+        return _trace_lines(frame, event, arg)
+    return None
+
+
+def _trace_lines(frame, event, arg):
+    if time.monotonic() > _BUDGET.deadline:
+        raise _BudgetExceeded(f"rendering took longer than {RENDER_SECONDS} s")
+    return _trace_lines
+
+
 class _StrictSandbox(ImmutableSandboxedEnvironment):
     # Jinja's sandbox turns a forbidden attribute into an undefined that can still render as "";
     # failing at once makes a probing template an error instead of silent output.
+    intercepted_binops = frozenset(("+", "*", "**", "%"))
+
     def unsafe_undefined(self, obj, attribute):
         raise jinja2.exceptions.SecurityError(
             f"access to attribute {attribute!r} of {type(obj).__name__!r} object is unsafe")
+
+    def call_binop(self, context, operator, left, right):
+        # sizes are checked before * and ** compute (one C call could take gigabytes or minutes);
+        # + is checked after, so repeated doubling stops at twice the budget
+        if operator == "*":
+            seq, n = (left, right) if isinstance(right, int) else (right, left)
+            if isinstance(n, int) and _size(seq) * max(n, 0) > _BUDGET.max_chars:
+                raise _BudgetExceeded(f"{_size(seq)} x {n} items exceed the budget of {_BUDGET.max_chars}")
+        if operator == "%":
+            _check_format(left)
+        if operator == "**" and isinstance(left, int) and isinstance(right, int):
+            if right > 0 and max(abs(left), 2).bit_length() * right > 1 << 16:
+                raise _BudgetExceeded(f"{left} ** {right} is too large")
+        return _check_size(super().call_binop(context, operator, left, right))
+
+    def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 - jinja's own signature
+        _check_arguments(args, kwargs)
+        return _check_size(super().call(__context, __obj, *args, **kwargs))
+
+    def wrap_str_format(self, value):
+        wrapped = super().wrap_str_format(value)
+        if wrapped is not None:  # "...".format / format_map, checked when the template reaches for it
+            _check_format(value.__self__)
+        return wrapped
 
 
 _ENV: ImmutableSandboxedEnvironment | None = None
@@ -180,28 +291,59 @@ def _compile(template: str) -> jinja2.Template:
     if _ENV is None:
         env = _StrictSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
         env.filters["tojson"] = _tojson
+        env.filters = {name: _bounded_filter(name, f) for name, f in env.filters.items()}
         env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now, namespace=_Namespace)
         _ENV = env
     compiled = _CACHE.get(template)
     if compiled is None:
         compiled = _ENV.from_string(template)
+        names = compiled.root_render_func.__globals__  # the namespace the template's code runs in
+        names["str_join"], names["markup_join"] = _bounded_join(str_join), _bounded_join(markup_join)
         if len(_CACHE) > 32:
             _CACHE.clear()
         _CACHE[template] = compiled
     return compiled
 
 
+def _render(template: str, context: dict, max_chars: int) -> str:
+    """Compile and render under the time and size budgets (the tracer is this thread's only)."""
+    _BUDGET.deadline, _BUDGET.max_chars = time.monotonic() + RENDER_SECONDS, max_chars
+    previous = sys.gettrace()
+    sys.settrace(_trace)
+    try:
+        parts, total = [], 0
+        for piece in _compile(template).generate(**context):
+            total += len(piece)
+            if total > max_chars:
+                raise _BudgetExceeded(f"the output exceeds the budget of {max_chars} characters")
+            parts.append(piece)
+        return "".join(parts)
+    finally:
+        sys.settrace(previous)
+        _BUDGET.deadline = math.inf
+
+
 def render_template(template: str, messages, bos_token, eos_token, add_generation_prompt=True, **extra) -> str:
-    """Render a chat template in a sandbox; template errors and sandbox violations raise ChatFormatError."""
+    """Render a chat template in a sandbox, under a time and output-size budget; template errors,
+    sandbox violations and exceeded budgets raise ChatFormatError."""
     if not isinstance(template, str) or not template:
         raise ChatFormatError("chat template must be a non-empty string")
+    if len(template) > MAX_TEMPLATE_CHARS:
+        raise ChatFormatError(f"chat template of {len(template)} characters exceeds {MAX_TEMPLATE_CHARS}")
+    text_size = sum(len(m.get("content") or "") for m in messages if isinstance(m, Mapping)
+                    and isinstance(m.get("content"), str)) if isinstance(messages, Sequence) else 0
+    context = dict(messages=messages, bos_token=bos_token or "", eos_token=eos_token or "",
+                   add_generation_prompt=add_generation_prompt, **extra)
     try:
-        return _compile(template).render(messages=messages, bos_token=bos_token or "", eos_token=eos_token or "",
-                                         add_generation_prompt=add_generation_prompt, **extra)
+        return _render(template, context, MAX_OUTPUT_CHARS + 4 * text_size)
+    except _BudgetExceeded as e:
+        raise ChatFormatError(f"chat template exceeded its budget: {e}") from None
     except jinja2.exceptions.SecurityError as e:
         raise ChatFormatError(f"chat template tried an operation the sandbox forbids: {e}") from e
     except jinja2.exceptions.TemplateError as e:
         raise ChatFormatError(f"chat template error: {e}") from e
+    except (RecursionError, MemoryError, OverflowError) as e:
+        raise ChatFormatError(f"chat template is too deep or too large: {type(e).__name__}") from None
     except (TypeError, ValueError, KeyError, IndexError, AttributeError) as e:
         raise ChatFormatError(f"chat template failed: {type(e).__name__}: {e}") from e
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -21,6 +22,43 @@ def torch_dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
         raise ValueError(f"dtype {name!r} is not one of {', '.join(DTYPES)}")
     return DTYPES[name]
+
+
+# Sane bounds checked before anything is allocated: a config beyond them is a corrupt or hostile file,
+# not a model (the largest Llama-family models are far inside: 405B has 126 layers, dim 16384).
+LIMITS: dict[str, tuple[int, int]] = {
+    "dim": (1, 1 << 17), "n_layers": (1, 1024), "n_heads": (1, 1024), "n_kv_heads": (1, 1024),
+    "vocab_size": (1, 1 << 22), "multiple_of": (1, 1 << 20), "hidden_dim": (1, 1 << 20),
+    "max_seq_len": (1, 1 << 20), "head_dim": (2, 4096),
+}
+MAX_PARAMS = 10**13   # ten trillion: any config promising more is not a checkpoint this machine could hold
+
+
+class HyperparameterError(ValueError):
+    """A hyperparameter outside its type or bounds; ``field`` names the ModelArgs field."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{field} {reason}")
+        self.field, self.reason = field, reason
+
+
+def _check_int(name: str, value: Any, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise HyperparameterError(name, f"must be an integer, got {value!r}"[:200])
+    lo, hi = LIMITS[name]
+    if not lo <= value <= hi:
+        raise HyperparameterError(name, f"= {value} is outside the sane range [{lo}, {hi}]")
+
+
+def _check_float(name: str, value: Any, lo: float, hi: float, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise HyperparameterError(name, f"must be a finite number, got {value!r}"[:200])
+    if not lo < value <= hi:
+        raise HyperparameterError(name, f"= {value} is outside the range ({lo}, {hi}]")
 
 
 @dataclass(frozen=True)
@@ -43,14 +81,34 @@ class ModelArgs:
     ffn_hidden: int = field(init=False)
 
     def __post_init__(self) -> None:
+        # every reader (params.json, config.json, GGUF keys, presets, model cards) ends here, so the
+        # bounds hold before expected_shapes or the model allocates per-layer anything
+        for name in ("dim", "n_layers", "n_heads", "vocab_size", "multiple_of", "max_seq_len"):
+            _check_int(name, getattr(self, name))
+        _check_int("n_kv_heads", self.n_kv_heads, optional=True)
+        _check_int("hidden_dim", self.hidden_dim, optional=True)
+        _check_float("ffn_dim_multiplier", self.ffn_dim_multiplier, 0.0, 64.0, optional=True)
+        _check_float("norm_eps", self.norm_eps, 0.0, 1.0)
+        _check_float("rope_theta", self.rope_theta, 0.0, 1e12)
+        if not isinstance(self.tie_embeddings, bool):
+            raise HyperparameterError("tie_embeddings", f"must be true or false, got {self.tie_embeddings!r}"[:200])
         if self.dim % self.n_heads:
-            raise ValueError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
+            raise HyperparameterError("dim", f"{self.dim} is not divisible by n_heads {self.n_heads}")
         kv = self.n_kv_heads or self.n_heads
         if self.n_heads % kv:
-            raise ValueError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {kv}")
-        object.__setattr__(self, "head_dim", self.dim // self.n_heads)
+            raise HyperparameterError("n_kv_heads", f"{kv} does not divide n_heads {self.n_heads}")
+        head_dim = self.dim // self.n_heads
+        _check_int("head_dim", head_dim)
+        if head_dim % 2:
+            raise HyperparameterError("head_dim", f"{head_dim} (dim / n_heads) is odd; RoPE rotates pairs")
+        ffn = self.hidden_dim or ffn_hidden_size(self.dim, self.multiple_of, self.ffn_dim_multiplier)
+        _check_int("hidden_dim", ffn)
+        object.__setattr__(self, "head_dim", head_dim)
         object.__setattr__(self, "kv_heads", kv)
-        object.__setattr__(self, "ffn_hidden", self.hidden_dim or ffn_hidden_size(self.dim, self.multiple_of, self.ffn_dim_multiplier))
+        object.__setattr__(self, "ffn_hidden", ffn)
+        if self.n_params > MAX_PARAMS:
+            raise HyperparameterError("n_layers", f"x dim x hidden_dim give {self.n_params:.3g} parameters, "
+                                      f"beyond the sane limit {MAX_PARAMS:.0e}")
 
     def replace(self, **changes: Any) -> "ModelArgs":
         return dataclasses.replace(self, **changes)
@@ -96,20 +154,52 @@ def preset(name: str) -> ModelArgs:
         raise KeyError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}") from None
 
 
+def _integral(value: Any) -> Any:
+    """JSON writes 1e9 or 32.0 for integers at times: integral floats become ints, the rest is left for
+    ModelArgs to refuse with its own message."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**63:
+        return int(value)
+    return value
+
+
+def _build(source: str, keys: Mapping[str, str], values: Mapping[str, Any]) -> ModelArgs:
+    """ModelArgs from reader values; a bad value is reported under the file's own key name."""
+    try:
+        return ModelArgs(**{k: _integral(v) for k, v in values.items()})
+    except HyperparameterError as e:
+        key = keys.get(e.field)
+        raise ValueError(f"{source} {key or e.field} {e.reason}") from None
+
+
+def _require(cfg: Mapping[str, Any], source: str, key: str) -> Any:
+    if key not in cfg:
+        raise ValueError(f"{source} has no {key!r}")
+    return cfg[key]
+
+
+def _mapping(cfg: Any, source: str) -> Mapping[str, Any]:
+    if not isinstance(cfg, Mapping):
+        raise ValueError(f"{source} must be a JSON object, got {type(cfg).__name__}")
+    return cfg
+
+
 def from_params_json(params: Mapping[str, Any], vocab_size: int | None = None) -> ModelArgs:
     """Meta's params.json. Llama 2 files carry vocab_size -1: the tokenizer decides it."""
-    vs = int(params.get("vocab_size", -1))
-    if vs <= 0:
+    src = "params.json"
+    params = _mapping(params, src)
+    vs = _integral(params.get("vocab_size", -1))
+    if isinstance(vs, int) and not isinstance(vs, bool) and vs <= 0:
         if vocab_size is None:
             raise ValueError("params.json has no vocab_size and no tokenizer/embedding gave one")
         vs = vocab_size
-    return ModelArgs(
-        dim=int(params["dim"]), n_layers=int(params["n_layers"]), n_heads=int(params["n_heads"]),
-        n_kv_heads=params.get("n_kv_heads"), vocab_size=vs, multiple_of=int(params.get("multiple_of", 256)),
-        ffn_dim_multiplier=params.get("ffn_dim_multiplier"), norm_eps=float(params.get("norm_eps", 1e-5)),
-        rope_theta=float(params.get("rope_theta", 10000.0)), max_seq_len=int(params.get("max_seq_len", 4096)),
-        hidden_dim=params.get("hidden_dim"), tie_embeddings=bool(params.get("tie_embeddings", False)),
-    )
+    keys = {f: f for f in LIMITS}
+    return _build(src, keys, dict(
+        dim=_require(params, src, "dim"), n_layers=_require(params, src, "n_layers"),
+        n_heads=_require(params, src, "n_heads"), n_kv_heads=params.get("n_kv_heads"), vocab_size=vs,
+        multiple_of=params.get("multiple_of", 256), ffn_dim_multiplier=params.get("ffn_dim_multiplier"),
+        norm_eps=params.get("norm_eps", 1e-5), rope_theta=params.get("rope_theta", 10000.0),
+        max_seq_len=params.get("max_seq_len", 4096), hidden_dim=params.get("hidden_dim"),
+        tie_embeddings=params.get("tie_embeddings") or False))
 
 
 def to_params_json(args: ModelArgs) -> dict[str, Any]:
@@ -123,25 +213,41 @@ def to_params_json(args: ModelArgs) -> dict[str, Any]:
     return out
 
 
+_HF_KEYS = {"dim": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
+            "n_kv_heads": "num_key_value_heads", "vocab_size": "vocab_size", "hidden_dim": "intermediate_size",
+            "norm_eps": "rms_norm_eps", "rope_theta": "rope_theta", "max_seq_len": "max_position_embeddings",
+            "tie_embeddings": "tie_word_embeddings", "head_dim": "head_dim"}
+
+
 def from_hf_config(cfg: Mapping[str, Any]) -> ModelArgs:
     """transformers' LlamaConfig (config.json)."""
+    src = "config.json"
+    cfg = _mapping(cfg, src)
     if cfg.get("model_type", "llama") not in ("llama", "mistral"):
         raise ValueError(f"config.json model_type {cfg.get('model_type')!r} is not a Llama architecture")
     scaling = cfg.get("rope_scaling") or {}
+    if not isinstance(scaling, Mapping):
+        raise ValueError(f"config.json rope_scaling must be an object, got {type(scaling).__name__}")
     if scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default"):
-        raise ValueError(f"rope_scaling {scaling} is not supported")
+        raise ValueError(f"rope_scaling {scaling} is not supported"[:300])
     if cfg.get("attention_bias") or cfg.get("mlp_bias"):
         raise ValueError("Llama checkpoints with attention/MLP biases are not supported")
     theta = cfg.get("rope_theta")
     if theta is None:  # newer transformers nest it under rope_parameters
-        theta = (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)
-    return ModelArgs(
-        dim=int(cfg["hidden_size"]), n_layers=int(cfg["num_hidden_layers"]), n_heads=int(cfg["num_attention_heads"]),
-        n_kv_heads=cfg.get("num_key_value_heads"), vocab_size=int(cfg["vocab_size"]),
-        hidden_dim=int(cfg["intermediate_size"]), norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-        rope_theta=float(theta), max_seq_len=int(cfg.get("max_position_embeddings", 4096)),
-        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-    )
+        nested = cfg.get("rope_parameters") or {}
+        theta = nested.get("rope_theta", 10000.0) if isinstance(nested, Mapping) else nested
+    g = {k: _require(cfg, src, k) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                                              "vocab_size", "intermediate_size")}
+    args = _build(src, _HF_KEYS, dict(
+        dim=g["hidden_size"], n_layers=g["num_hidden_layers"], n_heads=g["num_attention_heads"],
+        n_kv_heads=cfg.get("num_key_value_heads"), vocab_size=g["vocab_size"], hidden_dim=g["intermediate_size"],
+        norm_eps=cfg.get("rms_norm_eps", 1e-6), rope_theta=theta,
+        max_seq_len=cfg.get("max_position_embeddings", 4096), tie_embeddings=cfg.get("tie_word_embeddings") or False))
+    head_dim = cfg.get("head_dim")
+    if head_dim is not None and _integral(head_dim) != args.head_dim:
+        raise ValueError(f"config.json head_dim {head_dim!r} differs from hidden_size / num_attention_heads "
+                         f"= {args.head_dim} (not supported)"[:300])
+    return args
 
 
 def to_hf_config(args: ModelArgs, bos_id: int | None = None, eos_id: int | None = None) -> dict[str, Any]:
@@ -160,24 +266,26 @@ def from_gguf_kv(kv: Mapping[str, Any], vocab_size: int | None = None, has_outpu
     """GGUF metadata keys of architecture ``llama``."""
     arch = kv.get("general.architecture")
     if arch != "llama":
-        raise ValueError(f"GGUF architecture {arch!r} is not supported (only 'llama')")
-    p = "llama."
-    n_heads = int(kv[p + "attention.head_count"])
-    dim = int(kv[p + "embedding_length"])
-    rope_dim = kv.get(p + "rope.dimension_count")
-    if rope_dim is not None and int(rope_dim) != dim // n_heads:
-        raise ValueError(f"partial RoPE (rope.dimension_count={rope_dim}) is not supported")
+        raise ValueError(f"GGUF architecture {arch!r} is not supported (only 'llama')"[:300])
+    src, p = "GGUF", "llama."
+    keys = {"dim": p + "embedding_length", "n_layers": p + "block_count", "n_heads": p + "attention.head_count",
+            "n_kv_heads": p + "attention.head_count_kv", "vocab_size": p + "vocab_size",
+            "hidden_dim": p + "feed_forward_length", "norm_eps": p + "attention.layer_norm_rms_epsilon",
+            "rope_theta": p + "rope.freq_base", "max_seq_len": p + "context_length"}
     vs = kv.get(p + "vocab_size") or vocab_size
     if vs is None:
         raise ValueError("GGUF has neither llama.vocab_size nor a token list")
-    return ModelArgs(
-        dim=dim, n_layers=int(kv[p + "block_count"]), n_heads=n_heads,
-        n_kv_heads=int(kv.get(p + "attention.head_count_kv", n_heads)), vocab_size=int(vs),
-        hidden_dim=int(kv[p + "feed_forward_length"]),
-        norm_eps=float(kv.get(p + "attention.layer_norm_rms_epsilon", 1e-5)),
-        rope_theta=float(kv.get(p + "rope.freq_base", 10000.0)),
-        max_seq_len=int(kv.get(p + "context_length", 4096)), tie_embeddings=not has_output,
-    )
+    n_heads = _require(kv, src, keys["n_heads"])
+    args = _build(src, keys, dict(
+        dim=_require(kv, src, keys["dim"]), n_layers=_require(kv, src, keys["n_layers"]), n_heads=n_heads,
+        n_kv_heads=kv.get(keys["n_kv_heads"], n_heads), vocab_size=vs,
+        hidden_dim=_require(kv, src, keys["hidden_dim"]), norm_eps=kv.get(keys["norm_eps"], 1e-5),
+        rope_theta=kv.get(keys["rope_theta"], 10000.0), max_seq_len=kv.get(keys["max_seq_len"], 4096),
+        tie_embeddings=not has_output))
+    rope_dim = kv.get(p + "rope.dimension_count")
+    if rope_dim is not None and rope_dim != args.head_dim:
+        raise ValueError(f"partial RoPE (rope.dimension_count={rope_dim!r}) is not supported"[:300])
+    return args
 
 
 def load_json(path) -> dict[str, Any]:

@@ -5,6 +5,7 @@ Lives outside ``formats`` because the tokenizer reads GGUF vocabularies too; the
 """
 from __future__ import annotations
 
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ class GGUFTensorInfo:
 
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _STRING, _ARRAY, _FLOAT32 = 8, 9, 6
+_MAX_DIMS = 4  # GGML_MAX_DIMS
 
 
 def parse(path: str | Path) -> tuple[int, dict[str, Any], list[GGUFTensorInfo]]:
@@ -54,11 +56,17 @@ def parse(path: str | Path) -> tuple[int, dict[str, Any], list[GGUFTensorInfo]]:
     def string() -> str:
         nonlocal pos
         n = take("<Q")
-        if pos + n > size:
-            raise EOFError("string runs past the end of the file")
+        if n > size - pos:
+            raise EOFError(f"a string of {n} bytes runs past the end of the file")
         s = str(buf[pos:pos + n], "utf-8")
         pos += n
         return s
+
+    def count(n: int, item_bytes: int, what: str) -> int:
+        # every item needs item_bytes at least, so a count the file cannot hold fails before any loop
+        if n * item_bytes > size - pos:
+            raise EOFError(f"{n} {what} cannot fit in the {size - pos} bytes left in the file")
+        return n
 
     def value(vtype: int):
         nonlocal pos
@@ -69,19 +77,21 @@ def parse(path: str | Path) -> tuple[int, dict[str, Any], list[GGUFTensorInfo]]:
             return string()
         if vtype != _ARRAY:
             raise ValueError(f"unknown metadata value type {vtype}")
-        etype, n = take("<I"), take("<Q")
+        etype = take("<I")
         if etype in _SCALARS:  # numeric arrays in one go
             dt = np.dtype(_SCALARS[etype])
-            if pos + n * dt.itemsize > size:
-                raise EOFError("array runs past the end of the file")
+            n = count(take("<Q"), dt.itemsize, "array items")
             out = np.frombuffer(mm, dtype=dt, count=n, offset=pos).tolist()
             pos += n * dt.itemsize
             return out
-        return [value(etype) for _ in range(n)]
+        if etype == _STRING:
+            return [string() for _ in range(count(take("<Q"), 8, "strings"))]
+        # llama.cpp's reader refuses arrays of arrays too; refusing them also bounds the recursion
+        raise ValueError("arrays of arrays are not supported" if etype == _ARRAY else f"unknown array item type {etype}")
 
     try:
-        if bytes(buf[:4]) != b"GGUF":
-            raise ValueError(f"bad magic {bytes(buf[:4])!r}")
+        if size < 24 or bytes(buf[:4]) != b"GGUF":
+            raise ValueError(f"bad magic {bytes(buf[:4])!r}" if size >= 4 else f"only {size} bytes")
         pos = 4
         version = take("<I")
         if version & 0xFFFF == 0:
@@ -89,35 +99,44 @@ def parse(path: str | Path) -> tuple[int, dict[str, Any], list[GGUFTensorInfo]]:
         if version not in (2, 3):
             raise ValueError(f"GGUF version {version} is not supported (2 and 3 are)")
         n_tensors, n_kv = take("<Q"), take("<Q")
-        if n_tensors > size or n_kv > size:
-            raise ValueError(f"implausible counts ({n_tensors} tensors, {n_kv} keys)")
+        count(n_kv, 12, "metadata keys")         # key length + type at the least
+        count(n_tensors, 24, "tensor infos")     # name length + n_dims + type + offset
         kv: dict[str, Any] = {}
         for _ in range(n_kv):
             key = string()
+            if key in kv:
+                raise ValueError(f"duplicate metadata key {key!r}")
             kv[key] = value(take("<I"))
         infos = []
+        seen: set[str] = set()
         for _ in range(n_tensors):
             name = string()
-            dims = [take("<Q") for _ in range(take("<I"))]
+            if name in seen:
+                raise ValueError(f"duplicate tensor name {name!r}")
+            seen.add(name)
+            n_dims = take("<I")
+            if not 1 <= n_dims <= _MAX_DIMS:
+                raise ValueError(f"tensor {name!r} has {n_dims} dimensions (GGML allows 1 to {_MAX_DIMS})")
+            dims = [take("<Q") for _ in range(n_dims)]
             infos.append((name, dims, take("<I"), take("<Q")))
         align = kv.get("general.alignment", 32)
         if not isinstance(align, int) or align <= 0 or align & (align - 1):
             raise ValueError(f"invalid general.alignment {align!r}")
         data_start = -(-pos // align) * align
-    except (struct.error, EOFError, ValueError, UnicodeDecodeError) as e:
+    except (struct.error, EOFError, ValueError, UnicodeDecodeError, OverflowError, MemoryError) as e:
         raise CheckpointError(f"{path}: not a readable GGUF file (truncated or corrupt?): {e}") from e
 
     tensors = []
     for name, dims, raw_type, off in infos:
         try:
             qtype = GGMLQuantizationType(raw_type).name
-        except ValueError:
+            bs, ts = GGML_QUANT_SIZES[GGMLQuantizationType(raw_type)]
+        except (ValueError, KeyError):
             raise CheckpointError(f"{path}: tensor {name} has unknown GGML type id {raw_type}") from None
-        bs, ts = GGML_QUANT_SIZES[GGMLQuantizationType(raw_type)]
         shape = tuple(int(d) for d in reversed(dims))
-        if not dims or dims[0] % bs:
+        if dims[0] % bs:
             raise CheckpointError(f"{path}: tensor {name} ({qtype}) has a bad shape {shape}")
-        nbytes = int(np.prod(dims)) // bs * ts
+        nbytes = math.prod(dims) // bs * ts  # Python ints: a hostile shape cannot overflow
         start = data_start + off
         if start + nbytes > size:
             raise CheckpointError(f"{path}: truncated GGUF: tensor {name} ends at byte {start + nbytes} "

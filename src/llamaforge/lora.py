@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .fileio import atomic_write
+from .fileio import atomic_write, load_torch_file
 from .formats.hf import permute_hf, unpermute_hf
 from .quant.linear import dequantized_weight
 
@@ -300,7 +300,7 @@ def read_adapter(directory: str | Path) -> tuple[LoraConfig, dict[str, torch.Ten
     if w_file.is_file():
         tensors = load_file(str(w_file))
     elif (d / "adapter_model.bin").is_file():
-        tensors = torch.load(d / "adapter_model.bin", map_location="cpu", weights_only=True)
+        tensors = load_torch_file(d / "adapter_model.bin", "adapter weights")
     else:
         raise FileNotFoundError(f"{d}: no {ADAPTER_WEIGHTS} (or adapter_model.bin)")
     return config, tensors

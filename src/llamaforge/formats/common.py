@@ -3,6 +3,7 @@ tokenizer lookup, writer arguments, and small conversions. Meta's names and shap
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -45,6 +46,30 @@ def check_tensors(args: ModelArgs, tensors: dict[str, Any], where: Path | str) -
         got = tuple(tensors[name].shape)
         if got != shape:
             raise CheckpointError(f"{where}: shape mismatch vs config: {name} is {got}, config expects {shape}")
+        dtype = getattr(tensors[name], "dtype", None)
+        if isinstance(dtype, torch.dtype) and not dtype.is_floating_point:
+            raise CheckpointError(f"{where}: {name} holds {dtype} values, not floating-point weights")
+
+
+def check_state_dict(state: Any, where: Path | str) -> dict[str, torch.Tensor]:
+    """``state`` when it is a dict of name -> tensor (what a weights file must hold); CheckpointError otherwise."""
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{where}: holds a {type(state).__name__}, not a dict of tensors")
+    for name, t in state.items():
+        if not isinstance(name, str) or not isinstance(t, torch.Tensor):
+            raise CheckpointError(f"{where}: entry {name!r} is a {type(t).__name__}, not a named tensor")
+    return state
+
+
+def read_json(path: Path, what: str) -> dict[str, Any]:
+    """A JSON object from ``path``; CheckpointError naming the file when it is unreadable or not an object."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+        raise CheckpointError(f"{path}: unreadable {what}: {e}") from e
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: {what} must be a JSON object, got {type(value).__name__}")
+    return value
 
 
 def drop_tied_output(args: ModelArgs, tensors: dict[str, Any]) -> None:
@@ -54,7 +79,7 @@ def drop_tied_output(args: ModelArgs, tensors: dict[str, Any]) -> None:
 
 
 def load_tokenizer(path: Path) -> Any:
-    """llamaforge Tokenizer from a file or folder; CheckpointError when it cannot be read."""
+    """llamaforge Tokenizer from a file; CheckpointError naming the file when it cannot be read."""
     try:
         return Tokenizer.load(path)
     except Exception as e:  # noqa: BLE001 - any tokenizer failure is a bad checkpoint
@@ -62,8 +87,22 @@ def load_tokenizer(path: Path) -> Any:
 
 
 def read_text_if(path: Path) -> str | None:
-    """The file's text, None when it does not exist."""
-    return path.read_text(encoding="utf-8") if path.is_file() else None
+    """The file's text, None when it does not exist; CheckpointError when it is not UTF-8 text."""
+    if not path.is_file():
+        return None
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable text file: {e}") from e
+
+
+def chat_template_or_none(value: Any, where: Path | str) -> str | None:
+    """A chat template as a checkpoint carries it: a string or nothing (CheckpointError for other types)."""
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise CheckpointError(f"{where}: the chat template is a {type(value).__name__}, not a string")
+    return value
 
 
 def writer_inputs(args: Any, tensors: dict | None, tokenizer: Any, chat_template: str | None,

@@ -29,7 +29,7 @@ from ..quant.gguf_blocks import FLOAT_TYPES, QUANT_TYPES, QTensor, block_sizes
 from ..quant.mixes import FILE_TYPES, tensor_type
 from ..tokenizer import Tokenizer
 from .checkpoint import Checkpoint, CheckpointError
-from .common import as_float, check_tensors, drop_tied_output, progress_iter, writer_inputs
+from .common import as_float, chat_template_or_none, check_tensors, drop_tied_output, progress_iter, writer_inputs
 from .gguf_vocab import padded_vocab_kv
 
 __all__ = ["read", "write", "parse", "GGUFTensorInfo", "gguf_to_meta_name", "meta_to_gguf_name"]
@@ -105,8 +105,9 @@ def read(path: str | Path, *, dequantize: bool = True, progress: bool = False) -
     metadata = {"gguf_kv": {k: v for k, v in kv.items() if k not in _BIG_KEYS},
                 "tensor_types": dict(Counter(t.qtype for t in infos)), "file_type": kv.get("general.file_type"),
                 "name": kv.get("general.name"), "gguf_version": version}
-    common = dict(tokenizer=tokenizer, chat_template=kv.get("tokenizer.chat_template"),
-                  license=kv.get("general.license"), format="gguf", path=path, metadata=metadata)
+    lic = kv.get("general.license")
+    common = dict(tokenizer=tokenizer, chat_template=chat_template_or_none(kv.get("tokenizer.chat_template"), path),
+                  license=lic if isinstance(lic, str) else None, format="gguf", path=path, metadata=metadata)
     if not infos:
         return Checkpoint(args=None, tensors={}, **common)
 
@@ -125,7 +126,7 @@ def read(path: str | Path, *, dequantize: bool = True, progress: bool = False) -
         names[meta] = t
     tokens = kv.get("tokenizer.ggml.tokens")
     try:
-        args = from_gguf_kv(kv, vocab_size=len(tokens) if tokens else None, has_output="output.weight" in names)
+        args = from_gguf_kv(kv, vocab_size=len(tokens) if isinstance(tokens, list) and tokens else None, has_output="output.weight" in names)
     except (KeyError, ValueError, TypeError) as e:
         raise CheckpointError(f"{path}: invalid llama metadata: {e}") from e
     check_tensors(args, names, path)

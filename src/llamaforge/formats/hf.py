@@ -19,10 +19,10 @@ from safetensors.torch import save_file
 
 from ..config import ModelArgs, from_hf_config, to_hf_config
 from .checkpoint import Checkpoint, CheckpointError
-from ..fileio import atomic_write, atomic_write_json
+from ..fileio import atomic_write, atomic_write_json, load_torch_file
 from ..safety.license import declared_license, license_from_files
-from .common import (as_float, check_tensors, drop_tied_output, load_tokenizer, progress_iter, read_text_if,
-                     writer_inputs)
+from .common import (as_float, chat_template_or_none, check_state_dict, check_tensors, drop_tied_output,
+                     load_tokenizer, progress_iter, read_json, read_text_if, writer_inputs)
 
 log = logging.getLogger(__name__)
 
@@ -85,11 +85,15 @@ def _weight_files(folder: Path) -> tuple[list[Path], str]:
     for index_name, kind in (("model.safetensors.index.json", "safetensors"), ("pytorch_model.bin.index.json", "bin")):
         index = folder / index_name
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            except (OSError, ValueError, KeyError, TypeError) as e:
-                raise CheckpointError(f"{index}: unreadable weight index: {e}") from e
-            files = [folder / f for f in dict.fromkeys(weight_map.values())]
+            weight_map = read_json(index, "weight index").get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise CheckpointError(f"{index}: no weight_map object naming the shard files")
+            names = list(dict.fromkeys(weight_map.values()))
+            # shard names are plain file names in this folder, never a path that leaves it
+            bad = [n for n in names if not isinstance(n, str) or Path(n).name != n or n in (".", "..")]
+            if bad:
+                raise CheckpointError(f"{index}: weight_map names {bad[0]!r}, not a file name in the folder")
+            files = [folder / n for n in names]
             missing = [f.name for f in files if not f.is_file()]
             if missing:
                 raise CheckpointError(f"{index}: missing shard file(s) {', '.join(missing)}")
@@ -102,30 +106,24 @@ def _weight_files(folder: Path) -> tuple[list[Path], str]:
 
 
 def _read_file(f: Path, kind: str) -> dict[str, torch.Tensor]:
+    if kind == "bin":
+        return check_state_dict(load_torch_file(f, "bin weights", mmap=True), f)
     try:
-        if kind == "safetensors":
-            with safe_open(str(f), framework="pt") as sf:
-                return {k: sf.get_tensor(k) for k in sf.keys()}
-        try:
-            return torch.load(f, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:  # legacy (non-zip) serialisation cannot be memory-mapped
-            return torch.load(f, map_location="cpu", weights_only=True)
+        with safe_open(str(f), framework="pt") as sf:
+            return {k: sf.get_tensor(k) for k in sf.keys()}
     except Exception as e:  # noqa: BLE001 - corrupted headers raise several exception types
-        raise CheckpointError(f"{f}: cannot read {kind} weights (corrupted or truncated?): {e}") from e
+        raise CheckpointError(f"{f}: cannot read safetensors weights (corrupted or truncated?): {e}") from e
 
 
 def _chat_template(folder: Path) -> str | None:
     tc = folder / "tokenizer_config.json"
     if tc.is_file():
-        try:
-            tmpl = json.loads(tc.read_text(encoding="utf-8")).get("chat_template")
-        except (OSError, ValueError) as e:
-            raise CheckpointError(f"{tc}: unreadable tokenizer_config.json: {e}") from e
+        tmpl = read_json(tc, "tokenizer_config.json").get("chat_template")
         if isinstance(tmpl, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
             named = {t.get("name"): t.get("template") for t in tmpl if isinstance(t, dict)}
             tmpl = named.get("default") or next(iter(named.values()), None)
         if tmpl:
-            return tmpl
+            return chat_template_or_none(tmpl, tc)
     return read_text_if(folder / "chat_template.jinja")
 
 
@@ -141,10 +139,10 @@ def read(path: str | Path, *, progress: bool = False, dtype: torch.dtype | None 
     cfg_file = folder / "config.json"
     if not cfg_file.is_file():
         raise CheckpointError(f"{cfg_file}: missing config.json (a Hugging Face model folder needs it)")
+    cfg = read_json(cfg_file, "config.json")
     try:
-        cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
         args = from_hf_config(cfg)
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{cfg_file}: unsupported or invalid config: {e}") from e
 
     files, kind = _weight_files(folder)
@@ -165,9 +163,9 @@ def read(path: str | Path, *, progress: bool = False, dtype: torch.dtype | None 
             t = unpermute_hf(t, heads)
         tensors[name] = t.to(dtype) if dtype is not None else t
 
-    tok_files = [f for f in ("tokenizer.model", "tokenizer.json") if (folder / f).is_file()]
+    tok_file = next((folder / f for f in ("tokenizer.model", "tokenizer.json") if (folder / f).is_file()), None)
     return Checkpoint(
-        args=args, tensors=tensors, tokenizer=load_tokenizer(folder) if tok_files else None,
+        args=args, tensors=tensors, tokenizer=load_tokenizer(tok_file) if tok_file else None,
         chat_template=_chat_template(folder), license=_license(folder, cfg), format="hf", path=folder,
         metadata={"files": [f.name for f in files], "config": cfg,
                   "name": cfg.get("_name_or_path") or folder.name},

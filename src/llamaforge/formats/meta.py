@@ -6,7 +6,6 @@ ParallelEmbedding (tok_embeddings) on dim 1; norms are replicated.
 """
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
@@ -14,10 +13,11 @@ from typing import Any
 import torch
 
 from ..config import ModelArgs, from_params_json, to_params_json
-from ..fileio import atomic_write, atomic_write_json
+from ..fileio import atomic_write, atomic_write_json, load_torch_file
 from ..safety.license import license_from_files
 from .checkpoint import Checkpoint, CheckpointError
-from .common import as_float, check_tensors, drop_tied_output, load_tokenizer, progress_iter, read_text_if, writer_inputs
+from .common import (as_float, check_state_dict, check_tensors, drop_tied_output, load_tokenizer, progress_iter,
+                     read_json, read_text_if, writer_inputs)
 
 _DIM0 = ("attention.wq", "attention.wk", "attention.wv", "feed_forward.w1", "feed_forward.w3", "output")
 _DIM1 = ("attention.wo", "feed_forward.w2", "tok_embeddings")
@@ -55,6 +55,13 @@ def _shards(folder: Path) -> list[Path]:
     return list(files)
 
 
+def _params_args(pj: Path, params: Any, vocab_size: int | None) -> ModelArgs:
+    try:
+        return from_params_json(params, vocab_size=vocab_size)
+    except (KeyError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{pj}: invalid params.json: {e}") from e
+
+
 def read(path: str | Path, *, progress: bool = False, dtype: torch.dtype | None = None) -> Checkpoint:
     """Read a Meta folder; tensors keep their stored dtype unless ``dtype`` is given."""
     folder = Path(path)
@@ -63,18 +70,15 @@ def read(path: str | Path, *, progress: bool = False, dtype: torch.dtype | None 
     pj = folder / "params.json"
     if not pj.is_file():
         raise CheckpointError(f"{pj}: missing params.json (a Meta checkpoint folder needs it)")
-    try:
-        params = json.loads(pj.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{pj}: unreadable params.json: {e}") from e
+    params = read_json(pj, "params.json")
+    # the hyperparameters are checked before any shard is opened (the vocabulary size may still
+    # have to come from the embedding: -1 in Llama 2 files)
+    _params_args(pj, params, vocab_size=1)
     files = _shards(folder)
 
     states = []
     for f in progress_iter(files, progress and len(files) > 1, "shards"):
-        try:
-            states.append(torch.load(f, map_location="cpu", weights_only=True, mmap=True))
-        except Exception as e:  # noqa: BLE001 - pickle/zip errors of all kinds
-            raise CheckpointError(f"{f}: cannot load shard: {e}") from e
+        states.append(check_state_dict(load_torch_file(f, "shard", mmap=True), f))
     names = [n for n in states[0] if n not in _IGNORED]
     for f, s in zip(files[1:], states[1:]):
         if set(n for n in s if n not in _IGNORED) != set(names):
@@ -84,14 +88,14 @@ def read(path: str | Path, *, progress: bool = False, dtype: torch.dtype | None 
     for name in progress_iter(names, progress, "tensors"):
         parts = [s[name] for s in states]
         dim = _split_dim(name)
-        t = parts[0] if len(parts) == 1 or dim is None or parts[0].ndim < 2 else torch.cat(parts, dim=dim)
+        try:
+            t = parts[0] if len(parts) == 1 or dim is None or parts[0].ndim < 2 else torch.cat(parts, dim=dim)
+        except RuntimeError as e:  # shards whose pieces do not line up
+            raise CheckpointError(f"{folder}: cannot join the shards of {name}: {e}") from e
         tensors[name] = t.to(dtype) if dtype is not None else t
 
     emb = tensors.get("tok_embeddings.weight")
-    try:
-        args = from_params_json(params, vocab_size=None if emb is None else int(emb.shape[0]))
-    except (KeyError, ValueError, TypeError) as e:
-        raise CheckpointError(f"{pj}: invalid params.json: {e}") from e
+    args = _params_args(pj, params, vocab_size=None if emb is None or emb.ndim != 2 else int(emb.shape[0]))
     drop_tied_output(args, tensors)
     check_tensors(args, tensors, folder)
 

@@ -58,7 +58,13 @@ def read_hf_config(directory: Path) -> dict:
     for name in ("special_tokens_map.json", "tokenizer_config.json"):
         p = directory / name
         if p.is_file():
-            cfg.update(json.loads(p.read_text(encoding="utf-8")))
+            try:
+                value = json.loads(p.read_text(encoding="utf-8"))
+            except ValueError as e:  # name the file: the caller only knows the tokenizer's own
+                raise ValueError(f"{p}: {e}") from e
+            if not isinstance(value, dict):
+                raise ValueError(f"{p}: not a JSON object")
+            cfg.update(value)
     jinja = directory / "chat_template.jinja"
     if jinja.is_file():
         cfg["chat_template"] = jinja.read_text(encoding="utf-8")

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -26,13 +25,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..cards import write_model_card
-from ..fileio import atomic_write, atomic_write_text
+from ..errors import CheckpointError
+from ..fileio import atomic_write, atomic_write_json, atomic_write_text
+from . import checkpoints
+from .checkpoints import STATE_DIR
 from .distributed import (DistContext, full_model_state, full_optimizer_state, load_full_states, no_sync, setup,
                           wrap)
 
 log = logging.getLogger(__name__)
 
-STATE_DIR = "trainer_state"
 LOG_FILE = "train_log.jsonl"
 CURVE_FILE = "loss_curve.png"
 
@@ -208,12 +209,13 @@ class Trainer:
         """Train to max_steps (resuming from the latest checkpoint in output/ when there is one)."""
         cfg, ctx = self.cfg, self.ctx
         torch.manual_seed(cfg.seed + ctx.rank)
+        if ctx.is_main:
+            checkpoints.recover(self.out / "checkpoints")  # a save cut by a kill: its complete copy counts
+        ctx.barrier()
         if cfg.resume:
             self._try_resume()
         if ctx.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
-            for stale in (self.out / "checkpoints").glob(".tmp-*"):  # a checkpoint cut by a crash
-                shutil.rmtree(stale, ignore_errors=True)
             self._truncate_log()
         ctx.barrier()
         bar = None
@@ -362,14 +364,8 @@ class Trainer:
         return path
 
     # ------------------------------------------------------------------ checkpoints
-    def _checkpoint_dirs(self) -> list[Path]:
-        root = self.out / "checkpoints"
-        if not root.is_dir():
-            return []
-        return sorted(p for p in root.glob("step-*") if (p / STATE_DIR / "state.json").is_file())
-
     def save_checkpoint(self) -> Path:
-        """Write output/checkpoints/step-N atomically: temp folder, then one os.replace."""
+        """Write output/checkpoints/step-N: a complete temp copy, then swapped in (see checkpoints.py)."""
         ctx = self.ctx
         model_state = full_model_state(self.wrapped, ctx)          # collective under FSDP
         optim_state = full_optimizer_state(self.wrapped, self.optimizer, ctx)
@@ -383,15 +379,13 @@ class Trainer:
         if ctx.is_main:
             inner = {k.removeprefix("model."): v for k, v in model_state.items()}
             trained = {k.removeprefix("model."): model_state[k] for k in self.trainable if k in model_state}
-            tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
+            tmp = checkpoints.temp_folder(final)
             shutil.rmtree(tmp, ignore_errors=True)
             (tmp / STATE_DIR).mkdir(parents=True)
+            # tensors and plain containers only: resuming loads them with weights_only=True
             torch.save(trained, tmp / STATE_DIR / "model.pt")
             torch.save(optim_state, tmp / STATE_DIR / "optimizer.pt")
             torch.save(rngs, tmp / STATE_DIR / "rng.pt")
-            state = {"step": self.step, "tokens_seen": self.tokens_seen, "world_size": ctx.world_size,
-                     "global_batch": self.global_batch, "config": asdict(self.cfg)}
-            (tmp / STATE_DIR / "state.json").write_text(json.dumps(state, indent=2), encoding="utf-8")
             if self.export is not None:
                 self.export(inner, tmp)
             self.plot(tmp / CURVE_FILE)
@@ -399,11 +393,11 @@ class Trainer:
                 # the numbers behind the chart travel with it: the model card summarises this copy
                 shutil.copyfile(self.out / LOG_FILE, tmp / LOG_FILE)
             self._write_card(tmp)
-            if final.exists():  # re-saving the same step (e.g. a resumed run that had nothing left to do)
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            for old in self._checkpoint_dirs()[:-max(1, self.cfg.keep_checkpoints)]:
-                shutil.rmtree(old, ignore_errors=True)
+            state = {"step": self.step, "tokens_seen": self.tokens_seen, "world_size": ctx.world_size,
+                     "global_batch": self.global_batch, "config": asdict(self.cfg)}
+            atomic_write_json(tmp / STATE_DIR / "state.json", state)  # last: the copy is complete
+            checkpoints.publish(tmp, final)
+            checkpoints.prune(final.parent, self.cfg.keep_checkpoints)
             log.info("checkpoint %s", final)
         ctx.barrier()
         return final
@@ -437,22 +431,27 @@ class Trainer:
             log.warning("model card for %s failed: %s", directory, e)
 
     def _try_resume(self) -> None:
-        ckpts = self._checkpoint_dirs()
+        ckpts = checkpoints.complete_checkpoints(self.out / "checkpoints")
         if not ckpts:
             return
         ck = ckpts[-1]
-        state = json.loads((ck / STATE_DIR / "state.json").read_text(encoding="utf-8"))
-        if state["global_batch"] != self.global_batch:
-            raise ValueError(f"{ck}: saved with global batch {state['global_batch']}, now {self.global_batch}; "
+        state_dir = ck / STATE_DIR
+        step, tokens_seen, saved_batch = checkpoints.read_progress(state_dir)
+        if saved_batch != self.global_batch:
+            raise ValueError(f"{ck}: saved with global batch {saved_batch}, now {self.global_batch}; "
                              "resume with the same micro_batch_size * grad_accum * processes")
-        trained = torch.load(ck / STATE_DIR / "model.pt", map_location="cpu", weights_only=True)
-        optim_state = torch.load(ck / STATE_DIR / "optimizer.pt", map_location="cpu", weights_only=False)
-        load_full_states(self.wrapped, self.optimizer, {"model." + k: v for k, v in trained.items()}, optim_state, self.ctx)
-        rngs = torch.load(ck / STATE_DIR / "rng.pt", map_location="cpu", weights_only=False)
-        rng = rngs[self.ctx.rank] if self.ctx.rank < len(rngs) else rngs[0]
-        torch.set_rng_state(rng["torch"])
-        if rng.get("cuda") and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        self.step, self.tokens_seen = int(state["step"]), int(state.get("tokens_seen", 0))
+        trained = checkpoints.load_model_state(state_dir)
+        optim_state = checkpoints.load_optimizer_state(state_dir)
+        rngs = checkpoints.load_rng_states(state_dir)
+        try:
+            load_full_states(self.wrapped, self.optimizer, {"model." + k: v for k, v in trained.items()},
+                             optim_state, self.ctx)
+            rng = rngs[self.ctx.rank] if self.ctx.rank < len(rngs) else rngs[0]
+            torch.set_rng_state(rng["torch"])
+            if rng.get("cuda") and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+        except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as e:
+            raise CheckpointError(f"{state_dir}: the saved state does not fit this model and optimizer: {e}") from e
+        self.step, self.tokens_seen = step, tokens_seen
         log.info("resumed from %s at step %d", ck, self.step)
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ...fileio import atomic_write
+from ...fileio import atomic_write, load_torch_file
 from ...paths import BUNDLED_FILE, BUNDLED_PACKAGE, default_model_path, state_dir
 from ..encoder import MiniLM
 from ..head import CODES, Head
@@ -67,7 +67,7 @@ def _cached(name: str, texts: list[str], compute, chunk: int, desc: str) -> list
     """``compute(texts) -> one tensor per text``, cached in the state folder under ``name`` (keyed by
     the text's sha256): frozen features never change while a head trains, so they are computed once."""
     cache_file = state_dir() / name
-    cache: dict[str, torch.Tensor] = torch.load(cache_file) if cache_file.exists() else {}
+    cache: dict[str, torch.Tensor] = load_torch_file(cache_file, "feature cache") if cache_file.exists() else {}
     keys = [hashlib.sha256(t.encode()).hexdigest() for t in texts]
     todo = sorted({k: t for k, t in zip(keys, texts) if k not in cache}.items(), key=lambda kv: len(kv[1]))
     with one_thread():
