@@ -1,0 +1,223 @@
+// Dequantization of every GGML type llama.cpp's common presets write, and the float32-activation
+// dot product built on it. Each formula rounds exactly as gguf-py's numpy dequantization does
+// (products and sums rounded separately: the build uses -ffp-contract=off), so the float32 matrix
+// is bit-identical to gguf-py's. Layouts: ggml-common.h; index maps as in gguf-py's quants.py.
+#include "common.h"
+
+#include <cstring>
+
+namespace lf {
+
+float half_to_float(uint16_t h) {
+#ifdef LF_AVX2
+  return _cvtsh_ss(h);
+#else
+  const uint32_t sign = uint32_t(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff;
+  uint32_t bits;
+  if (exp == 0x1f) bits = sign | 0x7f800000u | (man << 13);           // inf / nan
+  else if (exp != 0) bits = sign | ((exp + 112) << 23) | (man << 13);   // normal
+  else if (man == 0) bits = sign;                                       // zero
+  else {                                                                // subnormal: normalise
+    int e = -1;
+    uint32_t m = man;
+    do { ++e; m <<= 1; } while (!(m & 0x400));
+    bits = sign | uint32_t(112 - e) << 23 | ((m & 0x3ff) << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+#endif
+}
+
+TypeInfo type_info(int64_t type) {
+  switch (type) {
+    case F16: case BF16: return {1, 2};
+    case Q4_0: return {32, 18};
+    case Q4_1: return {32, 20};
+    case Q5_0: return {32, 22};
+    case Q5_1: return {32, 24};
+    case Q8_0: return {32, 34};
+    case Q2_K: return {256, 84};
+    case Q3_K: return {256, 110};
+    case Q4_K: return {256, 144};
+    case Q5_K: return {256, 176};
+    case Q6_K: return {256, 210};
+    default: return {0, 0};
+  }
+}
+
+namespace {
+
+inline uint16_t u16(const uint8_t* p) { uint16_t v; std::memcpy(&v, p, 2); return v; }
+inline float f16(const uint8_t* p) { return half_to_float(u16(p)); }
+
+// Q4_K / Q5_K: 8 six-bit scales and mins packed in 12 bytes
+inline void scale_min_k4(const uint8_t* s, uint8_t* sc, uint8_t* mn) {
+  for (int j = 0; j < 4; ++j) {
+    sc[j] = s[j] & 63;
+    mn[j] = s[j + 4] & 63;
+    sc[j + 4] = (s[j + 8] & 0xF) | ((s[j] >> 6) << 4);
+    mn[j + 4] = (s[j + 8] >> 4) | ((s[j + 4] >> 6) << 4);
+  }
+}
+
+void deq_q4_0(const uint8_t* b, float* o) {
+  const float d = f16(b);
+  for (int j = 0; j < 16; ++j) {
+    o[j] = d * float(int(b[2 + j] & 15) - 8);
+    o[j + 16] = d * float(int(b[2 + j] >> 4) - 8);
+  }
+}
+void deq_q4_1(const uint8_t* b, float* o) {
+  const float d = f16(b), m = f16(b + 2);
+  for (int j = 0; j < 16; ++j) {
+    o[j] = d * float(b[4 + j] & 15) + m;
+    o[j + 16] = d * float(b[4 + j] >> 4) + m;
+  }
+}
+void deq_q5_0(const uint8_t* b, float* o) {
+  const float d = f16(b);
+  uint32_t qh;
+  std::memcpy(&qh, b + 2, 4);
+  for (int j = 0; j < 16; ++j) {
+    o[j] = d * float(int((b[6 + j] & 15) | (((qh >> j) & 1) << 4)) - 16);
+    o[j + 16] = d * float(int((b[6 + j] >> 4) | (((qh >> (j + 16)) & 1) << 4)) - 16);
+  }
+}
+void deq_q5_1(const uint8_t* b, float* o) {
+  const float d = f16(b), m = f16(b + 2);
+  uint32_t qh;
+  std::memcpy(&qh, b + 4, 4);
+  for (int j = 0; j < 16; ++j) {
+    o[j] = d * float((b[8 + j] & 15) | (((qh >> j) & 1) << 4)) + m;
+    o[j + 16] = d * float((b[8 + j] >> 4) | (((qh >> (j + 16)) & 1) << 4)) + m;
+  }
+}
+void deq_q8_0(const uint8_t* b, float* o) {
+  const float d = f16(b);
+  for (int j = 0; j < 32; ++j) o[j] = float(int8_t(b[2 + j])) * d;
+}
+// K-quants: 256 weights; weight w = 128 * half + 32 * shift + l reads byte 32 * half + l
+void deq_q2_k(const uint8_t* b, float* o) {
+  const uint8_t* sc = b;
+  const uint8_t* qs = b + 16;
+  const float d = f16(b + 80), dmin = f16(b + 82);
+  for (int w = 0; w < 256; w += 16) {
+    const int j = w / 16, half = w / 128, s = (w / 32) % 4, l0 = w % 32;
+    const float dl = d * float(sc[j] & 0xF), ml = dmin * float(sc[j] >> 4);
+    for (int l = 0; l < 16; ++l) o[w + l] = dl * float((qs[32 * half + l0 + l] >> (2 * s)) & 3) - ml;
+  }
+}
+void deq_q3_k(const uint8_t* b, float* o) {
+  const uint8_t* hm = b;
+  const uint8_t* qs = b + 32;
+  const uint8_t* s = b + 96;
+  const float d = f16(b + 108);
+  for (int w = 0; w < 256; w += 16) {
+    const int j = w / 16, g = w / 32, half = w / 128, sh = g % 4, l0 = w % 32;
+    const int sc = int(((s[j % 8] >> (4 * (j / 8))) & 0xF) | (((s[8 + j % 4] >> (2 * (j / 4))) & 3) << 4)) - 32;
+    const float dl = d * float(sc);
+    for (int l = 0; l < 16; ++l) {
+      const int q = int((qs[32 * half + l0 + l] >> (2 * sh)) & 3) - (((hm[l0 + l] >> g) & 1) ? 0 : 4);
+      o[w + l] = dl * float(q);
+    }
+  }
+}
+template <bool FIVE>
+void deq_q45_k(const uint8_t* b, float* o) {
+  const float d = f16(b), dmin = f16(b + 2);
+  uint8_t sc[8], mn[8];
+  scale_min_k4(b + 4, sc, mn);
+  const uint8_t* qh = b + 16;
+  const uint8_t* qs = FIVE ? b + 48 : b + 16;
+  for (int j = 0; j < 8; ++j) {   // sub-block j: weights 32j.., nibble j % 2 of bytes 32 * (j / 2)..
+    const float dl = d * float(sc[j]), dm = dmin * float(mn[j]);
+    const uint8_t* q = qs + 32 * (j / 2);
+    for (int l = 0; l < 32; ++l) {
+      int v = (q[l] >> (4 * (j % 2))) & 0xF;
+      if (FIVE) v |= ((qh[l] >> j) & 1) << 4;
+      o[32 * j + l] = dl * float(v) - dm;
+    }
+  }
+}
+void deq_q6_k(const uint8_t* b, float* o) {
+  const uint8_t* ql = b;
+  const uint8_t* qh = b + 128;
+  const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
+  const float d = f16(b + 208);
+  for (int w = 0; w < 256; w += 16) {
+    const int half = w / 128, r = w % 128;
+    const float dl = d * float(sc[w / 16]);
+    for (int l = 0; l < 16; ++l) {
+      const int i = r + l;                    // 0..127 within the half
+      const int lo = (ql[64 * half + i % 64] >> (4 * (i / 64))) & 0xF;
+      const int hi = (qh[32 * half + i % 32] >> (2 * (i / 32))) & 3;
+      o[w + l] = dl * float((lo | (hi << 4)) - 32);
+    }
+  }
+}
+
+}  // namespace
+
+void dequant_row(int64_t type, const uint8_t* w, float* out, int64_t K) {
+  if (type == F16) {
+    for (int64_t i = 0; i < K; ++i) out[i] = f16(w + 2 * i);
+    return;
+  }
+  if (type == BF16) {
+    for (int64_t i = 0; i < K; ++i) {
+      const uint32_t bits = uint32_t(u16(w + 2 * i)) << 16;
+      std::memcpy(out + i, &bits, 4);
+    }
+    return;
+  }
+  const TypeInfo ti = type_info(type);
+  void (*f)(const uint8_t*, float*) = nullptr;
+  switch (type) {
+    case Q4_0: f = deq_q4_0; break;
+    case Q4_1: f = deq_q4_1; break;
+    case Q5_0: f = deq_q5_0; break;
+    case Q5_1: f = deq_q5_1; break;
+    case Q8_0: f = deq_q8_0; break;
+    case Q2_K: f = deq_q2_k; break;
+    case Q3_K: f = deq_q3_k; break;
+    case Q4_K: f = deq_q45_k<false>; break;
+    case Q5_K: f = deq_q45_k<true>; break;
+    case Q6_K: f = deq_q6_k; break;
+    default: return;
+  }
+  for (int64_t g = 0; g < K / ti.block; ++g) f(w + g * ti.bytes, out + g * ti.block);
+}
+
+void fdot_rows(int64_t type, const uint8_t* w, const float* x, int64_t ldx, int R, int64_t K, float* out, float* buf) {
+  const TypeInfo ti = type_info(type);
+  const int64_t per = ti.block >= 256 ? ti.block : 256;   // weights dequantized at a time
+  float tail[4] = {0.f, 0.f, 0.f, 0.f};
+#ifdef LF_AVX2
+  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+#endif
+  for (int64_t k0 = 0; k0 < K; k0 += per) {
+    const int64_t n = K - k0 < per ? K - k0 : per;
+    dequant_row(type, w + k0 / ti.block * ti.bytes, buf, n);
+    for (int r = 0; r < R; ++r) {
+      const float* xr = x + r * ldx + k0;
+      int64_t j = 0;
+#ifdef LF_AVX2
+      for (; j + 8 <= n; j += 8) acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(buf + j), _mm256_loadu_ps(xr + j), acc[r]);
+#endif
+      for (; j < n; ++j) tail[r] += buf[j] * xr[j];
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    float s = tail[r];
+#ifdef LF_AVX2
+    __m128 v = _mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps(acc[r], 1));
+    v = _mm_add_ps(v, _mm_movehl_ps(v, v));
+    v = _mm_add_ss(v, _mm_movehdup_ps(v));
+    s += _mm_cvtss_f32(v);
+#endif
+    out[r] = s;
+  }
+}
+
+}  // namespace lf

@@ -1,0 +1,323 @@
+// The 8-bit activation path: x quantized once per matmul to q8 blocks, each weight block unpacked
+// into unsigned 8-bit codes (and per-sub-block integer scales) in registers, then integer dot
+// products: _mm256_maddubs_epi16 + _mm256_madd_epi16 on AVX2, _mm256_dpbusd_epi32 with VNNI
+// (AVX512-VNNI+VL or AVX-VNNI). 256-bit vectors throughout: on Zen 4 and on Intel VMs the 512-bit
+// forms bring no more bandwidth, and one source then serves AVX2-only CPUs too.
+//
+// Every type is written w = scale * code + offset with an unsigned code, so one product form serves
+// all: sum_j scale_j * (codes_j . q_j) plus offset_j * sum(q_j), the latter from the activation
+// blocks' precomputed sums (s for q8, bsums for q8_K). Q8_0's signed codes use the sign trick.
+#include "common.h"
+
+#include <cmath>
+#include <cstring>
+
+namespace lf {
+
+int act_kind(int64_t type) {
+  switch (type) {
+    case Q4_0: case Q4_1: case Q5_0: case Q5_1: case Q8_0: return 1;
+    case Q2_K: case Q3_K: case Q4_K: case Q5_K: case Q6_K: return 2;
+    default: return 0;
+  }
+}
+
+int64_t act_row_bytes(int64_t type, int64_t K) {
+  switch (act_kind(type)) {
+    case 1: return K / 32 * int64_t(sizeof(BlockQ8));
+    case 2: return K / 256 * int64_t(sizeof(BlockQ8K));
+    default: return 0;
+  }
+}
+
+void quantize_act_row(int64_t type, const float* x, uint8_t* out, int64_t K) {
+  const int kind = act_kind(type);
+  const int64_t bs = kind == 1 ? 32 : 256;
+  for (int64_t g = 0; g < K / bs; ++g) {
+    const float* xb = x + g * bs;
+    float amax = 0.f;
+    for (int64_t j = 0; j < bs; ++j) amax = std::fmax(amax, std::fabs(xb[j]));
+    const float d = amax / 127.f, id = amax > 0.f ? 127.f / amax : 0.f;
+    int8_t* qs;
+    if (kind == 1) {
+      auto* b = reinterpret_cast<BlockQ8*>(out) + g;
+      qs = b->qs;
+      int sum = 0;
+      for (int j = 0; j < 32; ++j) { qs[j] = int8_t(std::nearbyint(xb[j] * id)); sum += qs[j]; }
+      b->d = d;
+      b->s = d * float(sum);
+    } else {
+      auto* b = reinterpret_cast<BlockQ8K*>(out) + g;
+      qs = b->qs;
+      for (int j = 0; j < 256; ++j) qs[j] = int8_t(std::nearbyint(xb[j] * id));
+      for (int j = 0; j < 16; ++j) {
+        int sum = 0;
+        for (int l = 0; l < 16; ++l) sum += qs[16 * j + l];
+        b->bsums[j] = int16_t(sum);
+      }
+      b->d = d;
+    }
+  }
+}
+
+#ifdef LF_AVX2
+bool has_int8_path() { return true; }
+
+namespace {
+
+inline uint16_t u16(const uint8_t* p) { uint16_t v; std::memcpy(&v, p, 2); return v; }
+inline float f16(const uint8_t* p) { return _cvtsh_ss(u16(p)); }
+inline __m256i load(const void* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+
+// Scale vectors in the form the product below wants: int32 lanes after dpbusd (VNNI), int16 pairs
+// for madd (AVX2). a scales bytes 0..15 of a 32-code vector, b bytes 16..31.
+inline __m256i scales(int a, int b) {
+#ifdef LF_VNNI
+  return _mm256_set_m128i(_mm_set1_epi32(b), _mm_set1_epi32(a));
+#else
+  return _mm256_set_m128i(_mm_set1_epi16(int16_t(b)), _mm_set1_epi16(int16_t(a)));
+#endif
+}
+// acc (8 x int32) += scale * (u . s) over groups of 4 bytes; u unsigned codes <= 63 (or |q8| <= 128), s signed
+inline __m256i dot_scaled(__m256i acc, __m256i u, __m256i s, __m256i sc) {
+#ifdef LF_VNNI
+  return _mm256_add_epi32(acc, _mm256_mullo_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s), sc));
+#else
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), sc));
+#endif
+}
+inline __m256i dot(__m256i u, __m256i s) {
+#ifdef LF_VNNI
+  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
+#else
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+#endif
+}
+inline float hsum(__m256 a) {
+  __m128 v = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  v = _mm_add_ps(v, _mm_movehl_ps(v, v));
+  v = _mm_add_ss(v, _mm_movehdup_ps(v));
+  return _mm_cvtss_f32(v);
+}
+inline int hsum_i32(__m256i a) {
+  __m128i v = _mm_add_epi32(_mm256_castsi256_si128(a), _mm256_extracti128_si256(a, 1));
+  v = _mm_add_epi32(v, _mm_shuffle_epi32(v, 0x4e));
+  v = _mm_add_epi32(v, _mm_shuffle_epi32(v, 0xb1));
+  return _mm_cvtsi128_si32(v);
+}
+// 16 nibble pairs -> 32 codes: low nibbles are codes 0..15, high nibbles 16..31
+inline __m256i nibbles32(const uint8_t* p) {
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m128i m = _mm_set1_epi8(15);
+  return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), m), _mm_and_si128(v, m));
+}
+// bit j of 32 bits -> 0x10 in byte j (the fifth bit of Q5_0/Q5_1 codes)
+inline __m256i bit4_of(const uint8_t* p) {
+  uint32_t bits;
+  std::memcpy(&bits, p, 4);
+  const __m256i shuf = _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0);
+  __m256i v = _mm256_shuffle_epi8(_mm256_set1_epi32(int(bits)), shuf);
+  const __m256i sel = _mm256_set1_epi64x(int64_t(0x8040201008040201));
+  v = _mm256_cmpeq_epi8(_mm256_and_si256(v, sel), sel);
+  return _mm256_and_si256(v, _mm256_set1_epi8(0x10));
+}
+
+// ---- 32-weight blocks against q8 ------------------------------------------------------------------
+// one block: codes u, w = d * code + o (o multiplies sum(x), i.e. the q8 block's s)
+struct Unpacked32 { __m256i u; float d; float o; };
+
+template <int64_t T> inline Unpacked32 unpack32(const uint8_t* b);
+template <> inline Unpacked32 unpack32<Q4_0>(const uint8_t* b) { const float d = f16(b); return {nibbles32(b + 2), d, -8.f * d}; }
+template <> inline Unpacked32 unpack32<Q4_1>(const uint8_t* b) { return {nibbles32(b + 4), f16(b), f16(b + 2)}; }
+template <> inline Unpacked32 unpack32<Q5_0>(const uint8_t* b) {
+  const float d = f16(b);
+  return {_mm256_or_si256(nibbles32(b + 6), bit4_of(b + 2)), d, -16.f * d};
+}
+template <> inline Unpacked32 unpack32<Q5_1>(const uint8_t* b) {
+  return {_mm256_or_si256(nibbles32(b + 8), bit4_of(b + 4)), f16(b), f16(b + 2)};
+}
+
+template <int64_t T, int R>
+void dot32(const uint8_t* w, const uint8_t* xq, int64_t xs, int64_t nb, float* out) {
+  constexpr int64_t BYTES = T == Q4_0 ? 18 : T == Q4_1 ? 20 : T == Q5_0 ? 22 : T == Q5_1 ? 24 : 34;
+  __m256 acc[R];
+  float off[R];
+  for (int r = 0; r < R; ++r) { acc[r] = _mm256_setzero_ps(); off[r] = 0.f; }
+  for (int64_t g = 0; g < nb; ++g) {
+    const uint8_t* b = w + g * BYTES;
+    if constexpr (T == Q8_0) {
+      const __m256i q = load(b + 2);
+      const __m256i u = _mm256_sign_epi8(q, q);
+      const float d = f16(b);
+      for (int r = 0; r < R; ++r) {
+        const BlockQ8* x = reinterpret_cast<const BlockQ8*>(xq + r * xs) + g;
+        const __m256i p = dot(u, _mm256_sign_epi8(load(x->qs), q));
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * x->d), acc[r]);
+      }
+    } else {
+      const Unpacked32 k = unpack32<T>(b);
+      for (int r = 0; r < R; ++r) {
+        const BlockQ8* x = reinterpret_cast<const BlockQ8*>(xq + r * xs) + g;
+        const __m256i p = dot(k.u, load(x->qs));
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(k.d * x->d), acc[r]);
+        off[r] += k.o * x->s;
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]) + off[r];
+}
+
+// ---- K-quants (256 weights) against q8_K --------------------------------------------------------
+// w = d * sc_j * code + dm * off_j per sub-block; u[v] holds codes 32v..32v+31 with their scales in
+// sc[v]; off[j] per 16 weights (multiplies the activation's bsums[j])
+struct UnpackedK { __m256i u[8]; __m256i sc[8]; __m256i off; float d; float dm; };
+
+inline void scale_min_k4(const uint8_t* s, uint8_t* sc, uint8_t* mn) {
+  for (int j = 0; j < 4; ++j) {
+    sc[j] = s[j] & 63;
+    mn[j] = s[j + 4] & 63;
+    sc[j + 4] = (s[j + 8] & 0xF) | ((s[j] >> 6) << 4);
+    mn[j + 4] = (s[j + 8] >> 4) | ((s[j + 4] >> 6) << 4);
+  }
+}
+
+template <int64_t T> inline void unpackK(const uint8_t* b, UnpackedK& k);
+
+template <> inline void unpackK<Q2_K>(const uint8_t* b, UnpackedK& k) {
+  const uint8_t* s = b;
+  const __m256i m3 = _mm256_set1_epi8(3);
+  for (int half = 0; half < 2; ++half) {
+    const __m256i q = load(b + 16 + 32 * half);
+    for (int sh = 0; sh < 4; ++sh) k.u[4 * half + sh] = _mm256_and_si256(_mm256_srli_epi16(q, 2 * sh), m3);
+  }
+  alignas(32) int16_t off[16];
+  for (int v = 0; v < 8; ++v) k.sc[v] = scales(s[2 * v] & 0xF, s[2 * v + 1] & 0xF);
+  for (int j = 0; j < 16; ++j) off[j] = int16_t(s[j] >> 4);
+  k.off = _mm256_load_si256(reinterpret_cast<const __m256i*>(off));
+  k.d = f16(b + 80);
+  k.dm = -f16(b + 82);
+}
+
+template <> inline void unpackK<Q3_K>(const uint8_t* b, UnpackedK& k) {
+  const __m256i hm = load(b), m3 = _mm256_set1_epi8(3), one = _mm256_set1_epi8(1);
+  for (int half = 0; half < 2; ++half) {
+    const __m256i q = load(b + 32 + 32 * half);
+    for (int sh = 0; sh < 4; ++sh) {
+      const int g = 4 * half + sh;
+      const __m256i hb = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hm, g), one), 2);
+      k.u[g] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q, 2 * sh), m3), hb);   // 0..7 = q + 4
+    }
+  }
+  const uint8_t* s = b + 96;
+  int sc[16];
+  alignas(32) int16_t off[16];
+  for (int j = 0; j < 16; ++j) {
+    sc[j] = int(((s[j % 8] >> (4 * (j / 8))) & 0xF) | (((s[8 + j % 4] >> (2 * (j / 4))) & 3) << 4)) - 32;
+    off[j] = int16_t(-4 * sc[j]);
+  }
+  for (int v = 0; v < 8; ++v) k.sc[v] = scales(sc[2 * v], sc[2 * v + 1]);
+  k.off = _mm256_load_si256(reinterpret_cast<const __m256i*>(off));
+  k.d = k.dm = f16(b + 108);
+}
+
+template <bool FIVE>
+inline void unpack_q45k(const uint8_t* b, UnpackedK& k) {
+  uint8_t sc[8], mn[8];
+  scale_min_k4(b + 4, sc, mn);
+  const uint8_t* qs = b + (FIVE ? 48 : 16);
+  const __m256i m4 = _mm256_set1_epi8(15);
+  __m256i hm = _mm256_setzero_si256();
+  if (FIVE) hm = load(b + 16);
+  const __m256i one = _mm256_set1_epi8(1);
+  for (int c = 0; c < 4; ++c) {
+    const __m256i q = load(qs + 32 * c);
+    k.u[2 * c] = _mm256_and_si256(q, m4);
+    k.u[2 * c + 1] = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
+    if (FIVE) {
+      k.u[2 * c] = _mm256_or_si256(k.u[2 * c], _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hm, 2 * c), one), 4));
+      k.u[2 * c + 1] = _mm256_or_si256(k.u[2 * c + 1], _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hm, 2 * c + 1), one), 4));
+    }
+  }
+  alignas(32) int16_t off[16];
+  for (int v = 0; v < 8; ++v) {
+    k.sc[v] = scales(sc[v], sc[v]);
+    off[2 * v] = off[2 * v + 1] = int16_t(mn[v]);
+  }
+  k.off = _mm256_load_si256(reinterpret_cast<const __m256i*>(off));
+  k.d = f16(b);
+  k.dm = -f16(b + 2);
+}
+template <> inline void unpackK<Q4_K>(const uint8_t* b, UnpackedK& k) { unpack_q45k<false>(b, k); }
+template <> inline void unpackK<Q5_K>(const uint8_t* b, UnpackedK& k) { unpack_q45k<true>(b, k); }
+
+template <> inline void unpackK<Q6_K>(const uint8_t* b, UnpackedK& k) {
+  const __m256i m4 = _mm256_set1_epi8(15), m3 = _mm256_set1_epi8(3);
+  for (int half = 0; half < 2; ++half) {
+    const __m256i l0 = load(b + 64 * half), l1 = load(b + 64 * half + 32), h = load(b + 128 + 32 * half);
+    auto hi = [&](int sh) { return _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 2 * sh), m3), 4); };
+    k.u[4 * half + 0] = _mm256_or_si256(_mm256_and_si256(l0, m4), hi(0));
+    k.u[4 * half + 1] = _mm256_or_si256(_mm256_and_si256(l1, m4), hi(1));
+    k.u[4 * half + 2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), hi(2));
+    k.u[4 * half + 3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4), hi(3));
+  }
+  const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
+  alignas(32) int16_t off[16];
+  for (int v = 0; v < 8; ++v) k.sc[v] = scales(sc[2 * v], sc[2 * v + 1]);
+  for (int j = 0; j < 16; ++j) off[j] = int16_t(-32 * sc[j]);
+  k.off = _mm256_load_si256(reinterpret_cast<const __m256i*>(off));
+  k.d = k.dm = f16(b + 208);
+}
+
+template <int64_t T, int R>
+void dotK(const uint8_t* w, const uint8_t* xq, int64_t xs, int64_t nb, float* out) {
+  constexpr int64_t BYTES = T == Q2_K ? 84 : T == Q3_K ? 110 : T == Q4_K ? 144 : T == Q5_K ? 176 : 210;
+  __m256 acc[R], offacc[R];
+  for (int r = 0; r < R; ++r) acc[r] = offacc[r] = _mm256_setzero_ps();
+  UnpackedK k;
+  for (int64_t g = 0; g < nb; ++g) {
+    unpackK<T>(w + g * BYTES, k);
+    for (int r = 0; r < R; ++r) {
+      const BlockQ8K* x = reinterpret_cast<const BlockQ8K*>(xq + r * xs) + g;
+      __m256i isum = _mm256_setzero_si256();
+      for (int v = 0; v < 8; ++v) isum = dot_scaled(isum, k.u[v], load(x->qs + 32 * v), k.sc[v]);
+      const __m256i ioff = _mm256_madd_epi16(k.off, load(x->bsums));
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(k.d * x->d), acc[r]);
+      offacc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ioff), _mm256_set1_ps(k.dm * x->d), offacc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) out[r] = hsum(_mm256_add_ps(acc[r], offacc[r]));
+}
+
+template <int R>
+void qdot_r(int64_t type, const uint8_t* w, const uint8_t* xq, int64_t xs, int64_t K, float* out) {
+  switch (type) {
+    case Q4_0: return dot32<Q4_0, R>(w, xq, xs, K / 32, out);
+    case Q4_1: return dot32<Q4_1, R>(w, xq, xs, K / 32, out);
+    case Q5_0: return dot32<Q5_0, R>(w, xq, xs, K / 32, out);
+    case Q5_1: return dot32<Q5_1, R>(w, xq, xs, K / 32, out);
+    case Q8_0: return dot32<Q8_0, R>(w, xq, xs, K / 32, out);
+    case Q2_K: return dotK<Q2_K, R>(w, xq, xs, K / 256, out);
+    case Q3_K: return dotK<Q3_K, R>(w, xq, xs, K / 256, out);
+    case Q4_K: return dotK<Q4_K, R>(w, xq, xs, K / 256, out);
+    case Q5_K: return dotK<Q5_K, R>(w, xq, xs, K / 256, out);
+    case Q6_K: return dotK<Q6_K, R>(w, xq, xs, K / 256, out);
+    default: return;
+  }
+}
+
+}  // namespace
+
+void qdot_rows(int64_t type, const uint8_t* w, const uint8_t* xq, int64_t xs, int R, int64_t K, float* out) {
+  switch (R) {
+    case 4: return qdot_r<4>(type, w, xq, xs, K, out);
+    case 3: return qdot_r<3>(type, w, xq, xs, K, out);
+    case 2: return qdot_r<2>(type, w, xq, xs, K, out);
+    default: return qdot_r<1>(type, w, xq, xs, K, out);
+  }
+}
+#else
+bool has_int8_path() { return false; }
+void qdot_rows(int64_t, const uint8_t*, const uint8_t*, int64_t, int, int64_t, float*) {}
+#endif
+
+}  // namespace lf
