@@ -71,7 +71,7 @@ class Llama:
         if dtype not in DTYPES:
             raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
         args = ckpt.args if max_seq_len is None else ckpt.args.replace(max_seq_len=max_seq_len)
-        if packed and any(not isinstance(t, torch.Tensor) for t in ckpt.tensors.values()):
+        if packed and (ckpt.format == "gguf" or any(not isinstance(t, torch.Tensor) for t in ckpt.tensors.values())):
             from .quant.repack import load_packed
             model = load_packed(args, ckpt.tensors, device, DTYPES[dtype], progress=progress)
         else:

@@ -98,21 +98,25 @@ def _set(model: nn.Module, path: str, module: nn.Module) -> None:
 
 def load_packed(args: ModelArgs, tensors: dict[str, Any], device: str | torch.device = "cpu",
                 dtype: torch.dtype = torch.float32, progress: bool = False) -> nn.Module:
-    """A Transformer whose Linears compute straight from the checkpoint's QTensors.
+    """A Transformer whose Linears compute straight from the checkpoint's blocks.
 
-    On the CPU, Q4_0/Q4_1/Q8_0 tensors become GGMLLinear modules over the file's own blocks (native
-    kernels, exact weights, float32); other types, or other devices, or no native kernels, are
-    repacked into Int4Linear/Int8Linear. Float tensors (norms, unquantized matrices) are loaded as
-    `dtype`. A quantized embedding becomes a GGMLEmbedding or an Int8Embedding sharing the rows of
-    a tied output projection.
+    On the CPU with the native kernels built, every quantized matrix (QTensor) and every float16 /
+    bfloat16 matrix becomes a GGMLLinear over the file's own memory-mapped blocks: no pass over the
+    weights, no copy. Otherwise (another device, no compiler) quantized tensors are repacked into
+    Int4Linear/Int8Linear, and a warning names each one. Other float tensors (norms, float32
+    matrices) are loaded as `dtype`. A quantized embedding becomes a GGMLEmbedding or an
+    Int8Embedding sharing the rows of a tied output projection.
     """
     from ..model import Transformer
-    from .gguf_blocks import QTensor as _QT
-    native = torch.device(device).type == "cpu"   # the block kernels are CPU code
-    if any(isinstance(t, _QT) and not (native and ggml.supported(t)) for t in tensors.values()):
+    native = torch.device(device).type == "cpu" and ggml.kernels() is not None   # the block kernels are CPU code
+    slow = ggml.not_native(tensors, device)
+    if slow:
+        log.warning("%d matrices do not run on the native kernels (repacked or dequantized instead): %s",
+                    len(slow), ", ".join(slow[:12]) + (f" and {len(slow) - 12} more" if len(slow) > 12 else ""))
+    tensors = {n: QTensor.from_float16(t) if native and _half_matrix(t) else t for n, t in tensors.items()}
+    if any(isinstance(t, QTensor) and not (native and ggml.supported(t)) for t in tensors.values()):
         _scratch_to_mmap()    # repacking ahead; the native path leaves malloc's defaults (prompt speed)
     model = Transformer.empty(args, device=device)
-    tensors = dict(tensors)
     emb = tensors.pop("tok_embeddings.weight")
     out = tensors.pop("output.weight", None)
     names = list(tensors)
@@ -124,34 +128,34 @@ def load_packed(args: ModelArgs, tensors: dict[str, Any], device: str | torch.de
     for name in names:
         t = tensors.pop(name)
         path = name.removesuffix(".weight")
-        if isinstance(t, _QT) and native and ggml.supported(t):
+        if isinstance(t, QTensor) and native and ggml.supported(t):
             _set(model, path, ggml.GGMLLinear(t))     # computes from the mapped file's blocks
-        elif isinstance(t, _QT):
+        elif isinstance(t, QTensor):
             _set(model, path, repack(t).to(device))
             release_pages(t.data)
         else:  # a copy: a view would keep the whole file mapped
             p = nn.Parameter(torch.as_tensor(t).to(device=device, dtype=dtype, copy=True), requires_grad=False)
             _set(model, name, p)
     # embedding rows and the output projection
-    if isinstance(emb, _QT) and native and ggml.supported(emb):
+    if isinstance(emb, QTensor) and native and ggml.supported(emb):
         emb_lin = ggml.GGMLLinear(emb)
         model.tok_embeddings = ggml.GGMLEmbedding(emb_lin, dtype)
         if args.tie_embeddings or out is None:
             model.output = emb_lin
-        elif isinstance(out, _QT):
+        elif isinstance(out, QTensor):
             model.output = ggml.GGMLLinear(out) if ggml.supported(out) else repack(out)
         else:
             model.output = _float_linear(out, device, dtype)
-    elif isinstance(emb, _QT) or isinstance(out, _QT):
+    elif isinstance(emb, QTensor) or isinstance(out, QTensor):
         emb_mod = _int8_rows(emb, device)
-        if isinstance(emb, _QT):
+        if isinstance(emb, QTensor):
             release_pages(emb.data)
         model.tok_embeddings = Int8Embedding(emb_mod.qweight, emb_mod.scales, dtype)
         if args.tie_embeddings or out is None:
             model.output = emb_mod
         else:
-            model.output = repack(out).to(device) if isinstance(out, _QT) else _float_linear(out, device, dtype)
-            if isinstance(out, _QT):
+            model.output = repack(out).to(device) if isinstance(out, QTensor) else _float_linear(out, device, dtype)
+            if isinstance(out, QTensor):
                 release_pages(out.data)
         if isinstance(model.output, Int8Linear):
             model.output.exact_top = EXACT_TOP
@@ -168,6 +172,10 @@ def load_packed(args: ModelArgs, tensors: dict[str, Any], device: str | torch.de
         raise ValueError(f"checkpoint does not match the model: missing {left[:5]}")
     _trim_heap()
     return model.eval()
+
+
+def _half_matrix(t: Any) -> bool:
+    return isinstance(t, torch.Tensor) and t.ndim == 2 and t.dtype in (torch.float16, torch.bfloat16)
 
 
 def release_pages(arr: np.ndarray) -> None:
