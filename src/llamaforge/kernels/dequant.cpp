@@ -161,11 +161,23 @@ void deq_q6_k(const uint8_t* b, float* o) {
 
 void dequant_row(int64_t type, const uint8_t* w, float* out, int64_t K) {
   if (type == F16) {
-    for (int64_t i = 0; i < K; ++i) out[i] = f16(w + 2 * i);
+    int64_t i = 0;
+#ifdef LF_AVX2
+    for (; i + 8 <= K; i += 8)
+      _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 2 * i))));
+#endif
+    for (; i < K; ++i) out[i] = f16(w + 2 * i);
     return;
   }
   if (type == BF16) {
-    for (int64_t i = 0; i < K; ++i) {
+    int64_t i = 0;
+#ifdef LF_AVX2
+    for (; i + 8 <= K; i += 8) {
+      const __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 2 * i)));
+      _mm256_storeu_ps(out + i, _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)));
+    }
+#endif
+    for (; i < K; ++i) {
       const uint32_t bits = uint32_t(u16(w + 2 * i)) << 16;
       std::memcpy(out + i, &bits, 4);
     }

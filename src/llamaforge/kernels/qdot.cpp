@@ -168,32 +168,62 @@ void dot32(const uint8_t* w, const uint8_t* xq, int64_t xs, int64_t nb, float* o
 }
 
 // ---- K-quants (256 weights) against q8_K --------------------------------------------------------
-// w = d * sc_j * code + dm * off_j per sub-block; u[v] holds codes 32v..32v+31 with their scales in
-// sc[v]; off[j] per 16 weights (multiplies the activation's bsums[j])
-struct UnpackedK { __m256i u[8]; __m256i sc[8]; __m256i off; float d; float dm; };
+// w = d * sc_j * code + dm * off_j per sub-block. u[v] holds codes 32v..32v+31. sc: the sub-block
+// scales as int32 lanes (8 for 32-weight sub-blocks; 16 in two vectors for 16-weight ones), in the
+// form scale_of() turns into a per-lane multiplier. off . bsums is the offset term: off16 (16 int16
+// per-16 offsets) or, for 32-weight sub-blocks, off8 (8 int16) against pair sums of bsums.
+struct UnpackedK {
+  __m256i u[8];
+  __m256i sc[2];
+  __m256i off16;   // Q2_K, Q3_K, Q6_K
+  __m128i off8;    // Q4_K, Q5_K
+  float d, dm;
+};
 
-inline void scale_min_k4(const uint8_t* s, uint8_t* sc, uint8_t* mn) {
-  for (int j = 0; j < 4; ++j) {
-    sc[j] = s[j] & 63;
-    mn[j] = s[j + 4] & 63;
-    sc[j + 4] = (s[j + 8] & 0xF) | ((s[j] >> 6) << 4);
-    mn[j + 4] = (s[j + 8] >> 4) | ((s[j + 4] >> 6) << 4);
+// scales as int32 -> the multiplier form dot_scaled() takes (int16 pairs for madd without VNNI)
+inline __m256i mul_form(__m256i sc32) {
+#ifdef LF_VNNI
+  return sc32;
+#else
+  return _mm256_or_si256(_mm256_and_si256(sc32, _mm256_set1_epi32(0xFFFF)), _mm256_slli_epi32(sc32, 16));
+#endif
+}
+// the multiplier vector of codes u[v]: 32-weight sub-blocks (one scale) or 16-weight (two)
+template <bool SIXTEEN>
+inline __m256i scale_of(const UnpackedK& k, int v) {
+  if constexpr (SIXTEEN) {
+    const int j = 2 * (v % 4);
+    return _mm256_permutevar8x32_epi32(k.sc[v / 4], _mm256_set_epi32(j + 1, j + 1, j + 1, j + 1, j, j, j, j));
+  } else {
+    return _mm256_permutevar8x32_epi32(k.sc[0], _mm256_set1_epi32(v));
   }
+}
+
+// Q4_K / Q5_K: 12 bytes -> 8 six-bit scales (bytes 0..7) and 8 mins (bytes 8..15), word-wise
+inline void scale_min_k4(const uint8_t* s, uint8_t* out) {
+  uint32_t a[3], r[4];
+  std::memcpy(a, s, 12);
+  const uint32_t six = 0x3f3f3f3f, low4 = 0x0f0f0f0f, two = 0x03030303;
+  r[0] = a[0] & six;
+  r[1] = (a[2] & low4) | (((a[0] >> 6) & two) << 4);
+  r[2] = a[1] & six;
+  r[3] = ((a[2] >> 4) & low4) | (((a[1] >> 6) & two) << 4);
+  std::memcpy(out, r, 16);
 }
 
 template <int64_t T> inline void unpackK(const uint8_t* b, UnpackedK& k);
 
 template <> inline void unpackK<Q2_K>(const uint8_t* b, UnpackedK& k) {
-  const uint8_t* s = b;
   const __m256i m3 = _mm256_set1_epi8(3);
   for (int half = 0; half < 2; ++half) {
     const __m256i q = load(b + 16 + 32 * half);
     for (int sh = 0; sh < 4; ++sh) k.u[4 * half + sh] = _mm256_and_si256(_mm256_srli_epi16(q, 2 * sh), m3);
   }
-  alignas(32) int16_t off[16];
-  for (int v = 0; v < 8; ++v) k.sc[v] = scales(s[2 * v] & 0xF, s[2 * v + 1] & 0xF);
-  for (int j = 0; j < 16; ++j) off[j] = int16_t(s[j] >> 4);
-  k.off = _mm256_load_si256(reinterpret_cast<const __m256i*>(off));
+  const __m128i s = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b));
+  const __m128i sc = _mm_and_si128(s, _mm_set1_epi8(15)), mn = _mm_and_si128(_mm_srli_epi16(s, 4), _mm_set1_epi8(15));
+  k.sc[0] = mul_form(_mm256_cvtepu8_epi32(sc));
+  k.sc[1] = mul_form(_mm256_cvtepu8_epi32(_mm_srli_si128(sc, 8)));
+  k.off16 = _mm256_cvtepu8_epi16(mn);
   k.d = f16(b + 80);
   k.dm = -f16(b + 82);
 }
@@ -208,27 +238,34 @@ template <> inline void unpackK<Q3_K>(const uint8_t* b, UnpackedK& k) {
       k.u[g] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q, 2 * sh), m3), hb);   // 0..7 = q + 4
     }
   }
-  const uint8_t* s = b + 96;
-  int sc[16];
-  alignas(32) int16_t off[16];
-  for (int j = 0; j < 16; ++j) {
-    sc[j] = int(((s[j % 8] >> (4 * (j / 8))) & 0xF) | (((s[8 + j % 4] >> (2 * (j / 4))) & 3) << 4)) - 32;
-    off[j] = int16_t(-4 * sc[j]);
-  }
-  for (int v = 0; v < 8; ++v) k.sc[v] = scales(sc[2 * v], sc[2 * v + 1]);
-  k.off = _mm256_load_si256(reinterpret_cast<const __m256i*>(off));
-  k.d = k.dm = f16(b + 108);
+  // 16 six-bit scales: low nibbles in bytes 0..7 (j < 8) / their high nibbles (j >= 8), two high
+  // bits each from bytes 8..11
+  uint32_t a[3], r[4];
+  std::memcpy(a, b + 96, 12);
+  const uint32_t low4 = 0x0f0f0f0f, two = 0x03030303;
+  r[0] = (a[0] & low4) | ((a[2] & two) << 4);
+  r[1] = (a[1] & low4) | (((a[2] >> 2) & two) << 4);
+  r[2] = ((a[0] >> 4) & low4) | (((a[2] >> 4) & two) << 4);
+  r[3] = ((a[1] >> 4) & low4) | (((a[2] >> 6) & two) << 4);
+  const __m128i sc = _mm_sub_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r)), _mm_set1_epi8(32));
+  k.sc[0] = mul_form(_mm256_cvtepi8_epi32(sc));
+  k.sc[1] = mul_form(_mm256_cvtepi8_epi32(_mm_srli_si128(sc, 8)));
+  k.off16 = _mm256_cvtepi8_epi16(sc);    // times -4: folded into dm
+  k.d = f16(b + 108);
+  k.dm = -4.f * k.d;
 }
 
 template <bool FIVE>
 inline void unpack_q45k(const uint8_t* b, UnpackedK& k) {
-  uint8_t sc[8], mn[8];
-  scale_min_k4(b + 4, sc, mn);
+  alignas(16) uint8_t sm[16];
+  scale_min_k4(b + 4, sm);
+  const __m128i smv = _mm_load_si128(reinterpret_cast<const __m128i*>(sm));
+  k.sc[0] = mul_form(_mm256_cvtepu8_epi32(smv));
+  k.off8 = _mm_cvtepu8_epi16(_mm_srli_si128(smv, 8));
   const uint8_t* qs = b + (FIVE ? 48 : 16);
-  const __m256i m4 = _mm256_set1_epi8(15);
+  const __m256i m4 = _mm256_set1_epi8(15), one = _mm256_set1_epi8(1);
   __m256i hm = _mm256_setzero_si256();
   if (FIVE) hm = load(b + 16);
-  const __m256i one = _mm256_set1_epi8(1);
   for (int c = 0; c < 4; ++c) {
     const __m256i q = load(qs + 32 * c);
     k.u[2 * c] = _mm256_and_si256(q, m4);
@@ -238,12 +275,6 @@ inline void unpack_q45k(const uint8_t* b, UnpackedK& k) {
       k.u[2 * c + 1] = _mm256_or_si256(k.u[2 * c + 1], _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hm, 2 * c + 1), one), 4));
     }
   }
-  alignas(32) int16_t off[16];
-  for (int v = 0; v < 8; ++v) {
-    k.sc[v] = scales(sc[v], sc[v]);
-    off[2 * v] = off[2 * v + 1] = int16_t(mn[v]);
-  }
-  k.off = _mm256_load_si256(reinterpret_cast<const __m256i*>(off));
   k.d = f16(b);
   k.dm = -f16(b + 2);
 }
@@ -260,32 +291,46 @@ template <> inline void unpackK<Q6_K>(const uint8_t* b, UnpackedK& k) {
     k.u[4 * half + 2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), hi(2));
     k.u[4 * half + 3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4), hi(3));
   }
-  const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
-  alignas(32) int16_t off[16];
-  for (int v = 0; v < 8; ++v) k.sc[v] = scales(sc[2 * v], sc[2 * v + 1]);
-  for (int j = 0; j < 16; ++j) off[j] = int16_t(-32 * sc[j]);
-  k.off = _mm256_load_si256(reinterpret_cast<const __m256i*>(off));
-  k.d = k.dm = f16(b + 208);
+  const __m128i sc = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 192));
+  k.sc[0] = mul_form(_mm256_cvtepi8_epi32(sc));
+  k.sc[1] = mul_form(_mm256_cvtepi8_epi32(_mm_srli_si128(sc, 8)));
+  k.off16 = _mm256_cvtepi8_epi16(sc);    // times -32: folded into dm
+  k.d = f16(b + 208);
+  k.dm = -32.f * k.d;
 }
 
 template <int64_t T, int R>
 void dotK(const uint8_t* w, const uint8_t* xq, int64_t xs, int64_t nb, float* out) {
   constexpr int64_t BYTES = T == Q2_K ? 84 : T == Q3_K ? 110 : T == Q4_K ? 144 : T == Q5_K ? 176 : 210;
-  __m256 acc[R], offacc[R];
-  for (int r = 0; r < R; ++r) acc[r] = offacc[r] = _mm256_setzero_ps();
+  constexpr bool SIXTEEN = T == Q2_K || T == Q3_K || T == Q6_K;
+  __m256 acc[R];
+  __m128 offacc[R];
+  for (int r = 0; r < R; ++r) { acc[r] = _mm256_setzero_ps(); offacc[r] = _mm_setzero_ps(); }
   UnpackedK k;
   for (int64_t g = 0; g < nb; ++g) {
     unpackK<T>(w + g * BYTES, k);
     for (int r = 0; r < R; ++r) {
       const BlockQ8K* x = reinterpret_cast<const BlockQ8K*>(xq + r * xs) + g;
       __m256i isum = _mm256_setzero_si256();
-      for (int v = 0; v < 8; ++v) isum = dot_scaled(isum, k.u[v], load(x->qs + 32 * v), k.sc[v]);
-      const __m256i ioff = _mm256_madd_epi16(k.off, load(x->bsums));
+      for (int v = 0; v < 8; ++v) isum = dot_scaled(isum, k.u[v], load(x->qs + 32 * v), scale_of<SIXTEEN>(k, v));
+      __m128i ioff;
+      if constexpr (SIXTEEN) {
+        const __m256i p = _mm256_madd_epi16(k.off16, load(x->bsums));
+        ioff = _mm_add_epi32(_mm256_castsi256_si128(p), _mm256_extracti128_si256(p, 1));
+      } else {
+        const __m128i lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x->bsums));
+        const __m128i hi = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x->bsums + 8));
+        ioff = _mm_madd_epi16(k.off8, _mm_hadd_epi16(lo, hi));   // pair sums: one per 32 weights
+      }
       acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(k.d * x->d), acc[r]);
-      offacc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ioff), _mm256_set1_ps(k.dm * x->d), offacc[r]);
+      offacc[r] = _mm_fmadd_ps(_mm_cvtepi32_ps(ioff), _mm_set1_ps(k.dm * x->d), offacc[r]);
     }
   }
-  for (int r = 0; r < R; ++r) out[r] = hsum(_mm256_add_ps(acc[r], offacc[r]));
+  for (int r = 0; r < R; ++r) {
+    __m128 v = _mm_add_ps(_mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps(acc[r], 1)), offacc[r]);
+    v = _mm_add_ps(v, _mm_movehl_ps(v, v));
+    out[r] = _mm_cvtss_f32(_mm_add_ss(v, _mm_movehdup_ps(v)));
+  }
 }
 
 template <int R>
