@@ -104,18 +104,30 @@ class QTensor:
         return f"QTensor({self.qtype}, shape={self.shape}, nbytes={self.nbytes})"
 
 
-def random_blocks(qtype: str, rows: int, cols: int, seed: int = 0) -> np.ndarray:
+def random_blocks(qtype: str, rows: int, cols: int, seed: int = 0, std: float | None = None) -> np.ndarray:
     """uint8 [rows, bytes per row] of valid random blocks: random code bits, float16 scales of
-    magnitude 1e-3..1e-1 (either sign), finite float16 / bfloat16 values for the float types."""
+    magnitude 1e-3..1e-1 (either sign), finite float16 / bfloat16 values for the float types.
+
+    std: rescale the float16 scales (or values) so that the dequantized matrix has about this
+    standard deviation (weights of a usable random model rather than of an arbitrary size).
+    """
     rng = np.random.default_rng(seed)
     if qtype in ("F16", "BF16"):
-        vals = rng.standard_normal((rows, cols)).astype(np.float32)
+        vals = rng.standard_normal((rows, cols)).astype(np.float32) * np.float32(std or 1.0)
         if qtype == "F16":
             return vals.astype(np.float16).view(np.uint8)
         return (vals.view(np.uint32) >> 16).astype(np.uint16).view(np.uint8)
     bs, ts = block_sizes(qtype)
     blocks = rng.integers(0, 256, size=(rows * (cols // bs), ts), dtype=np.uint8)
-    for off in _SCALE_OFFSETS[qtype]:
-        scale = rng.uniform(1e-3, 1e-1, blocks.shape[0]) * rng.choice([-1.0, 1.0], blocks.shape[0])
-        blocks[:, off:off + 2] = scale.astype(np.float16).view(np.uint8).reshape(-1, 2)
+    scales = [rng.uniform(1e-3, 1e-1, blocks.shape[0]) * rng.choice([-1.0, 1.0], blocks.shape[0])
+              for _ in _SCALE_OFFSETS[qtype]]
+    if std is not None:
+        def put(factor: float) -> np.ndarray:
+            for off, sc in zip(_SCALE_OFFSETS[qtype], scales):
+                blocks[:, off:off + 2] = (sc * factor).astype(np.float16).view(np.uint8).reshape(-1, 2)
+            return blocks.reshape(rows, cols // bs * ts)
+        now = _quants.dequantize(put(1.0), GGMLQuantizationType[qtype]).std()
+        return put(std / now if now > 0 else 1.0)
+    for off, sc in zip(_SCALE_OFFSETS[qtype], scales):
+        blocks[:, off:off + 2] = sc.astype(np.float16).view(np.uint8).reshape(-1, 2)
     return blocks.reshape(rows, cols // bs * ts)
