@@ -57,9 +57,8 @@ def _decode_logits(model: Transformer, ids: torch.Tensor) -> torch.Tensor:
 
 @pytest.fixture(params=["f32", "int8"])
 def activations(request):
-    ggml.set_activations(request.param)
-    yield request.param
-    ggml.set_activations("int8")
+    with ggml.using_activations(request.param):
+        yield request.param
 
 
 @pytest.mark.parametrize("qtype", NATIVE_TYPES)
@@ -93,8 +92,5 @@ def test_f16_gguf_stays_mapped_and_runs_natively(tmp_path, tiny_tokenizer):
     wq = fast.model.layers[0].attention.wq
     assert isinstance(wq, ggml.GGMLLinear) and wq.qtype == "F16" and wq.blocks.dtype == torch.uint8
     ids = list(range(1, 30))
-    ggml.set_activations("f32")
-    try:
+    with ggml.using_activations("f32"):
         assert (fast.logits(ids) - flt.logits(ids)).abs().max() <= 2e-2
-    finally:
-        ggml.set_activations("int8")

@@ -91,7 +91,7 @@ def test_rms_norm_and_rope_match_torch():
 
 
 def test_siblings_compute_what_separate_modules_compute():
-    from llamaforge.quant.ggml import GGMLLinear, _Siblings, set_activations
+    from llamaforge.quant.ggml import GGMLLinear, _Siblings, using_activations
     mods = [GGMLLinear(_blocks("Q4_1", rows=r, cols=64, seed=r)) for r in (32, 16, 16)]
     x = torch.randn(1, 2, 64)
     with torch.inference_mode():
@@ -106,12 +106,9 @@ def test_siblings_compute_what_separate_modules_compute():
         # with float32 activations, prompt-sized inputs take the dequantize + BLAS route: equal to
         # F.linear on gguf-py's weights
         xl = torch.randn(1, 40, 64)
-        set_activations("f32")
-        try:
+        with using_activations("f32"):
             for m, qt_rows in zip(mods, (32, 16, 16)):
                 assert torch.equal(m(xl), F.linear(xl, _blocks("Q4_1", rows=qt_rows, cols=64, seed=qt_rows).dequantize()))
-        finally:
-            set_activations("int8")
 
 
 @pytest.mark.slow

@@ -50,8 +50,13 @@ void quantize_act_row(int64_t type, const float* x, uint8_t* out, int64_t K);
 bool has_int8_path();
 // out[r] = w . x_r for R <= 4 quantized activation rows at xq + r * xq_stride
 void qdot_rows(int64_t type, const uint8_t* w, const uint8_t* xq, int64_t xq_stride, int R, int64_t K, float* out);
-// out[r] = w . x_r with float32 x (rows at x + r * ldx), R <= 4; buf: scratch of >= 256 floats
-void fdot_rows(int64_t type, const uint8_t* w, const float* x, int64_t ldx, int R, int64_t K, float* out, float* buf);
+// out[r] = w . x_r with float32 x (rows at x + r * ldx), R <= 4; buf: scratch of >= 256 floats;
+// xs: per-32 block sums of the rows (K / 32 per row, see block_sums) for the Q4_0/Q4_1/Q8_0 kernel
+// (has_fast_f32), or null for the general path (dequantize 256 weights at a time, then multiply)
+void fdot_rows(int64_t type, const uint8_t* w, const float* x, int64_t ldx, int R, int64_t K, float* out, float* buf,
+               const float* xs);
+bool has_fast_f32(int64_t type);
+void block_sums(const float* x, int64_t K, float* out);
 
 float half_to_float(uint16_t h);
 

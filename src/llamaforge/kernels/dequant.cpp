@@ -49,7 +49,12 @@ TypeInfo type_info(int64_t type) {
 namespace {
 
 inline uint16_t u16(const uint8_t* p) { uint16_t v; std::memcpy(&v, p, 2); return v; }
+// inline: a call inside a vector loop spills every vector register around it
+#ifdef LF_AVX2
+inline float f16(const uint8_t* p) { return _cvtsh_ss(u16(p)); }
+#else
 inline float f16(const uint8_t* p) { return half_to_float(u16(p)); }
+#endif
 
 // Q4_K / Q5_K: 8 six-bit scales and mins packed in 12 bytes
 inline void scale_min_k4(const uint8_t* s, uint8_t* sc, uint8_t* mn) {
@@ -201,7 +206,117 @@ void dequant_row(int64_t type, const uint8_t* w, float* out, int64_t K) {
   for (int64_t g = 0; g < K / ti.block; ++g) f(w + g * ti.bytes, out + g * ti.block);
 }
 
-void fdot_rows(int64_t type, const uint8_t* w, const float* x, int64_t ldx, int R, int64_t K, float* out, float* buf) {
+namespace {
+
+// ---- float32 activations straight from Q4_0 / Q4_1 / Q8_0 blocks ---------------------------------
+// The small models' decode path (where per-step overhead, not bandwidth, bounds a token): codes
+// converted to float in registers, w . x = sum over blocks of d * (codes . x) + m * sum(x), with
+// two accumulators per row so the FMA chain does not bound the loop. xs: per-block sums of x.
+template <int64_t T, int R>
+void fdot32(const uint8_t* w, int64_t nb, const float* x, int64_t ldx, const float* xs, int64_t ldxs, float* out) {
+  constexpr int64_t BYTES = T == Q4_0 ? 18 : T == Q4_1 ? 20 : 34;
+  float off[R];
+  for (int r = 0; r < R; ++r) off[r] = 0.f;
+#ifdef LF_AVX512
+  __m512 acc[2][R];
+  for (int r = 0; r < R; ++r) acc[0][r] = acc[1][r] = _mm512_setzero_ps();
+  auto block = [&](int64_t g, int a) {
+    const uint8_t* b = w + g * BYTES;
+    __m512 lo, hi;
+    if constexpr (T == Q8_0) {
+      lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 2))));
+      hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 18))));
+    } else {
+      const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + (T == Q4_0 ? 2 : 4))));
+      __m512i l = _mm512_and_si512(v, _mm512_set1_epi32(15)), h = _mm512_srli_epi32(v, 4);
+      if constexpr (T == Q4_0) { l = _mm512_sub_epi32(l, _mm512_set1_epi32(8)); h = _mm512_sub_epi32(h, _mm512_set1_epi32(8)); }
+      lo = _mm512_cvtepi32_ps(l);
+      hi = _mm512_cvtepi32_ps(h);
+    }
+    const __m512 d = _mm512_set1_ps(f16(b));
+    for (int r = 0; r < R; ++r) {
+      const float* xr = x + r * ldx + g * 32;
+      __m512 t = _mm512_mul_ps(lo, _mm512_loadu_ps(xr));
+      t = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xr + 16), t);
+      acc[a][r] = _mm512_fmadd_ps(t, d, acc[a][r]);
+    }
+    if constexpr (T == Q4_1) {
+      const float m = f16(b + 2);
+      for (int r = 0; r < R; ++r) off[r] += m * xs[r * ldxs + g];
+    }
+  };
+  int64_t g = 0;
+  for (; g + 2 <= nb; g += 2) { block(g, 0); block(g + 1, 1); }
+  if (g < nb) block(g, 0);
+  for (int r = 0; r < R; ++r) out[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0][r], acc[1][r])) + off[r];
+#else
+  // portable: 8 partial sums per row, which compilers vectorise on AVX2 / NEON
+  float acc[R][8] = {};
+  float q[32];
+  for (int64_t g = 0; g < nb; ++g) {
+    const uint8_t* b = w + g * BYTES;
+    for (int j = 0; j < 16; ++j) {
+      if constexpr (T == Q8_0) { q[j] = float(int8_t(b[2 + j])); q[j + 16] = float(int8_t(b[18 + j])); }
+      else {
+        const int k = T == Q4_0 ? 8 : 0;
+        const uint8_t c = b[(T == Q4_0 ? 2 : 4) + j];
+        q[j] = float(int(c & 15) - k);
+        q[j + 16] = float(int(c >> 4) - k);
+      }
+    }
+    const float d = f16(b);
+    for (int r = 0; r < R; ++r) {
+      const float* xr = x + r * ldx + g * 32;
+      float t[8];
+      for (int l = 0; l < 8; ++l) t[l] = q[l] * xr[l] + q[l + 8] * xr[l + 8] + q[l + 16] * xr[l + 16] + q[l + 24] * xr[l + 24];
+      for (int l = 0; l < 8; ++l) acc[r][l] += t[l] * d;
+    }
+    if constexpr (T == Q4_1) {
+      const float m = f16(b + 2);
+      for (int r = 0; r < R; ++r) off[r] += m * xs[r * ldxs + g];
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    float s = 0.f;
+    for (int l = 0; l < 8; ++l) s += acc[r][l];
+    out[r] = s + off[r];
+  }
+#endif
+}
+
+template <int R>
+bool fdot32_r(int64_t type, const uint8_t* w, int64_t nb, const float* x, int64_t ldx, const float* xs, int64_t ldxs, float* out) {
+  switch (type) {
+    case Q4_0: fdot32<Q4_0, R>(w, nb, x, ldx, xs, ldxs, out); return true;
+    case Q4_1: fdot32<Q4_1, R>(w, nb, x, ldx, xs, ldxs, out); return true;
+    case Q8_0: fdot32<Q8_0, R>(w, nb, x, ldx, xs, ldxs, out); return true;
+    default: return false;
+  }
+}
+
+}  // namespace
+
+bool has_fast_f32(int64_t type) { return type == Q4_0 || type == Q4_1 || type == Q8_0; }
+
+void block_sums(const float* x, int64_t K, float* out) {
+  for (int64_t g = 0; g < K / 32; ++g) {
+    float s = 0.f;
+    for (int j = 0; j < 32; ++j) s += x[g * 32 + j];
+    out[g] = s;
+  }
+}
+
+void fdot_rows(int64_t type, const uint8_t* w, const float* x, int64_t ldx, int R, int64_t K, float* out, float* buf,
+               const float* xs) {
+  if (xs != nullptr && has_fast_f32(type)) {
+    const int64_t nb = K / 32;
+    switch (R) {
+      case 4: if (fdot32_r<4>(type, w, nb, x, ldx, xs, nb, out)) return; break;
+      case 3: if (fdot32_r<3>(type, w, nb, x, ldx, xs, nb, out)) return; break;
+      case 2: if (fdot32_r<2>(type, w, nb, x, ldx, xs, nb, out)) return; break;
+      default: if (fdot32_r<1>(type, w, nb, x, ldx, xs, nb, out)) return; break;
+    }
+  }
   const TypeInfo ti = type_info(type);
   const int64_t per = ti.block >= 256 ? ti.block : 256;   // weights dequantized at a time
   float tail[4] = {0.f, 0.f, 0.f, 0.f};

@@ -68,6 +68,12 @@ std::vector<torch::Tensor> ggml_matmul(torch::Tensor x, std::vector<torch::Tenso
       for (int64_t m = m0; m < m1; ++m) quantize_act_row(type, X + m * K, xq.data() + m * xs, K);
     });
   }
+  std::vector<float> sums;   // per-32 sums of x for the float32 Q4_0/Q4_1/Q8_0 kernel
+  if (!int8 && has_fast_f32(type)) {
+    sums.resize(M * (K / 32));
+    for (int64_t m = 0; m < M; ++m) block_sums(X + m * K, K, sums.data() + m * (K / 32));
+  }
+  const float* S = sums.empty() ? nullptr : sums.data();
   const int64_t grain = std::max<int64_t>(4, (int64_t(1) << 17) / std::max<int64_t>(1, K * M));
   at::parallel_for(0, start[T], grain, [&](int64_t n0, int64_t n1) {
     float buf[256], out[4];
@@ -80,7 +86,7 @@ std::vector<torch::Tensor> ggml_matmul(torch::Tensor x, std::vector<torch::Tenso
       for (int64_t m = 0; m < M; m += 4) {
         const int R = int(std::min<int64_t>(4, M - m));
         if (int8) qdot_rows(type, wr, xq.data() + m * xs, xs, R, K, out);
-        else fdot_rows(type, wr, X + m * K, K, R, K, out, buf);
+        else fdot_rows(type, wr, X + m * K, K, R, K, out, buf, S ? S + m * (K / 32) : nullptr);
         for (int r = 0; r < R; ++r) Y[i][(m + r) * N + row] = out[r];
       }
     }

@@ -5,9 +5,10 @@ bfloat16 matrices. The blocks stay where the loader put them (a view of the memo
 nothing is repacked, widened or copied, so loading costs no pass over the weights and the model
 computes with exactly the weights the file defines.
 
-Two activation paths (`set_activations`): "int8" (default) quantizes each input row once per matmul
-to 8-bit blocks and uses integer dot products, as llama.cpp does; "f32" multiplies float32 inputs
-with the dequantized weights (exact up to float32 sums: what exactness tests compare). Few rows
+Two activation paths (`set_activations`): "int8" quantizes each input row once per matmul to 8-bit
+blocks and uses integer dot products, as llama.cpp does; "f32" multiplies float32 inputs with the
+file's weights (exact up to float32 sums: what exactness tests compare). "auto" (the default) takes
+int8 for models of SMALL_MODEL_BYTES of weights or more, f32 below. Few rows
 (decode, a batch of decoding sequences) go through the block kernel, which reads each weight once
 for all rows; many rows (a prompt) either stay on the int8 kernel or dequantize the matrix once
 and use the BLAS matmul (see `DIRECT_MAX_ROWS`).
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import os
 import threading
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -26,8 +28,13 @@ from torch import nn
 from .gguf_blocks import NATIVE_TYPES, QTensor
 from ..native import TYPE_IDS, kernels
 
-ACTIVATIONS = ("int8", "f32")
-_int8 = [os.environ.get("LLAMAFORGE_ACTIVATIONS", "int8") != "f32"]
+ACTIVATIONS = ("auto", "int8", "f32")
+_mode = [os.environ.get("LLAMAFORGE_ACTIVATIONS", "auto")]
+# "auto": models with fewer bytes of weights than this keep float32 activations. Their decode is
+# bound by per-step overhead, not bandwidth (the bundled 135M model: about the same step time on
+# either path), and float32 keeps the dequantized model's greedy answers, which 8-bit activations
+# move at near-ties (as llama.cpp's do). Bigger models stream their weights: 8-bit activations.
+SMALL_MODEL_BYTES = 1 << 30
 
 # float32 path: row counts up to this use the block kernel; above it, dequantize + BLAS. Measured on
 # the bundled model's shapes (2 threads): the kernel costs ~16 us per row of a 3072x576 Q4_1 matrix
@@ -38,14 +45,36 @@ INT8_MAX_ROWS = 1 << 30
 
 
 def set_activations(kind: str) -> None:
-    """"int8" (8-bit activation blocks, integer dot products) or "f32" (float32 activations)."""
+    """"auto" (by model size, see SMALL_MODEL_BYTES), "int8" (8-bit activation blocks, integer dot
+    products) or "f32" (float32 activations), for every GGMLLinear from now on."""
     if kind not in ACTIVATIONS:
         raise ValueError(f"activations must be one of {', '.join(ACTIVATIONS)} (got {kind!r})")
-    _int8[0] = kind == "int8"
+    _mode[0] = kind
 
 
 def activations() -> str:
-    return "int8" if _int8[0] else "f32"
+    return _mode[0]
+
+
+@contextmanager
+def using_activations(kind: str):
+    """set_activations(kind) for a with-block, then the previous setting again."""
+    before = activations()
+    set_activations(kind)
+    try:
+        yield
+    finally:
+        set_activations(before)
+
+
+def choose_activations(model: nn.Module) -> bool:
+    """Mark the model's GGMLLinears for "auto": 8-bit activations when its blocks hold at least
+    SMALL_MODEL_BYTES (returned), else float32."""
+    mods = [m for m in model.modules() if isinstance(m, GGMLLinear)]
+    big = sum(m.blocks.numel() for m in {id(m): m for m in mods}.values()) >= SMALL_MODEL_BYTES
+    for m in mods:
+        m.int8_auto = big
+    return big
 
 
 def supported(qt: Any) -> bool:
@@ -86,6 +115,7 @@ class GGMLLinear(nn.Module):
         self.qtype, self._type_id = qt.qtype, TYPE_IDS[qt.qtype]
         self._k = kernels()
         self.register_buffer("blocks", _block_tensor(qt), persistent=False)
+        self.int8_auto = True        # what "auto" activations mean here (choose_activations sets it)
         self._group: _Siblings | None = None
 
     def dequantize(self) -> torch.Tensor:
@@ -95,17 +125,19 @@ class GGMLLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._group is not None:
             return self._group.output(self, x)
-        return _matmul(self._k, x, [self.blocks], self._type_id, self.in_features)[0]
+        return _matmul(self._k, x, [self.blocks], self._type_id, self.in_features, self.int8_auto)[0]
 
     def extra_repr(self) -> str:
         fused = " (computed with its siblings)" if self._group is not None else ""
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.qtype} blocks{fused}"
 
 
-def _matmul(k, x: torch.Tensor, blocks: list[torch.Tensor], type_id: int, in_features: int) -> list[torch.Tensor]:
+def _matmul(k, x: torch.Tensor, blocks: list[torch.Tensor], type_id: int, in_features: int,
+            int8_auto: bool) -> list[torch.Tensor]:
     xf = x if x.dtype == torch.float32 else x.float()
     rows = xf.numel() // in_features
-    int8 = _int8[0]
+    mode = _mode[0]
+    int8 = mode == "int8" or (mode == "auto" and int8_auto)
     if rows <= (INT8_MAX_ROWS if int8 else DIRECT_MAX_ROWS):
         ys = k.matmul(xf, blocks, type_id, in_features, int8)
     else:   # dequantize into one scratch matrix (all siblings), one BLAS call
@@ -162,7 +194,7 @@ class _Siblings:
                 self._x, self._pending = None, []
             return y
         parts: list[torch.Tensor | None] = list(_matmul(self.k, x, [m.blocks for m in self.members],
-                                                        self.type_id, self.in_features))
+                                                        self.type_id, self.in_features, self.members[0].int8_auto))
         mine, parts[i] = parts[i], None
         self._x, self._pending = x, parts
         return mine

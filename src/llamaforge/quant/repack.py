@@ -167,6 +167,7 @@ def load_packed(args: ModelArgs, tensors: dict[str, Any], device: str | torch.de
             model.output.weight = nn.Parameter(torch.as_tensor(out).to(device=device, dtype=dtype), requires_grad=False)
     if native:
         ggml.fuse_siblings(model)   # q/k/v and gate/up: one kernel call each
+        ggml.choose_activations(model)
     left = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
     if left:
         raise ValueError(f"checkpoint does not match the model: missing {left[:5]}")
