@@ -30,11 +30,14 @@ from ..native import TYPE_IDS, kernels
 
 ACTIVATIONS = ("auto", "int8", "f32")
 _mode = [os.environ.get("LLAMAFORGE_ACTIVATIONS", "auto")]
-# "auto": models with fewer bytes of weights than this keep float32 activations. Their decode is
-# bound by per-step overhead, not bandwidth (the bundled 135M model: about the same step time on
-# either path), and float32 keeps the dequantized model's greedy answers, which 8-bit activations
-# move at near-ties (as llama.cpp's do). Bigger models stream their weights: 8-bit activations.
-SMALL_MODEL_BYTES = 1 << 30
+# "auto": models with fewer bytes of weights than this, all in types with a fast float32 kernel,
+# keep float32 activations. Their decode is bound by per-step overhead, not bandwidth (the bundled
+# 135M Q4_1 model: 14.7 vs 12.5 ms CPU per step, one thread), and float32 keeps the dequantized
+# model's greedy answers, which 8-bit activations move at near-ties (as llama.cpp's do; e.g. the
+# bundled model's answer to "What is the capital of France?"). Bigger models stream their weights
+# (TinyLlama-1.1B Q4_0 is 0.6 GiB): 8-bit activations.
+SMALL_MODEL_BYTES = 256 << 20
+FAST_F32_TYPES = ("Q4_0", "Q4_1", "Q8_0", "F16", "BF16")
 
 # float32 path: row counts up to this use the block kernel; above it, dequantize + BLAS. Measured on
 # the bundled model's shapes (2 threads): the kernel costs ~16 us per row of a 3072x576 Q4_1 matrix
@@ -68,10 +71,11 @@ def using_activations(kind: str):
 
 
 def choose_activations(model: nn.Module) -> bool:
-    """Mark the model's GGMLLinears for "auto": 8-bit activations when its blocks hold at least
-    SMALL_MODEL_BYTES (returned), else float32."""
+    """Mark the model's GGMLLinears for "auto": 8-bit activations (returns True) when its blocks
+    hold at least SMALL_MODEL_BYTES or any is of a type without a fast float32 kernel, else float32."""
     mods = [m for m in model.modules() if isinstance(m, GGMLLinear)]
-    big = sum(m.blocks.numel() for m in {id(m): m for m in mods}.values()) >= SMALL_MODEL_BYTES
+    big = sum(m.blocks.numel() for m in {id(m): m for m in mods}.values()) >= SMALL_MODEL_BYTES \
+        or any(m.qtype not in FAST_F32_TYPES for m in mods)
     for m in mods:
         m.int8_auto = big
     return big
