@@ -8,6 +8,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
+from .cache import kv_dtype
 from .config import ModelArgs
 from .formats import Checkpoint, load_checkpoint
 from .generate import ContextOverflow, generate, generate_batch
@@ -49,16 +50,18 @@ class Llama:
     @classmethod
     def load(cls, path: str | Path | None = None, *, adapter: str | Path | None = None, dtype: str = "float32",
              quantize: str | None = "auto", max_seq_len: int | None = None, device: str = "cpu",
-             progress: bool = False) -> "Llama":
+             progress: bool = False, kv_type: str | None = None) -> "Llama":
         """Load a Meta folder, HF folder or GGUF file (the bundled SmolLM2 when path is None).
 
         quantize: "auto" (default) computes with a GGUF's quantized blocks as they are (llamaforge's
             native kernels, float32 arithmetic; float checkpoints stay float); None dequantizes them
             to float32 matrices; "int8"/"int4" swap Linears for PyTorch's packed weight-only kernels.
         adapter: a PEFT-format LoRA folder applied on top.
+        kv_type: KV cache element type, "f32" or "f16" (half the cache memory); None: the model's dtype.
         """
         from .paths import default_model_path
         path = Path(path) if path is not None else default_model_path()
+        kv = kv_dtype(kv_type)   # a bad name fails before the weights are read
         # "auto": GGUF block-quantized tensors stay packed (memory-mapped) and are repacked for the kernels
         packed = quantize == "auto"
         from . import ops
@@ -78,6 +81,7 @@ class Llama:
             tensors = {k: t.to(DTYPES[dtype]) for k, t in ckpt.tensors.items()}
             model = Transformer.empty(args, device=device).load_tensors(tensors).to(device).eval()
         ckpt.tensors = {}  # the model owns the weights now
+        model.kv_dtype = kv   # every cache the model makes (generation, server, evaluation)
         if adapter is not None:
             from .lora import load_adapter
             load_adapter(model, adapter)

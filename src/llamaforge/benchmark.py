@@ -65,7 +65,7 @@ def run(llm, prompt_tokens: int, gen_tokens: int) -> dict[str, float]:
 
 
 def bench(*, model: str | None = None, prompt_tokens: int = 512, gen_tokens: int = 128, threads: int = 2,
-          json: bool = False, quantize: str | None = "auto") -> int:
+          json: bool = False, quantize: str | None = "auto", kv_type: str | None = None) -> int:
     """Measure prefill and decode speed of a model (greedy, batch 1).
 
     model: checkpoint path; the bundled SmolLM2 when omitted
@@ -74,6 +74,7 @@ def bench(*, model: str | None = None, prompt_tokens: int = 512, gen_tokens: int
     threads: CPU threads for torch
     json: print one JSON object (prefill_tok_s, decode_tok_s, ttft_s, peak_rss_mb, ...)
     quantize: auto (keep a GGUF's quantized tensors packed), int8, int4, or none
+    kv_type: KV cache element type, f32 or f16; default: the model's dtype
     """
     import torch
     if prompt_tokens < 1 or gen_tokens < 1 or threads < 1:
@@ -83,7 +84,7 @@ def bench(*, model: str | None = None, prompt_tokens: int = 512, gen_tokens: int
     torch.set_num_threads(threads)
     from .api import Llama
     t = time.perf_counter()
-    llm = Llama.load(model, quantize=quantize)
+    llm = Llama.load(model, quantize=quantize, kv_type=kv_type)
     load_s = time.perf_counter() - t
     if prompt_tokens + gen_tokens >= llm.args.max_seq_len:
         raise ValueError(f"prompt + generated tokens ({prompt_tokens + gen_tokens}) exceed the context window "
@@ -91,7 +92,7 @@ def bench(*, model: str | None = None, prompt_tokens: int = 512, gen_tokens: int
     run(llm, min(prompt_tokens, 16), min(gen_tokens, 4))   # warm-up: first-call allocations and kernel setup
     result: dict[str, Any] = run(llm, prompt_tokens, gen_tokens)
     result.update(peak_rss_mb=peak_rss_mb(), load_s=load_s, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens,
-                  threads=threads, quantize=quantize, model=str(llm.checkpoint.path if llm.checkpoint else model))
+                  threads=threads, quantize=quantize, kv_type=kv_type, model=str(llm.checkpoint.path if llm.checkpoint else model))
     if json:
         print(_json.dumps(result))
     else:

@@ -8,6 +8,7 @@ from typing import Literal
 
 
 Quantize = Literal["auto", "none", "int8", "int4"]
+KVType = Literal["f32", "f16"]
 
 
 def _quantize(q: str | None) -> str | None:
@@ -23,16 +24,17 @@ def _sampling(max_tokens, temperature, top_p, top_k, min_p, repetition_penalty, 
 def generate(prompt: str, *, model: str | None = None, max_tokens: int = 128, temperature: float = 0.0,
              top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0, repetition_penalty: float = 1.0,
              seed: int | None = None, stop: list[str] | None = None, echo: bool = False,
-             quantize: Quantize = "auto") -> int:
+             quantize: Quantize = "auto", kv_type: KVType | None = None) -> int:
     """Continue a prompt (raw completion, no chat template), streaming to stdout.
 
     model: checkpoint path (Meta folder, HF folder or .gguf); the bundled SmolLM2 when omitted
     temperature: 0 is greedy
     stop: strings that end generation
     quantize: auto computes with a GGUF's quantized blocks (native kernels); none dequantizes to float32; int8/int4 repack any checkpoint for PyTorch's kernels
+    kv_type: KV cache element type (f16 halves its memory); default: the model's dtype
     """
     from .api import Llama
-    llm = Llama.load(model, quantize=_quantize(quantize))
+    llm = Llama.load(model, quantize=_quantize(quantize), kv_type=kv_type)
     for piece in llm.complete(prompt, stream=True, echo=echo,
                               **_sampling(max_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed, stop)):
         sys.stdout.write(piece)
@@ -44,16 +46,17 @@ def generate(prompt: str, *, model: str | None = None, max_tokens: int = 128, te
 def chat(prompt: str | None = None, *, model: str | None = None, system: str | None = None, max_tokens: int = 512,
          temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0,
          repetition_penalty: float = 1.0, seed: int | None = None, stop: list[str] | None = None,
-         quantize: Quantize = "auto", guard: bool = False) -> int:
+         quantize: Quantize = "auto", guard: bool = False, kv_type: KVType | None = None) -> int:
     """Chat with a model: interactive with a terminal, one answer for a prompt argument or piped stdin.
 
     prompt: one user message; omitted, read turns from the terminal (or all of stdin when piped)
     system: system prompt
     guard: moderate user input and model output with the default guard
     quantize: auto computes with a GGUF's quantized blocks (native kernels); none dequantizes to float32; int8/int4 repack any checkpoint for PyTorch's kernels
+    kv_type: KV cache element type (f16 halves its memory); default: the model's dtype
     """
     from .api import Llama
-    llm = Llama.load(model, quantize=_quantize(quantize))
+    llm = Llama.load(model, quantize=_quantize(quantize), kv_type=kv_type)
     checker = None
     if guard:
         from .safety.guard import Guard

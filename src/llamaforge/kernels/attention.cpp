@@ -83,8 +83,11 @@ inline float exp_sum(float* s, int64_t L, float mx) {
 torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, c10::optional<torch::Tensor> mask,
                                c10::optional<torch::Tensor> rows) {
   TORCH_CHECK(q.dim() == 4 && q.size(2) == 1 && k.dim() == 4 && v.sizes() == k.sizes(), "q [B,H,1,Hd], k/v [B,K,L,Hd]");
-  TORCH_CHECK(q.scalar_type() == torch::kFloat32 && k.scalar_type() == torch::kFloat32 && v.scalar_type() == torch::kFloat32,
-              "decode attention is float32");
+  // a float16 KV cache (kv_type="f16") is read as such: each head's keys and values are widened
+  // into a per-thread buffer, so the cache streams half the bytes
+  const bool half = k.scalar_type() == torch::kHalf;
+  TORCH_CHECK(q.scalar_type() == torch::kFloat32 && k.scalar_type() == v.scalar_type() &&
+              (half || k.scalar_type() == torch::kFloat32), "decode attention takes float32 q, float32 or float16 k/v");
   TORCH_CHECK(k.stride(3) == 1 && v.stride(3) == 1 && k.stride(2) == k.size(3) && v.stride(2) == v.size(3),
               "k and v rows must be contiguous");
   q = q.contiguous();
@@ -111,18 +114,27 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
   }
   auto out = torch::empty({B, H, 1, Hd}, q.options());
   const float* Q = q.data_ptr<float>();
-  const float* K = k.data_ptr<float>();
-  const float* V = v.data_ptr<float>();
+  const uint8_t* K = static_cast<const uint8_t*>(k.data_ptr());
+  const uint8_t* V = static_cast<const uint8_t*>(v.data_ptr());
+  const int64_t esize = half ? 2 : 4;
   float* O = out.data_ptr<float>();
   const float scale = 1.0f / std::sqrt(float(Hd));
   const int64_t ks0 = k.stride(0), ks1 = k.stride(1), vs0 = v.stride(0), vs1 = v.stride(1);
   at::parallel_for(0, B * H, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> s(L);
+    std::vector<float> s(L), kbuf(half ? L * Hd : 0), vbuf(half ? L * Hd : 0);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / H, h = t % H, kh = h / G;
       const float* qh = Q + t * Hd;
-      const float* kb = K + row[b] * ks0 + kh * ks1;
-      const float* vb = V + row[b] * vs0 + kh * vs1;
+      const uint8_t* kraw = K + (row[b] * ks0 + kh * ks1) * esize;
+      const uint8_t* vraw = V + (row[b] * vs0 + kh * vs1) * esize;
+      const float* kb = reinterpret_cast<const float*>(kraw);
+      const float* vb = reinterpret_cast<const float*>(vraw);
+      if (half) {   // rows of one head are contiguous: L * Hd values
+        dequant_row(F16, kraw, kbuf.data(), L * Hd);
+        dequant_row(F16, vraw, vbuf.data(), L * Hd);
+        kb = kbuf.data();
+        vb = vbuf.data();
+      }
       const bool* mb = M ? M + b * L : nullptr;
       float mx = -INFINITY;
       for (int64_t l = 0; l < L; ++l) {
