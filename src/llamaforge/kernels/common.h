@@ -38,7 +38,8 @@ TypeInfo type_info(int64_t type);
 void dequant_row(int64_t type, const uint8_t* w, float* out, int64_t K);
 
 // 8-bit activation blocks
-struct BlockQ8 { float d; float s; int8_t qs[32]; };                 // x ~ d * qs; s = d * sum(qs)
+// q8 rows (32-weight types) are arrays: d[nb] floats, s[nb] floats (s = d * sum of the block's
+// codes), then the K codes, so consecutive blocks' codes are contiguous (two per 512-bit load)
 struct BlockQ8K { float d; int16_t bsums[16]; int8_t qs[256]; };      // bsums: sums of 16 qs
 
 // 0: this type has no integer path (F16/BF16), 1: q8 (32-value blocks), 2: q8_K (256)

@@ -1,8 +1,9 @@
 // The 8-bit activation path: x quantized once per matmul to q8 blocks, each weight block unpacked
 // into unsigned 8-bit codes (and per-sub-block integer scales) in registers, then integer dot
 // products: _mm256_maddubs_epi16 + _mm256_madd_epi16 on AVX2, _mm256_dpbusd_epi32 with VNNI
-// (AVX512-VNNI+VL or AVX-VNNI). 256-bit vectors throughout: on Zen 4 and on Intel VMs the 512-bit
-// forms bring no more bandwidth, and one source then serves AVX2-only CPUs too.
+// (AVX512-VNNI+VL or AVX-VNNI). 256-bit vectors, so one source serves AVX2-only CPUs too; only the
+// AVX-512+VNNI build takes the 32-weight types two blocks per 512-bit step (pair32: as fast as one
+// block per step for one row, measured 17-47% faster for prompts of 32-128 rows).
 //
 // Every type is written w = scale * code + offset with an unsigned code, so one product form serves
 // all: sum_j scale_j * (codes_j . q_j) plus offset_j * sum(q_j), the latter from the activation
@@ -24,7 +25,7 @@ int act_kind(int64_t type) {
 
 int64_t act_row_bytes(int64_t type, int64_t K) {
   switch (act_kind(type)) {
-    case 1: return K / 32 * int64_t(sizeof(BlockQ8));
+    case 1: return K / 32 * 8 + K;
     case 2: return K / 256 * int64_t(sizeof(BlockQ8K));
     default: return 0;
   }
@@ -40,12 +41,13 @@ void quantize_act_row(int64_t type, const float* x, uint8_t* out, int64_t K) {
     const float d = amax / 127.f, id = amax > 0.f ? 127.f / amax : 0.f;
     int8_t* qs;
     if (kind == 1) {
-      auto* b = reinterpret_cast<BlockQ8*>(out) + g;
-      qs = b->qs;
+      const int64_t nb = K / 32;
+      float* ds = reinterpret_cast<float*>(out);
+      qs = reinterpret_cast<int8_t*>(out + nb * 8) + g * 32;
       int sum = 0;
       for (int j = 0; j < 32; ++j) { qs[j] = int8_t(std::nearbyint(xb[j] * id)); sum += qs[j]; }
-      b->d = d;
-      b->s = d * float(sum);
+      ds[g] = d;
+      ds[nb + g] = d * float(sum);
     } else {
       auto* b = reinterpret_cast<BlockQ8K*>(out) + g;
       qs = b->qs;
@@ -137,33 +139,106 @@ template <> inline Unpacked32 unpack32<Q5_1>(const uint8_t* b) {
   return {_mm256_or_si256(nibbles32(b + 8), bit4_of(b + 4)), f16(b), f16(b + 2)};
 }
 
+// a q8 row: block scales, block sums (d * sum of codes), codes
+struct Q8Row { const float* d; const float* s; const int8_t* qs; };
+inline Q8Row q8row(const uint8_t* row, int64_t nb) {
+  const float* d = reinterpret_cast<const float*>(row);
+  return {d, d + nb, reinterpret_cast<const int8_t*>(row + nb * 8)};
+}
+
+template <int64_t T> constexpr int64_t bytes32() { return T == Q4_0 ? 18 : T == Q4_1 ? 20 : T == Q5_0 ? 22 : T == Q5_1 ? 24 : 34; }
+
+// one 32-weight block g against R rows (256-bit); acc: that block's accumulators, off: scalar offsets
+template <int64_t T, int R>
+inline void block32(const uint8_t* w, int64_t g, const Q8Row* x, __m256* acc, float* off) {
+  const uint8_t* b = w + g * bytes32<T>();
+  if constexpr (T == Q8_0) {
+    const __m256i q = load(b + 2);
+    const __m256i u = _mm256_sign_epi8(q, q);
+    const float d = f16(b);
+    for (int r = 0; r < R; ++r) {
+      const __m256i p = dot(u, _mm256_sign_epi8(load(x[r].qs + 32 * g), q));
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * x[r].d[g]), acc[r]);
+    }
+  } else {
+    const Unpacked32 k = unpack32<T>(b);
+    for (int r = 0; r < R; ++r) {
+      const __m256i p = dot(k.u, load(x[r].qs + 32 * g));
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(k.d * x[r].d[g]), acc[r]);
+      off[r] += k.o * x[r].s[g];
+    }
+  }
+}
+
+#if defined(LF_AVX512) && defined(LF_VNNI)
+// Blocks g and g + 1 in one 512-bit step: half the instructions per weight of the 256-bit form
+template <int64_t T, int R>
+inline void pair32(const uint8_t* w, int64_t g, const Q8Row* x, __m512* acc, __m128* off) {
+  constexpr int64_t B = bytes32<T>();
+  const uint8_t* a = w + g * B;
+  const uint8_t* b = a + B;
+  __m512i u, neg = _mm512_setzero_si512();
+  __mmask64 sign = 0;
+  if constexpr (T == Q8_0) {
+    const __m512i q = _mm512_inserti64x4(_mm512_castsi256_si512(load(a + 2)), load(b + 2), 1);
+    u = _mm512_abs_epi8(q);
+    sign = _mm512_movepi8_mask(q);
+  } else {
+    constexpr int64_t QS = T == Q4_0 ? 2 : T == Q4_1 ? 4 : T == Q5_0 ? 6 : 8;
+    const __m256i v = _mm256_set_m128i(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + QS)),
+                                       _mm_loadu_si128(reinterpret_cast<const __m128i*>(a + QS)));
+    const __m256i m4 = _mm256_set1_epi8(15);
+    const __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+    // [A lo, B lo, A hi, B hi] -> [A lo, A hi, B lo, B hi]: each block's 32 codes in order
+    u = _mm512_permutexvar_epi64(_mm512_set_epi64(7, 6, 3, 2, 5, 4, 1, 0),
+                                 _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1));
+    if constexpr (T == Q5_0 || T == Q5_1) {
+      constexpr int64_t QH = T == Q5_0 ? 2 : 4;
+      u = _mm512_or_si512(u, _mm512_inserti64x4(_mm512_castsi256_si512(bit4_of(a + QH)), bit4_of(b + QH), 1));
+    }
+  }
+  const __m128 wd = _mm_cvtph_ps(_mm_set_epi16(0, 0, 0, 0, 0, 0, int16_t(u16(b)), int16_t(u16(a))));
+  __m128 wo = _mm_setzero_ps();
+  if constexpr (T == Q4_0) wo = _mm_mul_ps(wd, _mm_set1_ps(-8.f));
+  if constexpr (T == Q5_0) wo = _mm_mul_ps(wd, _mm_set1_ps(-16.f));
+  if constexpr (T == Q4_1 || T == Q5_1)
+    wo = _mm_cvtph_ps(_mm_set_epi16(0, 0, 0, 0, 0, 0, int16_t(u16(b + 2)), int16_t(u16(a + 2))));
+  const __m512i spread = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+  for (int r = 0; r < R; ++r) {
+    __m512i xv = _mm512_loadu_si512(x[r].qs + 32 * g);
+    if constexpr (T == Q8_0) xv = _mm512_mask_sub_epi8(xv, sign, neg, xv);
+    const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, xv);
+    const __m128 xd = _mm_castsi128_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(x[r].d + g)));
+    const __m512 sc = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_mul_ps(wd, xd)));
+    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), sc, acc[r]);
+    if constexpr (T != Q8_0) {
+      const __m128 xs = _mm_castsi128_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(x[r].s + g)));
+      off[r] = _mm_fmadd_ps(wo, xs, off[r]);
+    }
+  }
+}
+#endif
+
 template <int64_t T, int R>
 void dot32(const uint8_t* w, const uint8_t* xq, int64_t xs, int64_t nb, float* out) {
-  constexpr int64_t BYTES = T == Q4_0 ? 18 : T == Q4_1 ? 20 : T == Q5_0 ? 22 : T == Q5_1 ? 24 : 34;
+  Q8Row x[R];
+  for (int r = 0; r < R; ++r) x[r] = q8row(xq + r * xs, nb);
   __m256 acc[R];
   float off[R];
   for (int r = 0; r < R; ++r) { acc[r] = _mm256_setzero_ps(); off[r] = 0.f; }
-  for (int64_t g = 0; g < nb; ++g) {
-    const uint8_t* b = w + g * BYTES;
-    if constexpr (T == Q8_0) {
-      const __m256i q = load(b + 2);
-      const __m256i u = _mm256_sign_epi8(q, q);
-      const float d = f16(b);
-      for (int r = 0; r < R; ++r) {
-        const BlockQ8* x = reinterpret_cast<const BlockQ8*>(xq + r * xs) + g;
-        const __m256i p = dot(u, _mm256_sign_epi8(load(x->qs), q));
-        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * x->d), acc[r]);
-      }
-    } else {
-      const Unpacked32 k = unpack32<T>(b);
-      for (int r = 0; r < R; ++r) {
-        const BlockQ8* x = reinterpret_cast<const BlockQ8*>(xq + r * xs) + g;
-        const __m256i p = dot(k.u, load(x->qs));
-        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(k.d * x->d), acc[r]);
-        off[r] += k.o * x->s;
-      }
-    }
+  int64_t g = 0;
+#if defined(LF_AVX512) && defined(LF_VNNI)
+  __m512 acc2[R];
+  __m128 off2[R];
+  for (int r = 0; r < R; ++r) { acc2[r] = _mm512_setzero_ps(); off2[r] = _mm_setzero_ps(); }
+  for (; g + 2 <= nb; g += 2) pair32<T, R>(w, g, x, acc2, off2);
+  for (int r = 0; r < R; ++r) {
+    acc[r] = _mm256_add_ps(_mm512_castps512_ps256(acc2[r]), _mm512_extractf32x8_ps(acc2[r], 1));
+    off2[r] = _mm_add_ps(off2[r], _mm_movehl_ps(off2[r], off2[r]));
+    off[r] = _mm_cvtss_f32(_mm_add_ss(off2[r], _mm_movehdup_ps(off2[r])));
   }
+#endif
+  for (; g < nb; ++g) block32<T, R>(w, g, x, acc, off);
   for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]) + off[r];
 }
 
