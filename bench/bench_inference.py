@@ -150,8 +150,8 @@ def quality(model: str, threads: int, ppl_tokens: int, window: int) -> dict:
     from llamaforge.api import Llama
     torch.set_num_threads(threads)
     res: dict = {}
-    fast = Llama.load(model, quantize="auto", max_seq_len=2048)
-    flt = Llama.load(model, max_seq_len=2048)
+    fast = Llama.load(model, weights="blocks", max_seq_len=2048)
+    flt = Llama.load(model, weights="float", max_seq_len=2048)   # the float32 dequantized reference
     raw = ROOT.parent / "shared" / "data" / "eval" / "wikitext2_test.raw"
     if raw.exists():
         ids = fast.tokenizer.encode(raw.read_text(encoding="utf-8")[: ppl_tokens * 8])[:ppl_tokens]
@@ -205,7 +205,7 @@ def profile_decode(model: str, threads: int, steps: int = 50) -> str:
     import torch
     from llamaforge.api import Llama
     torch.set_num_threads(threads)
-    llm = Llama.load(model, quantize="auto", max_seq_len=1024)
+    llm = Llama.load(model, weights="blocks", max_seq_len=1024)
     m = llm.model
     cache = m.new_cache(1, 700)
     with torch.inference_mode():
@@ -270,7 +270,7 @@ def report(args, results: dict, qual: dict | None, errors: dict | None, prof: st
              f"`{cmd.strip()}` — {machine_line()}", "",
              f"Model `{Path(args.model).name}`; prompt {args.prompt_tokens} tokens, {args.gen_tokens} generated "
              f"(greedy, batch 1), {args.threads} threads; {args.reps} alternating repetitions, each engine in a fresh "
-             f"process per repetition; medians (min-max). llamaforge: `llamaforge bench --json` (quantize=auto: "
+             f"process per repetition; medians (min-max). llamaforge: `llamaforge bench --json` (weights=blocks: "
              f"llamaforge's native kernels compute in float32 straight from the GGUF's Q4_1/Q8_0 blocks); llama.cpp: llama-cpp-python "
              f"`Llama.eval` with argmax over the logits; transformers: `from_pretrained(gguf_file=...)` (dequantized "
              f"to float32), `DynamicCache`, argmax. Wall time of the whole run {wall / 60:.1f} min.", "",

@@ -138,7 +138,7 @@ def cpu_profile(a, gguf: Path, env: dict[str, str], logs: Path) -> int:
     url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "llamaforge.cli", "serve", "--model", str(gguf), "--port", str(port),
            "--max-batch", str(max(a.clients)), "--ctx", "1024", "--max-queue", "64"] + \
-        ([] if a.quantize == "none" else ["--quantize", a.quantize])
+        ["--weights", a.weights]
     proc = start(cmd, url, env, logs / "bench_server_cpu.log")
     try:
         model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
@@ -172,8 +172,9 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1,
                     help="threads for both servers; 1 by default because on a shared machine a spinning "
                          "2-thread pool collapses (llama.cpp fell to ~1 tok/s with 2 threads under load)")
-    ap.add_argument("--quantize", default="auto", choices=["auto", "none", "int8", "int4"],
-                    help="llamaforge's weight-only kernels (the GGUF is 4-bit for llama.cpp too)")
+    ap.add_argument("--weights", default="blocks", choices=["blocks", "float"],
+                    help="llamaforge computes with the GGUF's blocks (native kernels) or float32 weights "
+                         "(the GGUF is 4-bit for llama.cpp too)")
     ap.add_argument("--no-write", action="store_true", help="print the table without updating docs/benchmarks.md")
     ap.add_argument("--cpu", action="store_true",
                     help="llamaforge only: CPU time per generated token by thread (writes nothing)")
@@ -190,7 +191,7 @@ def main() -> int:
     cmds = {
         "llamaforge": [sys.executable, "-m", "llamaforge.cli", "serve", "--model", str(gguf), "--port",
                        str(ports["llamaforge"]), "--max-batch", str(max_batch), "--ctx", "1024",
-                       "--max-queue", "64"] + ([] if a.quantize == "none" else ["--quantize", a.quantize]),
+                       "--max-queue", "64", "--weights", a.weights],
         "llama-cpp-python": [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--port",
                              str(ports["llama-cpp-python"]), "--n_threads", str(a.threads), "--n_threads_batch",
                              str(a.threads), "--n_ctx", "1024",
@@ -255,11 +256,11 @@ def main() -> int:
         "",
         f"Command: `.venv/bin/python bench/bench_server.py --clients {' '.join(map(str, a.clients))} "
         f"--requests {a.requests} --max-tokens {a.max_tokens} --reps {a.reps} --threads {a.threads} "
-        f"--quantize {a.quantize}`",
+        f"--weights {a.weights}`",
         "",
         f"Model: `{gguf.name}`, {a.threads} thread{'s' if a.threads > 1 else ''} for both servers (OMP_NUM_THREADS / --n_threads), "
         f"llamaforge `--max-batch {max_batch}"
-        f"{'' if a.quantize == 'none' else ' --quantize ' + a.quantize}` (llama.cpp runs the GGUF's own "
+        f" --weights {a.weights}` (llama.cpp runs the GGUF's own "
         f"4-bit blocks). Each client streams {a.requests} chat requests one after "
         f"another (greedy, max_tokens {a.max_tokens}, the model's chat template with its default system prompt, "
         f"no two prompts alike); "

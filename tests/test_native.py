@@ -1,4 +1,4 @@
-"""The native CPU kernels (src/llamaforge/kernels.cpp) against independent computations.
+"""The native CPU kernels (src/llamaforge/kernels/) against independent computations.
 
 GGML blocks come from gguf-py's quantizers and are dequantized by gguf-py (its numpy code is tested
 upstream against ggml's C implementation); attention is checked against torch's SDPA, RMSNorm and
@@ -36,13 +36,13 @@ def test_dequantize_is_bit_identical_to_gguf_py(qtype):
 def test_matmul_matches_float64_product_of_gguf_weights(qtype, rows):
     qt = _blocks(qtype, rows=400, cols=160, seed=rows)   # 400 rows: split across threads
     x = torch.randn(rows, 160, generator=torch.Generator().manual_seed(1))
-    y = native.kernels().matmul(x, torch.from_numpy(qt.data), native.TYPE_IDS[qtype], 160)
+    (y,) = native.kernels().matmul(x, [torch.from_numpy(qt.data)], native.TYPE_IDS[qtype], 160, False)
     ref = x.double() @ qt.dequantize().double().t()
     assert y.shape == (rows, 400) and y.dtype == torch.float32
     # float32 accumulation: a few ulps of the output scale, like a float32 BLAS product
     assert (y.double() - ref).abs().max() < 1e-5 * ref.abs().max()
     # each row's result does not depend on which other rows are in the batch
-    solo = native.kernels().matmul(x[-1:], torch.from_numpy(qt.data), native.TYPE_IDS[qtype], 160)
+    (solo,) = native.kernels().matmul(x[-1:], [torch.from_numpy(qt.data)], native.TYPE_IDS[qtype], 160, False)
     assert torch.equal(solo[0], y[-1])
 
 
@@ -50,11 +50,11 @@ def test_matmul_rejects_bad_shapes_and_types():
     qt = _blocks("Q4_1")
     k, blocks = native.kernels(), torch.from_numpy(qt.data)
     with pytest.raises(RuntimeError, match="do not hold"):
-        k.matmul(torch.randn(1, 64), blocks[:, :39], native.TYPE_IDS["Q4_1"], 64)
+        k.matmul(torch.randn(1, 64), [blocks[:, :39]], native.TYPE_IDS["Q4_1"], 64)
     with pytest.raises(RuntimeError, match="unsupported GGML type"):
-        k.matmul(torch.randn(1, 96), blocks, 12, 96)
+        k.matmul(torch.randn(1, 96), [blocks], 99, 96)
     with pytest.raises(RuntimeError, match="float32"):
-        k.matmul(torch.randn(1, 96, dtype=torch.float64), blocks, native.TYPE_IDS["Q4_1"], 96)
+        k.matmul(torch.randn(1, 96, dtype=torch.float64), [blocks], native.TYPE_IDS["Q4_1"], 96)
 
 
 @pytest.mark.parametrize("masked", [False, True])
@@ -91,7 +91,7 @@ def test_rms_norm_and_rope_match_torch():
 
 
 def test_siblings_compute_what_separate_modules_compute():
-    from llamaforge.quant.ggml import GGMLLinear, _Siblings
+    from llamaforge.quant.ggml import GGMLLinear, _Siblings, using_activations
     mods = [GGMLLinear(_blocks("Q4_1", rows=r, cols=64, seed=r)) for r in (32, 16, 16)]
     x = torch.randn(1, 2, 64)
     with torch.inference_mode():
@@ -103,10 +103,12 @@ def test_siblings_compute_what_separate_modules_compute():
         x2 = torch.randn(1, 2, 64)
         assert torch.equal(mods[2](x2), want[2] * 0 + mods[2](x2))
         assert mods[2]._group._x is None or mods[2]._group._x is x2
-        # prompt-sized inputs take the dequantize + BLAS route: equal to F.linear on gguf-py's weights
+        # with float32 activations, prompt-sized inputs take the dequantize + BLAS route: equal to
+        # F.linear on gguf-py's weights
         xl = torch.randn(1, 40, 64)
-        for m, qt_rows in zip(mods, (32, 16, 16)):
-            assert torch.equal(m(xl), F.linear(xl, _blocks("Q4_1", rows=qt_rows, cols=64, seed=qt_rows).dequantize()))
+        with using_activations("f32"):
+            for m, qt_rows in zip(mods, (32, 16, 16)):
+                assert torch.equal(m(xl), F.linear(xl, _blocks("Q4_1", rows=qt_rows, cols=64, seed=qt_rows).dequantize()))
 
 
 @pytest.mark.slow

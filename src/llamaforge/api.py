@@ -10,6 +10,7 @@ from typing import Any, Iterator, Literal, Sequence
 import torch
 
 from . import ops
+from .cache import kv_dtype
 from .chat import encode_chat
 from .config import ModelArgs, torch_dtype
 from .formats import Checkpoint, load_checkpoint
@@ -86,7 +87,7 @@ class Llama:
     @classmethod
     def load(cls, path: str | Path | None = None, *, adapter: str | Path | None = None, dtype: str = "float32",
              weights: Weights | None = None, quantize: str | None | object = _UNSET, max_seq_len: int | None = None,
-             device: str = "cpu", progress: bool = False) -> "Llama":
+             device: str = "cpu", progress: bool = False, kv_type: str | None = None) -> "Llama":
         """Load a Meta folder, HF folder or GGUF file (the bundled SmolLM2 when path is None).
 
         weights: "blocks" (default) computes with a GGUF's quantized blocks as they are (llamaforge's
@@ -96,9 +97,11 @@ class Llama:
             weight-only kernels. The old spellings quantize="auto" (= weights="blocks") and
             quantize=None without weights (= weights="float") still work, with a DeprecationWarning.
         adapter: a PEFT-format LoRA folder applied on top.
+        kv_type: KV cache element type, "f32" or "f16" (half the cache memory); None: the model's dtype.
         """
         weights, quantize = load_options(weights, quantize)
         path = Path(path) if path is not None else default_model_path()
+        kv = kv_dtype(kv_type)   # a bad name fails before the weights are read
         packed = weights == "blocks" and quantize is None   # GGUF blocks stay packed (memory-mapped)
         target = torch_dtype(dtype)
         ops.refresh()   # LLAMAFORGE_NATIVE is read per load, not per operation
@@ -107,12 +110,13 @@ class Llama:
         if ckpt.args is None:
             raise ValueError(f"{path}: holds a vocabulary only, no model weights")
         args = ckpt.args if max_seq_len is None else ckpt.args.replace(max_seq_len=max_seq_len)
-        if packed and any(not isinstance(t, torch.Tensor) for t in ckpt.tensors.values()):
+        if packed and (ckpt.format == "gguf" or any(not isinstance(t, torch.Tensor) for t in ckpt.tensors.values())):
             model = load_packed(args, ckpt.tensors, device, target, progress=progress)
         else:
             tensors = {k: t.to(target) for k, t in ckpt.tensors.items()}
             model = Transformer.empty(args, device=device).load_tensors(tensors).to(device).eval()
         ckpt.tensors = {}  # the model owns the weights now
+        model.kv_dtype = kv   # every cache the model makes (generation, server, evaluation)
         if adapter is not None:
             load_adapter(model, adapter)
         if quantize is not None:

@@ -9,7 +9,8 @@ from typing import Any
 
 import torch
 
-from .api import Llama
+from .api import Llama, Weights
+from .commands import KVType, Quantize, load_model
 from .generate import Batch
 from .sampling import SamplingParams
 
@@ -69,7 +70,8 @@ def run(llm, prompt_tokens: int, gen_tokens: int) -> dict[str, float]:
 
 
 def bench(*, model: str | None = None, prompt_tokens: int = 512, gen_tokens: int = 128, threads: int = 2,
-          json: bool = False, quantize: str | None = "auto") -> int:
+          json: bool = False, weights: Weights | None = None, quantize: Quantize = "none",
+          kv_type: KVType | None = None) -> int:
     """Measure prefill and decode speed of a model (greedy, batch 1).
 
     model: checkpoint path; the bundled SmolLM2 when omitted
@@ -77,15 +79,15 @@ def bench(*, model: str | None = None, prompt_tokens: int = 512, gen_tokens: int
     gen_tokens: tokens to generate
     threads: CPU threads for torch
     json: print one JSON object (prefill_tok_s, decode_tok_s, ttft_s, peak_rss_mb, ...)
-    quantize: auto (keep a GGUF's quantized tensors packed), int8, int4, or none
+    weights: blocks (default) computes with a GGUF's quantized blocks (native kernels); float dequantizes them to float32
+    quantize: int8/int4 repack the weights for PyTorch's weight-only kernels (auto: deprecated, = --weights blocks)
+    kv_type: KV cache element type, f32 or f16; default: the model's dtype
     """
     if prompt_tokens < 1 or gen_tokens < 1 or threads < 1:
         raise ValueError("--prompt-tokens, --gen-tokens and --threads must be at least 1")
-    if quantize in ("none", "None", ""):
-        quantize = None
     torch.set_num_threads(threads)
     t = time.perf_counter()
-    llm = Llama.load(model, quantize=quantize)
+    llm = load_model(model, weights, quantize, kv_type=kv_type)
     load_s = time.perf_counter() - t
     if prompt_tokens + gen_tokens >= llm.args.max_seq_len:
         raise ValueError(f"prompt + generated tokens ({prompt_tokens + gen_tokens}) exceed the context window "
@@ -93,11 +95,11 @@ def bench(*, model: str | None = None, prompt_tokens: int = 512, gen_tokens: int
     run(llm, min(prompt_tokens, 16), min(gen_tokens, 4))   # warm-up: first-call allocations and kernel setup
     result: dict[str, Any] = run(llm, prompt_tokens, gen_tokens)
     result.update(peak_rss_mb=peak_rss_mb(), load_s=load_s, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens,
-                  threads=threads, quantize=quantize, model=str(llm.checkpoint.path if llm.checkpoint else model))
+                  threads=threads, weights=weights or "blocks", quantize=quantize, kv_type=kv_type, model=str(llm.checkpoint.path if llm.checkpoint else model))
     if json:
         print(_json.dumps(result))
     else:
-        print(f"model        {result['model']}  (quantize={quantize}, {threads} threads)")
+        print(f"model        {result['model']}  (weights={result['weights']}, quantize={quantize}, {threads} threads)")
         print(f"prefill      {result['prefill_tok_s']:.1f} tok/s  ({prompt_tokens} tokens)")
         print(f"decode       {result['decode_tok_s']:.1f} tok/s  ({gen_tokens} tokens)")
         print(f"first token  {result['ttft_s']:.3f} s")

@@ -8,6 +8,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+# KV cache element types (Llama.load(kv_type=...), --kv-type); None: the model's own dtype
+KV_TYPES = {"f32": torch.float32, "f16": torch.float16}
+
+
+def kv_dtype(kv_type: str | None) -> torch.dtype | None:
+    """The torch dtype of a KV cache type name ("f32", "f16"), None for None."""
+    if kv_type is None:
+        return None
+    if kv_type not in KV_TYPES:
+        raise ValueError(f"kv_type must be one of {', '.join(KV_TYPES)} (got {kv_type!r})")
+    return KV_TYPES[kv_type]
+
 
 class KVCache(nn.Module):
     def __init__(self, n_layers: int, slots: int, kv_heads: int, max_seq: int, head_dim: int,

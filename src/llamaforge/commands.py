@@ -13,6 +13,7 @@ from .paths import default_model_path
 from .safety.guard import Guard
 
 Quantize = Literal["none", "int8", "int4", "auto"]   # "auto": deprecated spelling of --weights blocks
+KVType = Literal["f32", "f16"]
 
 
 def load_model(model: str | None, weights: str | None, quantize: str, **kwargs) -> Llama:
@@ -31,7 +32,7 @@ def _sampling(max_tokens, temperature, top_p, top_k, min_p, repetition_penalty, 
 def generate(prompt: str, *, model: str | None = None, max_tokens: int = 128, temperature: float = 0.0,
              top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0, repetition_penalty: float = 1.0,
              seed: int | None = None, stop: list[str] | None = None, echo: bool = False,
-             weights: Weights | None = None, quantize: Quantize = "none") -> int:
+             weights: Weights | None = None, quantize: Quantize = "none", kv_type: KVType | None = None) -> int:
     """Continue a prompt (raw completion, no chat template), streaming to stdout.
 
     model: checkpoint path (Meta folder, HF folder or .gguf); the bundled SmolLM2 when omitted
@@ -39,8 +40,9 @@ def generate(prompt: str, *, model: str | None = None, max_tokens: int = 128, te
     stop: strings that end generation
     weights: blocks (default) computes with a GGUF's quantized blocks (native kernels); float dequantizes them to float32
     quantize: int8/int4 repack the float weights for PyTorch's weight-only kernels (auto: deprecated, = --weights blocks)
+    kv_type: KV cache element type (f16 halves its memory); default: the model's dtype
     """
-    llm = load_model(model, weights, quantize)
+    llm = load_model(model, weights, quantize, kv_type=kv_type)
     for piece in llm.complete(prompt, stream=True, echo=echo,
                               **_sampling(max_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed, stop)):
         sys.stdout.write(piece)
@@ -52,7 +54,7 @@ def generate(prompt: str, *, model: str | None = None, max_tokens: int = 128, te
 def chat(prompt: str | None = None, *, model: str | None = None, system: str | None = None, max_tokens: int = 512,
          temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0,
          repetition_penalty: float = 1.0, seed: int | None = None, stop: list[str] | None = None,
-         weights: Weights | None = None, quantize: Quantize = "none", guard: bool = False) -> int:
+         weights: Weights | None = None, quantize: Quantize = "none", guard: bool = False, kv_type: KVType | None = None) -> int:
     """Chat with a model: interactive with a terminal, one answer for a prompt argument or piped stdin.
 
     prompt: one user message; omitted, read turns from the terminal (or all of stdin when piped)
@@ -60,8 +62,9 @@ def chat(prompt: str | None = None, *, model: str | None = None, system: str | N
     guard: moderate user input and model output with the default guard
     weights: blocks (default) computes with a GGUF's quantized blocks (native kernels); float dequantizes them to float32
     quantize: int8/int4 repack the float weights for PyTorch's weight-only kernels (auto: deprecated, = --weights blocks)
+    kv_type: KV cache element type (f16 halves its memory); default: the model's dtype
     """
-    llm = load_model(model, weights, quantize)
+    llm = load_model(model, weights, quantize, kv_type=kv_type)
     checker = None
     if guard:
         checker = Guard.load()

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from .formats import load_checkpoint
+from .quant.ggml import not_native
 from .safety.license import identify
 
 
@@ -31,6 +32,8 @@ def describe(path: Path) -> dict[str, Any]:
             "context_length": a.max_seq_len, "rope_theta": a.rope_theta, "norm_eps": a.norm_eps,
             "tied_embeddings": a.tie_embeddings, "tensor_types": ", ".join(f"{k} x{v}" for k, v in sorted(types.items())),
         })
+        slow = not_native(ckpt.tensors)
+        out["native_kernels"] = "every matrix" if not slow else f"not for {len(slow)}: " + ", ".join(slow)
     if tok is not None:
         out["tokenizer"] = f"{tok.kind} (vocab {tok.vocab_size}, bos {tok.bos_id}, eos {tok.eos_id})"
     out["license"] = identify(ckpt) or "unknown"

@@ -148,7 +148,7 @@ class Transformer(nn.Module):
         a = self.args
         p = self.rope_cos
         return KVCache(a.n_layers, batch, a.kv_heads, max_seq or a.max_seq_len, a.head_dim,
-                       dtype=dtype or self.norm.weight.dtype, device=p.device)
+                       dtype=dtype or getattr(self, "kv_dtype", None) or self.norm.weight.dtype, device=p.device)
 
     def init_weights(self, seed: int | None = None) -> "Transformer":
         """Fresh weights for pretraining: N(0, 0.02), residual projections scaled by 1/sqrt(2 n_layers)."""

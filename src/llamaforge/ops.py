@@ -61,11 +61,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     gqa = k.shape[1] != q.shape[1]
     if q.shape[2] == 1 and not causal and k.stride(-1) == 1 and k.stride(-2) == k.shape[-1] \
             and v.stride(-1) == 1 and v.stride(-2) == v.shape[-1]:
-        kern = _native(q, k, v)
+        # a float16 KV cache: the kernel widens each head's rows as it reads them
+        half = k.dtype == torch.float16 == v.dtype
+        kern = _native(q, q) if half else _native(q, k, v)
         if kern is not None:
             return kern.decode_attention(q, k, v, mask, rows)
     if rows is not None:
         k, v = k.index_select(0, rows), v.index_select(0, rows)
+    if k.dtype != q.dtype:   # a float16 cache under a float32 model: attend in the model's type
+        k, v = k.to(q.dtype), v.to(q.dtype)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
 
 

@@ -1,40 +1,108 @@
-"""Linear and Embedding modules that compute straight from a GGUF file's blocks (Q4_0, Q4_1, Q8_0).
+"""Linear and Embedding modules that compute straight from a GGUF file's blocks.
 
-The blocks stay where the loader put them (a view of the memory-mapped file): nothing is repacked
-or requantized, so the model computes with exactly the weights the file defines, in float32.
-Few rows (decode, a batch of decoding sequences) go through the native block kernel, which reads
-each weight once for all rows; many rows (a prompt) dequantize the matrix once and use the BLAS
-matmul, which is then bit-identical to the float32 path.
+Every type llama.cpp's common presets write (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K..Q6_K) and float16 /
+bfloat16 matrices. The blocks stay where the loader put them (a view of the memory-mapped file):
+nothing is repacked, widened or copied, so loading costs no pass over the weights and the model
+computes with exactly the weights the file defines.
+
+Two activation paths (`set_activations`): "int8" quantizes each input row once per matmul to 8-bit
+blocks and uses integer dot products, as llama.cpp does; "f32" multiplies float32 inputs with the
+file's weights (exact up to float32 sums: what exactness tests compare). "auto" (the default) takes
+int8 for models of SMALL_MODEL_BYTES of weights or more, f32 below. Few rows
+(decode, a batch of decoding sequences) go through the block kernel, which reads each weight once
+for all rows; many rows (a prompt) either stay on the int8 kernel or dequantize the matrix once
+and use the BLAS matmul (see `DIRECT_MAX_ROWS`).
 """
 from __future__ import annotations
 
+import os
 import threading
+from contextlib import contextmanager
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .gguf_blocks import QTensor
-from ..memory import release_pages
+from .gguf_blocks import NATIVE_TYPES, QTensor
 from ..native import TYPE_IDS, kernels
 
-# 4-bit types get float32 block scales at load (measured per decode-sized call on this machine:
-# 26.4 vs 32.2 us for a 3072x576 Q4_1 matrix, 12.9 vs 16.2 us for 576x1536); Q8_0 (the
-# vocabulary) gains 4% for 6% more memory, so it stays a view of the file
-WIDENED = ("Q4_0", "Q4_1")
-WIDE_OFFSET = 100
+ACTIVATIONS = ("auto", "int8", "f32")
+_mode = [os.environ.get("LLAMAFORGE_ACTIVATIONS", "auto")]
+# "auto": models with fewer bytes of weights than this, all in types with a fast float32 kernel,
+# keep float32 activations. Their decode is bound by per-step overhead, not bandwidth (the bundled
+# 135M Q4_1 model: 14.7 vs 12.5 ms CPU per step, one thread), and float32 keeps the dequantized
+# model's greedy answers, which 8-bit activations move at near-ties (as llama.cpp's do; e.g. the
+# bundled model's answer to "What is the capital of France?"). Bigger models stream their weights
+# (TinyLlama-1.1B Q4_0 is 0.6 GiB): 8-bit activations.
+SMALL_MODEL_BYTES = 256 << 20
+FAST_F32_TYPES = ("Q4_0", "Q4_1", "Q8_0", "F16", "BF16")
 
-# Row counts up to this use the block kernel; above it, dequantize + BLAS. Measured on the bundled
-# model's shapes (2 threads): the kernel costs ~16 us per row of a 3072x576 Q4_1 matrix up to 16
-# rows (259 us at 16, against 1,049 us for dequantize + BLAS, whose weight packing dominates at
-# few rows) and 639 us at 24 (x outgrows L1) against 1,265 us; BLAS wins for prompts.
+# float32 path: row counts up to this use the block kernel; above it, dequantize + BLAS. Measured on
+# the bundled model's shapes (2 threads): the kernel costs ~16 us per row of a 3072x576 Q4_1 matrix
+# up to 16 rows, against ~1 ms for dequantize + BLAS, whose weight packing dominates at few rows.
 DIRECT_MAX_ROWS = 32
+# int8 path: prompts stay on the integer kernel up to this many rows (see docs/inference.md)
+INT8_MAX_ROWS = 1 << 30
 
 
-def supported(qt: QTensor) -> bool:
+def set_activations(kind: str) -> None:
+    """"auto" (by model size, see SMALL_MODEL_BYTES), "int8" (8-bit activation blocks, integer dot
+    products) or "f32" (float32 activations), for every GGMLLinear from now on."""
+    if kind not in ACTIVATIONS:
+        raise ValueError(f"activations must be one of {', '.join(ACTIVATIONS)} (got {kind!r})")
+    _mode[0] = kind
+
+
+def activations() -> str:
+    return _mode[0]
+
+
+@contextmanager
+def using_activations(kind: str):
+    """set_activations(kind) for a with-block, then the previous setting again."""
+    before = activations()
+    set_activations(kind)
+    try:
+        yield
+    finally:
+        set_activations(before)
+
+
+def choose_activations(model: nn.Module) -> bool:
+    """Mark the model's GGMLLinears for "auto": 8-bit activations (returns True) when its blocks
+    hold at least SMALL_MODEL_BYTES or any is of a type without a fast float32 kernel, else float32."""
+    mods = [m for m in model.modules() if isinstance(m, GGMLLinear)]
+    big = sum(m.blocks.numel() for m in {id(m): m for m in mods}.values()) >= SMALL_MODEL_BYTES \
+        or any(m.qtype not in FAST_F32_TYPES for m in mods)
+    for m in mods:
+        m.int8_auto = big
+    return big
+
+
+def supported(qt: Any) -> bool:
     """Whether the native kernels can compute with this tensor (type known, kernels built)."""
-    return qt.qtype in TYPE_IDS and kernels() is not None
+    return isinstance(qt, QTensor) and qt.qtype in TYPE_IDS and kernels() is not None
+
+
+def not_native(tensors: dict[str, Any], device: str | torch.device = "cpu") -> list[str]:
+    """Names of the matrices that will not compute from their blocks ("name (TYPE: reason)").
+
+    Float32 matrices and 1-D tensors are not listed: they run as they are, in float32.
+    """
+    out = []
+    for name, t in tensors.items():
+        qtype = getattr(t, "qtype", None) or {torch.float16: "F16", torch.bfloat16: "BF16"}.get(getattr(t, "dtype", None))
+        if qtype is None or len(t.shape) != 2:
+            continue
+        if torch.device(device).type != "cpu":
+            out.append(f"{name} ({qtype}: native kernels run on the CPU only)")
+        elif qtype not in NATIVE_TYPES:
+            out.append(f"{name} ({qtype}: no native kernel for this type)")
+        elif kernels() is None:
+            out.append(f"{name} ({qtype}: native kernels unavailable)")
+    return out
 
 
 def _block_tensor(qt: QTensor) -> torch.Tensor:
@@ -43,29 +111,16 @@ def _block_tensor(qt: QTensor) -> torch.Tensor:
 
 
 class GGMLLinear(nn.Module):
-    """y = x W^T with W given as GGML blocks uint8 [out, in/32 * block bytes]."""
+    """y = x W^T with W given as GGML blocks uint8 [out, in / block * block bytes]."""
 
     def __init__(self, qt: QTensor):
         super().__init__()
-        self._source = qt.data    # the mapped file's array, while the blocks are a view of it
-        blocks = _block_tensor(qt)
         self.out_features, self.in_features = qt.shape
         self.qtype, self._type_id = qt.qtype, TYPE_IDS[qt.qtype]
         self._k = kernels()
-        if self.qtype in WIDENED:
-            # the same blocks with float32 scales: 20% more bytes for 4-bit blocks, ~20% faster
-            # decode (no float16 conversions in the kernel's loop); results are bit-identical
-            blocks = self._k.to_f32_scales(blocks, self._type_id, self.in_features)
-            self._type_id += WIDE_OFFSET
-            self._release_source()
-        self.register_buffer("blocks", blocks, persistent=False)
+        self.register_buffer("blocks", _block_tensor(qt), persistent=False)
+        self.int8_auto = True        # what "auto" activations mean here (choose_activations sets it)
         self._group: _Siblings | None = None
-
-    def _release_source(self) -> None:
-        """The file's pages were copied: let them go (keeps peak RSS to one copy of the weights)."""
-        if self._source is not None:
-            release_pages(self._source)
-            self._source = None
 
     def dequantize(self) -> torch.Tensor:
         """float32 [out, in], equal to gguf-py's dequantization bit for bit."""
@@ -74,20 +129,31 @@ class GGMLLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._group is not None:
             return self._group.output(self, x)
-        return _matmul(self._k, x, self.blocks, self._type_id, self.in_features)
+        return _matmul(self._k, x, [self.blocks], self._type_id, self.in_features, self.int8_auto)[0]
 
     def extra_repr(self) -> str:
         fused = " (computed with its siblings)" if self._group is not None else ""
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.qtype} blocks{fused}"
 
 
-def _matmul(k, x: torch.Tensor, blocks: torch.Tensor, type_id: int, in_features: int) -> torch.Tensor:
+def _matmul(k, x: torch.Tensor, blocks: list[torch.Tensor], type_id: int, in_features: int,
+            int8_auto: bool) -> list[torch.Tensor]:
     xf = x if x.dtype == torch.float32 else x.float()
-    if xf.numel() <= DIRECT_MAX_ROWS * in_features:
-        y = k.matmul(xf, blocks, type_id, in_features)                 # [..., out]
-    else:
-        y = F.linear(xf, k.dequantize(blocks, type_id, in_features, _scratch(blocks.shape[0] * in_features)))
-    return y if y.dtype == x.dtype else y.to(x.dtype)
+    rows = xf.numel() // in_features
+    mode = _mode[0]
+    int8 = mode == "int8" or (mode == "auto" and int8_auto)
+    if rows <= (INT8_MAX_ROWS if int8 else DIRECT_MAX_ROWS):
+        ys = k.matmul(xf, blocks, type_id, in_features, int8)
+    else:   # dequantize into one scratch matrix (all siblings), one BLAS call
+        n = sum(b.shape[0] for b in blocks)
+        w = _scratch(n * in_features)
+        start = 0
+        for b in blocks:
+            k.dequantize(b, type_id, in_features, w[start * in_features:])
+            start += b.shape[0]
+        y = F.linear(xf, w[:n * in_features].view(n, in_features))
+        ys = list(y.split([b.shape[0] for b in blocks], dim=-1)) if len(blocks) > 1 else [y]
+    return [y if y.dtype == x.dtype else y.to(x.dtype) for y in ys]
 
 
 _local = threading.local()
@@ -106,27 +172,23 @@ def _scratch(numel: int) -> torch.Tensor:
 
 
 class _Siblings:
-    """Linears that always read the same input (wq/wk/wv; w1/w3), computed in one pass over their blocks.
+    """Linears that always read the same input (wq/wk/wv; w1/w3), computed in one kernel call.
 
-    The first member called with an input computes every member's output at once (one kernel call
-    over the rows of all members); the others then return their share for that same input object.
-    A member called with any other input computes the whole group again, so results never depend
-    on the call order. Inputs are never modified in place between sibling calls in the model.
+    The first member called with an input computes every member's output at once (the input is
+    quantized once and one thread pool covers the rows of all members; their blocks stay where they
+    are); the others then return their share for that same input object. A member called with any
+    other input computes the whole group again, so results never depend on the call order. Inputs
+    are never modified in place between sibling calls in the model.
     """
 
     def __init__(self, members: list[GGMLLinear]):
-        self.blocks = torch.cat([m.blocks for m in members])     # one matrix: rows of every member
-        self.sizes = [m.out_features for m in members]
+        self.members = members
         self.index = {id(m): i for i, m in enumerate(members)}
         self.k, self.type_id, self.in_features = members[0]._k, members[0]._type_id, members[0].in_features
         self._x: torch.Tensor | None = None
         self._pending: list[torch.Tensor | None] = []
-        start = 0
-        for m in members:   # each member keeps a view of its rows (for dequantize and repr)
-            m.blocks = self.blocks[start:start + m.out_features]
-            start += m.out_features
+        for m in members:
             m._group = self
-            m._release_source()
 
     def output(self, member: GGMLLinear, x: torch.Tensor) -> torch.Tensor:
         i = self.index[id(member)]
@@ -135,8 +197,8 @@ class _Siblings:
             if all(p is None for p in self._pending):   # all handed out: hold no activations
                 self._x, self._pending = None, []
             return y
-        y = _matmul(self.k, x, self.blocks, self.type_id, self.in_features)
-        parts = list(y.split(self.sizes, dim=-1))
+        parts: list[torch.Tensor | None] = list(_matmul(self.k, x, [m.blocks for m in self.members],
+                                                        self.type_id, self.in_features, self.members[0].int8_auto))
         mine, parts[i] = parts[i], None
         self._x, self._pending = x, parts
         return mine

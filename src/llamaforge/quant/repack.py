@@ -93,19 +93,24 @@ def _set(model: nn.Module, path: str, module: nn.Module) -> None:
 
 def load_packed(args: ModelArgs, tensors: dict[str, Any], device: str | torch.device = "cpu",
                 dtype: torch.dtype = torch.float32, progress: bool = False) -> nn.Module:
-    """A Transformer whose Linears compute straight from the checkpoint's QTensors.
+    """A Transformer whose Linears compute straight from the checkpoint's blocks.
 
-    On the CPU, Q4_0/Q4_1/Q8_0 tensors become GGMLLinear modules over the file's own blocks (native
-    kernels, exact weights, float32); other types, or other devices, or no native kernels, are
-    repacked into Int4Linear/Int8Linear. Float tensors (norms, unquantized matrices) are loaded as
-    `dtype`. A quantized embedding becomes a GGMLEmbedding or an Int8Embedding sharing the rows of
-    a tied output projection.
+    On the CPU with the native kernels built, every quantized matrix (QTensor) and every float16 /
+    bfloat16 matrix becomes a GGMLLinear over the file's own memory-mapped blocks: no pass over the
+    weights, no copy. Otherwise (another device, no compiler) quantized tensors are repacked into
+    Int4Linear/Int8Linear, and a warning names each one. Other float tensors (norms, float32
+    matrices) are loaded as `dtype`. A quantized embedding becomes a GGMLEmbedding or an
+    Int8Embedding sharing the rows of a tied output projection.
     """
-    native = torch.device(device).type == "cpu"   # the block kernels are CPU code
+    native = torch.device(device).type == "cpu" and ggml.kernels() is not None   # the block kernels are CPU code
+    slow = ggml.not_native(tensors, device)
+    if slow:
+        log.warning("%d matrices do not run on the native kernels (repacked or dequantized instead): %s",
+                    len(slow), ", ".join(slow[:12]) + (f" and {len(slow) - 12} more" if len(slow) > 12 else ""))
+    tensors = {n: QTensor.from_float16(t) if native and _half_matrix(t) else t for n, t in tensors.items()}
     if any(isinstance(t, QTensor) and not (native and ggml.supported(t)) for t in tensors.values()):
         scratch_to_mmap()    # repacking ahead; the native path leaves malloc's defaults (prompt speed)
     model = Transformer.empty(args, device=device)
-    tensors = dict(tensors)
     emb = tensors.pop("tok_embeddings.weight")
     out = tensors.pop("output.weight", None)
     names = tqdm(list(tensors), desc="loading", unit="tensor", disable=not progress)
@@ -151,11 +156,16 @@ def load_packed(args: ModelArgs, tensors: dict[str, Any], device: str | torch.de
             model.output.weight = nn.Parameter(torch.as_tensor(out).to(device=device, dtype=dtype), requires_grad=False)
     if native:
         ggml.fuse_siblings(model)   # q/k/v and gate/up: one kernel call each
+        ggml.choose_activations(model)
     left = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
     if left:
         raise ValueError(f"checkpoint does not match the model: missing {left[:5]}")
     trim_heap()
     return model.eval()
+
+
+def _half_matrix(t: Any) -> bool:
+    return isinstance(t, torch.Tensor) and t.ndim == 2 and t.dtype in (torch.float16, torch.bfloat16)
 
 
 def q8_rows(qt: QTensor, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:

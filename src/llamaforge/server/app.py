@@ -20,7 +20,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..api import Llama, Weights
-from ..commands import Quantize, load_model
+from ..commands import KVType, Quantize, load_model
 from ..paths import default_model_path
 from ..safety.guard import Guard
 from .gate import MAX_BODY, Gate
@@ -113,7 +113,7 @@ def _on_a_passing_thread(fn):
 def serve(*, model: str | None = None, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           max_batch: int = 8, ctx: int | None = None, max_queue: int = 64, guard: bool = False,
           weights: Weights | None = None, quantize: Quantize = "none", max_body: int = MAX_BODY,
-          threads: int | None = None) -> int:
+          threads: int | None = None, kv_type: KVType | None = None) -> int:
     """Serve a model over an OpenAI-compatible HTTP API with continuous batching and a web chat page at /.
 
     model: checkpoint (Meta folder, HF folder or .gguf); the bundled SmolLM2 when omitted
@@ -128,6 +128,7 @@ def serve(*, model: str | None = None, host: str = "127.0.0.1", port: int = 8000
     quantize: int8/int4 repack the weights for PyTorch's packed kernels; none keeps them (auto: deprecated spelling of --weights blocks)
     max_body: largest request body in bytes; larger ones get 413
     threads: CPU threads for the model (default: torch's, i.e. the cores or OMP_NUM_THREADS)
+    kv_type: KV cache element type (f16 halves its memory, so twice the tokens fit); default: the model's dtype
     """
     if not 0 < port < 65536:
         raise ValueError(f"port {port} is not in 1..65535")
@@ -143,7 +144,7 @@ def serve(*, model: str | None = None, host: str = "127.0.0.1", port: int = 8000
     if guard:
         checker = _on_a_passing_thread(Guard.load)
     path = Path(model) if model else default_model_path()
-    llm = _on_a_passing_thread(lambda: load_model(str(path), weights, quantize, progress=True))
+    llm = _on_a_passing_thread(lambda: load_model(str(path), weights, quantize, progress=True, kv_type=kv_type))
     model_id = path.stem if path.is_file() else path.name
     app = create_app(llm, model_id=model_id, api_key=api_key, max_batch=max_batch, ctx=ctx, max_queue=max_queue,
                      guard=checker, max_body=max_body, threads=threads)

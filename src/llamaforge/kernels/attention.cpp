@@ -1,0 +1,231 @@
+// The small per-token operations that dominate a decode step once the matrix products are fast:
+// attention of one query per row over the KV cache, rotary embedding, RMSNorm. Float32 throughout.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <vector>
+
+#include "common.h"
+
+namespace lf {
+namespace {
+// ---- decode attention -------------------------------------------------------------------------
+// q [B, H, 1, Hd]; k, v [B, Kh, L, Hd] (views of the cache: any strides, last dim contiguous), or
+// the whole cache [S, Kh, L, Hd] with rows [B] giving each batch row's slot;
+// mask [B, 1, 1, L] bool (true = attend) or undefined (attend all L). Grouped-query heads: query
+// head h reads kv head h / (H / Kh). Float32 throughout, softmax with the max subtracted.
+inline float dot(const float* a, const float* b, int64_t n) {
+#ifdef LF_AVX512
+  __m512 acc = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
+  float s = _mm512_reduce_add_ps(acc);
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+#else
+  float s = 0.f;
+  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  return s;
+#endif
+}
+
+inline void axpy(float a, const float* x, float* y, int64_t n) {  // y += a * x
+#ifdef LF_AVX512
+  const __m512 va = _mm512_set1_ps(a);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(y + i, _mm512_fmadd_ps(va, _mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i)));
+  for (; i < n; ++i) y[i] += a * x[i];
+#else
+  for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
+#endif
+}
+
+#ifdef LF_AVX512
+// exp for x <= 0 (Cephes' expf polynomial, ~1 ulp): x = n ln2 + r, exp(x) = 2^n * p(r); exp(-inf) = 0
+inline __m512 exp_nonpos(__m512 x) {
+  const __mmask16 finite = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ);
+  x = _mm512_max_ps(x, _mm512_set1_ps(-103.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  const __m512 y = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.f));
+  return _mm512_maskz_mov_ps(finite, _mm512_scalef_ps(y, n));
+}
+#endif
+
+// s[0:L] = exp(s - mx) in place; returns the sum
+inline float exp_sum(float* s, int64_t L, float mx) {
+  float sum = 0.f;
+  int64_t l = 0;
+#ifdef LF_AVX512
+  __m512 acc = _mm512_setzero_ps();
+  const __m512 vmx = _mm512_set1_ps(mx);
+  for (; l + 16 <= L; l += 16) {
+    const __m512 e = exp_nonpos(_mm512_sub_ps(_mm512_loadu_ps(s + l), vmx));
+    _mm512_storeu_ps(s + l, e);
+    acc = _mm512_add_ps(acc, e);
+  }
+  sum = _mm512_reduce_add_ps(acc);
+#endif
+  for (; l < L; ++l) { s[l] = std::exp(s[l] - mx); sum += s[l]; }
+  return sum;
+}
+
+}  // namespace
+
+torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, c10::optional<torch::Tensor> mask,
+                               c10::optional<torch::Tensor> rows) {
+  TORCH_CHECK(q.dim() == 4 && q.size(2) == 1 && k.dim() == 4 && v.sizes() == k.sizes(), "q [B,H,1,Hd], k/v [B,K,L,Hd]");
+  // a float16 KV cache (kv_type="f16") is read as such: each head's keys and values are widened
+  // into a per-thread buffer, so the cache streams half the bytes
+  const bool half = k.scalar_type() == torch::kHalf;
+  TORCH_CHECK(q.scalar_type() == torch::kFloat32 && k.scalar_type() == v.scalar_type() &&
+              (half || k.scalar_type() == torch::kFloat32), "decode attention takes float32 q, float32 or float16 k/v");
+  TORCH_CHECK(k.stride(3) == 1 && v.stride(3) == 1 && k.stride(2) == k.size(3) && v.stride(2) == v.size(3),
+              "k and v rows must be contiguous");
+  q = q.contiguous();
+  const int64_t B = q.size(0), H = q.size(1), Hd = q.size(3), Kh = k.size(1), L = k.size(2), G = H / Kh;
+  // rows: batch row b reads k[rows[b]] (k, v are then a whole cache [S, K, L, Hd]); else k[b]
+  std::vector<int64_t> row(B);
+  if (rows.has_value() && rows->defined()) {
+    auto r = rows->to(torch::kLong).contiguous();
+    TORCH_CHECK(r.numel() == B, "rows must name one cache row per batch row");
+    for (int64_t b = 0; b < B; ++b) {
+      row[b] = r.data_ptr<int64_t>()[b];
+      TORCH_CHECK(row[b] >= 0 && row[b] < k.size(0), "row ", row[b], " is outside the cache");
+    }
+  } else {
+    TORCH_CHECK(k.size(0) == B, "k and v must have one row per batch row");
+    for (int64_t b = 0; b < B; ++b) row[b] = b;
+  }
+  TORCH_CHECK(H % Kh == 0 && k.size(3) == Hd, "head counts or shapes do not match");
+  const bool* M = nullptr;
+  torch::Tensor mk;
+  if (mask.has_value() && mask->defined()) {
+    mk = mask->to(torch::kBool).expand({B, 1, 1, L}).contiguous();
+    M = mk.data_ptr<bool>();
+  }
+  auto out = torch::empty({B, H, 1, Hd}, q.options());
+  const float* Q = q.data_ptr<float>();
+  const uint8_t* K = static_cast<const uint8_t*>(k.data_ptr());
+  const uint8_t* V = static_cast<const uint8_t*>(v.data_ptr());
+  const int64_t esize = half ? 2 : 4;
+  float* O = out.data_ptr<float>();
+  const float scale = 1.0f / std::sqrt(float(Hd));
+  const int64_t ks0 = k.stride(0), ks1 = k.stride(1), vs0 = v.stride(0), vs1 = v.stride(1);
+  at::parallel_for(0, B * H, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> s(L), kbuf(half ? L * Hd : 0), vbuf(half ? L * Hd : 0);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / H, h = t % H, kh = h / G;
+      const float* qh = Q + t * Hd;
+      const uint8_t* kraw = K + (row[b] * ks0 + kh * ks1) * esize;
+      const uint8_t* vraw = V + (row[b] * vs0 + kh * vs1) * esize;
+      const float* kb = reinterpret_cast<const float*>(kraw);
+      const float* vb = reinterpret_cast<const float*>(vraw);
+      if (half) {   // rows of one head are contiguous: L * Hd values
+        dequant_row(F16, kraw, kbuf.data(), L * Hd);
+        dequant_row(F16, vraw, vbuf.data(), L * Hd);
+        kb = kbuf.data();
+        vb = vbuf.data();
+      }
+      const bool* mb = M ? M + b * L : nullptr;
+      float mx = -INFINITY;
+      for (int64_t l = 0; l < L; ++l) {
+        s[l] = (mb && !mb[l]) ? -INFINITY : dot(qh, kb + l * Hd, Hd) * scale;
+        mx = std::max(mx, s[l]);
+      }
+      float* o = O + t * Hd;
+      for (int64_t i = 0; i < Hd; ++i) o[i] = 0.f;
+      if (mx == -INFINITY) continue;  // nothing visible: zeros (SDPA would give NaN)
+      const float inv = 1.0f / exp_sum(s.data(), L, mx);
+#ifdef LF_AVX512
+      if (Hd == 64) {  // the common head size: the output row lives in four registers
+        __m512 o0 = _mm512_setzero_ps(), o1 = o0, o2 = o0, o3 = o0;
+        for (int64_t l = 0; l < L; ++l) {
+          if (s[l] == 0.f) continue;
+          const __m512 p = _mm512_set1_ps(s[l]);
+          const float* vl = vb + l * 64;
+          o0 = _mm512_fmadd_ps(p, _mm512_loadu_ps(vl), o0);
+          o1 = _mm512_fmadd_ps(p, _mm512_loadu_ps(vl + 16), o1);
+          o2 = _mm512_fmadd_ps(p, _mm512_loadu_ps(vl + 32), o2);
+          o3 = _mm512_fmadd_ps(p, _mm512_loadu_ps(vl + 48), o3);
+        }
+        const __m512 vi = _mm512_set1_ps(inv);
+        _mm512_storeu_ps(o, _mm512_mul_ps(o0, vi));
+        _mm512_storeu_ps(o + 16, _mm512_mul_ps(o1, vi));
+        _mm512_storeu_ps(o + 32, _mm512_mul_ps(o2, vi));
+        _mm512_storeu_ps(o + 48, _mm512_mul_ps(o3, vi));
+        continue;
+      }
+#endif
+      for (int64_t l = 0; l < L; ++l) if (s[l] != 0.f) axpy(s[l], vb + l * Hd, o, Hd);
+      for (int64_t i = 0; i < Hd; ++i) o[i] *= inv;
+    }
+  });
+  return out;
+}
+
+// ---- rotary embedding --------------------------------------------------------------------------
+// x [B, T, H, Hd] (any strides, pairs contiguous), cos/sin [B, T, Hd/2]: each pair (x[2i], x[2i+1])
+// rotated by its angle, as the complex product (x0 + i x1)(cos + i sin). Returns a new contiguous tensor.
+torch::Tensor rope(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
+  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == torch::kFloat32 && x.stride(3) == 1 && x.size(3) % 2 == 0,
+              "rope takes float32 x [B, T, H, Hd] with contiguous head rows");
+  const int64_t B = x.size(0), T = x.size(1), H = x.size(2), P = x.size(3) / 2;
+  cos = cos.contiguous(); sin = sin.contiguous();
+  TORCH_CHECK(cos.numel() == B * T * P && sin.numel() == B * T * P, "cos/sin must be [B, T, Hd/2]");
+  auto out = torch::empty({B, T, H, 2 * P}, x.options());
+  const float* X = x.data_ptr<float>();
+  const float* C = cos.data_ptr<float>();
+  const float* S = sin.data_ptr<float>();
+  float* O = out.data_ptr<float>();
+  const int64_t s0 = x.stride(0), s1 = x.stride(1), s2 = x.stride(2);
+  at::parallel_for(0, B * T, std::max<int64_t>(1, 16384 / (H * P)), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t b = r / T, t = r % T;
+      const float* c = C + r * P;
+      const float* sn = S + r * P;
+      for (int64_t h = 0; h < H; ++h) {
+        const float* xi = X + b * s0 + t * s1 + h * s2;
+        float* o = O + (r * H + h) * 2 * P;
+        for (int64_t i = 0; i < P; ++i) {
+          const float x0 = xi[2 * i], x1 = xi[2 * i + 1];
+          o[2 * i] = x0 * c[i] - x1 * sn[i];
+          o[2 * i + 1] = x0 * sn[i] + x1 * c[i];
+        }
+      }
+    }
+  });
+  return out;
+}
+
+// ---- RMSNorm ----------------------------------------------------------------------------------
+// x [..., D] float32, w [D]: (x * rsqrt(mean(x^2) + eps)) * w, rounded as the reference writes it.
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && w.scalar_type() == torch::kFloat32 && w.dim() == 1 &&
+              x.size(-1) == w.size(0), "rms_norm takes float32 x [..., D] and w [D]");
+  x = x.contiguous();
+  const int64_t D = w.size(0), M = x.numel() / D;
+  auto out = torch::empty_like(x);
+  const float* X = x.data_ptr<float>();
+  const float* W = w.contiguous().data_ptr<float>();
+  float* Y = out.data_ptr<float>();
+  at::parallel_for(0, M, std::max<int64_t>(1, 65536 / D), [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      const float* xr = X + m * D;
+      float* yr = Y + m * D;
+      const float r = 1.0f / std::sqrt(dot(xr, xr, D) / float(D) + float(eps));
+      for (int64_t i = 0; i < D; ++i) yr[i] = (xr[i] * r) * W[i];
+    }
+  });
+  return out;
+}
+
+}  // namespace lf

@@ -1,0 +1,64 @@
+// Shared declarations of llamaforge's CPU kernels (no torch here: these files compile fast).
+//
+// Weights are GGML blocks exactly as a GGUF file stores them (ggml-common.h layouts); the type
+// numbers are GGML's own. Two matmul paths read them:
+//   float32 activations: a row of blocks is dequantized (bit-identical to gguf-py) into a small
+//     buffer and multiplied with float32 x: exact weights, float32 arithmetic;
+//   8-bit activations: x is quantized once per call to q8 blocks (32 values for the 32-weight
+//     types, 256 with per-16 sums for the K-quants, as llama.cpp does) and each weight block is
+//     multiplied with integer dot products (AVX2 maddubs/madd, or VNNI dpbusd where the build has it).
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define LF_AVX2 1
+#endif
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define LF_AVX512 1
+#endif
+#if defined(LF_AVX2) && ((defined(__AVX512VNNI__) && defined(__AVX512VL__)) || defined(__AVXVNNI__))
+#define LF_VNNI 1
+#endif
+
+namespace lf {
+
+enum GGMLType : int64_t {
+  F16 = 1, Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8,
+  Q2_K = 10, Q3_K = 11, Q4_K = 12, Q5_K = 13, Q6_K = 14, BF16 = 30,
+};
+
+struct TypeInfo { int64_t block; int64_t bytes; };
+
+// (weights per block, bytes per block); block 0 for an unknown type
+TypeInfo type_info(int64_t type);
+
+// out[0:K] = the K weights of one row of blocks, rounded exactly as gguf-py's numpy code does
+void dequant_row(int64_t type, const uint8_t* w, float* out, int64_t K);
+
+// 8-bit activation blocks
+// q8 rows (32-weight types) are arrays: d[nb] floats, s[nb] floats (s = d * sum of the block's
+// codes), then the K codes, so consecutive blocks' codes are contiguous (two per 512-bit load)
+struct BlockQ8K { float d; int16_t bsums[16]; int8_t qs[256]; };      // bsums: sums of 16 qs
+
+// 0: this type has no integer path (F16/BF16), 1: q8 (32-value blocks), 2: q8_K (256)
+int act_kind(int64_t type);
+// bytes of one quantized activation row of K values for `type`'s kind
+int64_t act_row_bytes(int64_t type, int64_t K);
+void quantize_act_row(int64_t type, const float* x, uint8_t* out, int64_t K);
+// whether this build has the integer dot products (AVX2 or better)
+bool has_int8_path();
+// out[r] = w . x_r for R <= 4 quantized activation rows at xq + r * xq_stride
+void qdot_rows(int64_t type, const uint8_t* w, const uint8_t* xq, int64_t xq_stride, int R, int64_t K, float* out);
+// out[r] = w . x_r with float32 x (rows at x + r * ldx), R <= 4; buf: scratch of >= 256 floats;
+// xs: per-32 block sums of the rows (K / 32 per row, see block_sums) for the Q4_0/Q4_1/Q8_0 kernel
+// (has_fast_f32), or null for the general path (dequantize 256 weights at a time, then multiply)
+void fdot_rows(int64_t type, const uint8_t* w, const float* x, int64_t ldx, int R, int64_t K, float* out, float* buf,
+               const float* xs);
+bool has_fast_f32(int64_t type);
+void block_sums(const float* x, int64_t K, float* out);
+
+float half_to_float(uint16_t h);
+
+}  // namespace lf

@@ -1,0 +1,350 @@
+// Dequantization of every GGML type llama.cpp's common presets write, and the float32-activation
+// dot product built on it. Each formula rounds exactly as gguf-py's numpy dequantization does
+// (products and sums rounded separately: the build uses -ffp-contract=off), so the float32 matrix
+// is bit-identical to gguf-py's. Layouts: ggml-common.h; index maps as in gguf-py's quants.py.
+#include "common.h"
+
+#include <cstring>
+
+namespace lf {
+
+float half_to_float(uint16_t h) {
+#ifdef LF_AVX2
+  return _cvtsh_ss(h);
+#else
+  const uint32_t sign = uint32_t(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff;
+  uint32_t bits;
+  if (exp == 0x1f) bits = sign | 0x7f800000u | (man << 13);           // inf / nan
+  else if (exp != 0) bits = sign | ((exp + 112) << 23) | (man << 13);   // normal
+  else if (man == 0) bits = sign;                                       // zero
+  else {                                                                // subnormal: normalise
+    int e = -1;
+    uint32_t m = man;
+    do { ++e; m <<= 1; } while (!(m & 0x400));
+    bits = sign | uint32_t(112 - e) << 23 | ((m & 0x3ff) << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+#endif
+}
+
+TypeInfo type_info(int64_t type) {
+  switch (type) {
+    case F16: case BF16: return {1, 2};
+    case Q4_0: return {32, 18};
+    case Q4_1: return {32, 20};
+    case Q5_0: return {32, 22};
+    case Q5_1: return {32, 24};
+    case Q8_0: return {32, 34};
+    case Q2_K: return {256, 84};
+    case Q3_K: return {256, 110};
+    case Q4_K: return {256, 144};
+    case Q5_K: return {256, 176};
+    case Q6_K: return {256, 210};
+    default: return {0, 0};
+  }
+}
+
+namespace {
+
+inline uint16_t u16(const uint8_t* p) { uint16_t v; std::memcpy(&v, p, 2); return v; }
+// inline: a call inside a vector loop spills every vector register around it
+#ifdef LF_AVX2
+inline float f16(const uint8_t* p) { return _cvtsh_ss(u16(p)); }
+#else
+inline float f16(const uint8_t* p) { return half_to_float(u16(p)); }
+#endif
+
+// Q4_K / Q5_K: 8 six-bit scales and mins packed in 12 bytes
+inline void scale_min_k4(const uint8_t* s, uint8_t* sc, uint8_t* mn) {
+  for (int j = 0; j < 4; ++j) {
+    sc[j] = s[j] & 63;
+    mn[j] = s[j + 4] & 63;
+    sc[j + 4] = (s[j + 8] & 0xF) | ((s[j] >> 6) << 4);
+    mn[j + 4] = (s[j + 8] >> 4) | ((s[j + 4] >> 6) << 4);
+  }
+}
+
+void deq_q4_0(const uint8_t* b, float* o) {
+  const float d = f16(b);
+  for (int j = 0; j < 16; ++j) {
+    o[j] = d * float(int(b[2 + j] & 15) - 8);
+    o[j + 16] = d * float(int(b[2 + j] >> 4) - 8);
+  }
+}
+void deq_q4_1(const uint8_t* b, float* o) {
+  const float d = f16(b), m = f16(b + 2);
+  for (int j = 0; j < 16; ++j) {
+    o[j] = d * float(b[4 + j] & 15) + m;
+    o[j + 16] = d * float(b[4 + j] >> 4) + m;
+  }
+}
+void deq_q5_0(const uint8_t* b, float* o) {
+  const float d = f16(b);
+  uint32_t qh;
+  std::memcpy(&qh, b + 2, 4);
+  for (int j = 0; j < 16; ++j) {
+    o[j] = d * float(int((b[6 + j] & 15) | (((qh >> j) & 1) << 4)) - 16);
+    o[j + 16] = d * float(int((b[6 + j] >> 4) | (((qh >> (j + 16)) & 1) << 4)) - 16);
+  }
+}
+void deq_q5_1(const uint8_t* b, float* o) {
+  const float d = f16(b), m = f16(b + 2);
+  uint32_t qh;
+  std::memcpy(&qh, b + 4, 4);
+  for (int j = 0; j < 16; ++j) {
+    o[j] = d * float((b[8 + j] & 15) | (((qh >> j) & 1) << 4)) + m;
+    o[j + 16] = d * float((b[8 + j] >> 4) | (((qh >> (j + 16)) & 1) << 4)) + m;
+  }
+}
+void deq_q8_0(const uint8_t* b, float* o) {
+  const float d = f16(b);
+  for (int j = 0; j < 32; ++j) o[j] = float(int8_t(b[2 + j])) * d;
+}
+// K-quants: 256 weights; weight w = 128 * half + 32 * shift + l reads byte 32 * half + l
+void deq_q2_k(const uint8_t* b, float* o) {
+  const uint8_t* sc = b;
+  const uint8_t* qs = b + 16;
+  const float d = f16(b + 80), dmin = f16(b + 82);
+  for (int w = 0; w < 256; w += 16) {
+    const int j = w / 16, half = w / 128, s = (w / 32) % 4, l0 = w % 32;
+    const float dl = d * float(sc[j] & 0xF), ml = dmin * float(sc[j] >> 4);
+    for (int l = 0; l < 16; ++l) o[w + l] = dl * float((qs[32 * half + l0 + l] >> (2 * s)) & 3) - ml;
+  }
+}
+void deq_q3_k(const uint8_t* b, float* o) {
+  const uint8_t* hm = b;
+  const uint8_t* qs = b + 32;
+  const uint8_t* s = b + 96;
+  const float d = f16(b + 108);
+  for (int w = 0; w < 256; w += 16) {
+    const int j = w / 16, g = w / 32, half = w / 128, sh = g % 4, l0 = w % 32;
+    const int sc = int(((s[j % 8] >> (4 * (j / 8))) & 0xF) | (((s[8 + j % 4] >> (2 * (j / 4))) & 3) << 4)) - 32;
+    const float dl = d * float(sc);
+    for (int l = 0; l < 16; ++l) {
+      const int q = int((qs[32 * half + l0 + l] >> (2 * sh)) & 3) - (((hm[l0 + l] >> g) & 1) ? 0 : 4);
+      o[w + l] = dl * float(q);
+    }
+  }
+}
+template <bool FIVE>
+void deq_q45_k(const uint8_t* b, float* o) {
+  const float d = f16(b), dmin = f16(b + 2);
+  uint8_t sc[8], mn[8];
+  scale_min_k4(b + 4, sc, mn);
+  const uint8_t* qh = b + 16;
+  const uint8_t* qs = FIVE ? b + 48 : b + 16;
+  for (int j = 0; j < 8; ++j) {   // sub-block j: weights 32j.., nibble j % 2 of bytes 32 * (j / 2)..
+    const float dl = d * float(sc[j]), dm = dmin * float(mn[j]);
+    const uint8_t* q = qs + 32 * (j / 2);
+    for (int l = 0; l < 32; ++l) {
+      int v = (q[l] >> (4 * (j % 2))) & 0xF;
+      if (FIVE) v |= ((qh[l] >> j) & 1) << 4;
+      o[32 * j + l] = dl * float(v) - dm;
+    }
+  }
+}
+void deq_q6_k(const uint8_t* b, float* o) {
+  const uint8_t* ql = b;
+  const uint8_t* qh = b + 128;
+  const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
+  const float d = f16(b + 208);
+  for (int w = 0; w < 256; w += 16) {
+    const int half = w / 128, r = w % 128;
+    const float dl = d * float(sc[w / 16]);
+    for (int l = 0; l < 16; ++l) {
+      const int i = r + l;                    // 0..127 within the half
+      const int lo = (ql[64 * half + i % 64] >> (4 * (i / 64))) & 0xF;
+      const int hi = (qh[32 * half + i % 32] >> (2 * (i / 32))) & 3;
+      o[w + l] = dl * float((lo | (hi << 4)) - 32);
+    }
+  }
+}
+
+}  // namespace
+
+void dequant_row(int64_t type, const uint8_t* w, float* out, int64_t K) {
+  if (type == F16) {
+    int64_t i = 0;
+#ifdef LF_AVX2
+    for (; i + 8 <= K; i += 8)
+      _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 2 * i))));
+#endif
+    for (; i < K; ++i) out[i] = f16(w + 2 * i);
+    return;
+  }
+  if (type == BF16) {
+    int64_t i = 0;
+#ifdef LF_AVX2
+    for (; i + 8 <= K; i += 8) {
+      const __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 2 * i)));
+      _mm256_storeu_ps(out + i, _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)));
+    }
+#endif
+    for (; i < K; ++i) {
+      const uint32_t bits = uint32_t(u16(w + 2 * i)) << 16;
+      std::memcpy(out + i, &bits, 4);
+    }
+    return;
+  }
+  const TypeInfo ti = type_info(type);
+  void (*f)(const uint8_t*, float*) = nullptr;
+  switch (type) {
+    case Q4_0: f = deq_q4_0; break;
+    case Q4_1: f = deq_q4_1; break;
+    case Q5_0: f = deq_q5_0; break;
+    case Q5_1: f = deq_q5_1; break;
+    case Q8_0: f = deq_q8_0; break;
+    case Q2_K: f = deq_q2_k; break;
+    case Q3_K: f = deq_q3_k; break;
+    case Q4_K: f = deq_q45_k<false>; break;
+    case Q5_K: f = deq_q45_k<true>; break;
+    case Q6_K: f = deq_q6_k; break;
+    default: return;
+  }
+  for (int64_t g = 0; g < K / ti.block; ++g) f(w + g * ti.bytes, out + g * ti.block);
+}
+
+namespace {
+
+// ---- float32 activations straight from Q4_0 / Q4_1 / Q8_0 blocks ---------------------------------
+// The small models' decode path (where per-step overhead, not bandwidth, bounds a token): codes
+// converted to float in registers, w . x = sum over blocks of d * (codes . x) + m * sum(x), with
+// two accumulators per row so the FMA chain does not bound the loop. xs: per-block sums of x.
+template <int64_t T, int R>
+void fdot32(const uint8_t* w, int64_t nb, const float* x, int64_t ldx, const float* xs, int64_t ldxs, float* out) {
+  constexpr int64_t BYTES = T == Q4_0 ? 18 : T == Q4_1 ? 20 : 34;
+  float off[R];
+  for (int r = 0; r < R; ++r) off[r] = 0.f;
+#ifdef LF_AVX512
+  __m512 acc[2][R];
+  for (int r = 0; r < R; ++r) acc[0][r] = acc[1][r] = _mm512_setzero_ps();
+  auto block = [&](int64_t g, int a) {
+    const uint8_t* b = w + g * BYTES;
+    __m512 lo, hi;
+    if constexpr (T == Q8_0) {
+      lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 2))));
+      hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 18))));
+    } else {
+      const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + (T == Q4_0 ? 2 : 4))));
+      __m512i l = _mm512_and_si512(v, _mm512_set1_epi32(15)), h = _mm512_srli_epi32(v, 4);
+      if constexpr (T == Q4_0) { l = _mm512_sub_epi32(l, _mm512_set1_epi32(8)); h = _mm512_sub_epi32(h, _mm512_set1_epi32(8)); }
+      lo = _mm512_cvtepi32_ps(l);
+      hi = _mm512_cvtepi32_ps(h);
+    }
+    const __m512 d = _mm512_set1_ps(f16(b));
+    for (int r = 0; r < R; ++r) {
+      const float* xr = x + r * ldx + g * 32;
+      __m512 t = _mm512_mul_ps(lo, _mm512_loadu_ps(xr));
+      t = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xr + 16), t);
+      acc[a][r] = _mm512_fmadd_ps(t, d, acc[a][r]);
+    }
+    if constexpr (T == Q4_1) {
+      const float m = f16(b + 2);
+      for (int r = 0; r < R; ++r) off[r] += m * xs[r * ldxs + g];
+    }
+  };
+  int64_t g = 0;
+  for (; g + 2 <= nb; g += 2) { block(g, 0); block(g + 1, 1); }
+  if (g < nb) block(g, 0);
+  for (int r = 0; r < R; ++r) out[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0][r], acc[1][r])) + off[r];
+#else
+  // portable: 8 partial sums per row, which compilers vectorise on AVX2 / NEON
+  float acc[R][8] = {};
+  float q[32];
+  for (int64_t g = 0; g < nb; ++g) {
+    const uint8_t* b = w + g * BYTES;
+    for (int j = 0; j < 16; ++j) {
+      if constexpr (T == Q8_0) { q[j] = float(int8_t(b[2 + j])); q[j + 16] = float(int8_t(b[18 + j])); }
+      else {
+        const int k = T == Q4_0 ? 8 : 0;
+        const uint8_t c = b[(T == Q4_0 ? 2 : 4) + j];
+        q[j] = float(int(c & 15) - k);
+        q[j + 16] = float(int(c >> 4) - k);
+      }
+    }
+    const float d = f16(b);
+    for (int r = 0; r < R; ++r) {
+      const float* xr = x + r * ldx + g * 32;
+      float t[8];
+      for (int l = 0; l < 8; ++l) t[l] = q[l] * xr[l] + q[l + 8] * xr[l + 8] + q[l + 16] * xr[l + 16] + q[l + 24] * xr[l + 24];
+      for (int l = 0; l < 8; ++l) acc[r][l] += t[l] * d;
+    }
+    if constexpr (T == Q4_1) {
+      const float m = f16(b + 2);
+      for (int r = 0; r < R; ++r) off[r] += m * xs[r * ldxs + g];
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    float s = 0.f;
+    for (int l = 0; l < 8; ++l) s += acc[r][l];
+    out[r] = s + off[r];
+  }
+#endif
+}
+
+template <int R>
+bool fdot32_r(int64_t type, const uint8_t* w, int64_t nb, const float* x, int64_t ldx, const float* xs, int64_t ldxs, float* out) {
+  switch (type) {
+    case Q4_0: fdot32<Q4_0, R>(w, nb, x, ldx, xs, ldxs, out); return true;
+    case Q4_1: fdot32<Q4_1, R>(w, nb, x, ldx, xs, ldxs, out); return true;
+    case Q8_0: fdot32<Q8_0, R>(w, nb, x, ldx, xs, ldxs, out); return true;
+    default: return false;
+  }
+}
+
+}  // namespace
+
+bool has_fast_f32(int64_t type) { return type == Q4_0 || type == Q4_1 || type == Q8_0; }
+
+void block_sums(const float* x, int64_t K, float* out) {
+  for (int64_t g = 0; g < K / 32; ++g) {
+    float s = 0.f;
+    for (int j = 0; j < 32; ++j) s += x[g * 32 + j];
+    out[g] = s;
+  }
+}
+
+void fdot_rows(int64_t type, const uint8_t* w, const float* x, int64_t ldx, int R, int64_t K, float* out, float* buf,
+               const float* xs) {
+  if (xs != nullptr && has_fast_f32(type)) {
+    const int64_t nb = K / 32;
+    switch (R) {
+      case 4: if (fdot32_r<4>(type, w, nb, x, ldx, xs, nb, out)) return; break;
+      case 3: if (fdot32_r<3>(type, w, nb, x, ldx, xs, nb, out)) return; break;
+      case 2: if (fdot32_r<2>(type, w, nb, x, ldx, xs, nb, out)) return; break;
+      default: if (fdot32_r<1>(type, w, nb, x, ldx, xs, nb, out)) return; break;
+    }
+  }
+  const TypeInfo ti = type_info(type);
+  const int64_t per = ti.block >= 256 ? ti.block : 256;   // weights dequantized at a time
+  float tail[4] = {0.f, 0.f, 0.f, 0.f};
+#ifdef LF_AVX2
+  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+#endif
+  for (int64_t k0 = 0; k0 < K; k0 += per) {
+    const int64_t n = K - k0 < per ? K - k0 : per;
+    dequant_row(type, w + k0 / ti.block * ti.bytes, buf, n);
+    for (int r = 0; r < R; ++r) {
+      const float* xr = x + r * ldx + k0;
+      int64_t j = 0;
+#ifdef LF_AVX2
+      for (; j + 8 <= n; j += 8) acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(buf + j), _mm256_loadu_ps(xr + j), acc[r]);
+#endif
+      for (; j < n; ++j) tail[r] += buf[j] * xr[j];
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    float s = tail[r];
+#ifdef LF_AVX2
+    __m128 v = _mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps(acc[r], 1));
+    v = _mm_add_ps(v, _mm_movehl_ps(v, v));
+    v = _mm_add_ss(v, _mm_movehdup_ps(v));
+    s += _mm_cvtss_f32(v);
+#endif
+    out[r] = s;
+  }
+}
+
+}  // namespace lf

@@ -1,0 +1,144 @@
+// Python bindings: matrix products straight from GGML blocks, their dequantization, and the small
+// per-token operations (attention.cpp).
+//
+//   matmul(x [..., K] f32, [w uint8 [N_i, row bytes], ...], type, K, int8) -> [y_i [..., N_i] f32]
+//       Several matrices of one type that read the same x (q/k/v, gate/up) in one pass: x is
+//       quantized once (int8=True and the type has an integer path) and one thread pool covers all
+//       their rows. Each weight row is read once for every row of x.
+//   dequantize(w, type, K, into=None) -> float32 [N, K], bit-identical to gguf-py.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <vector>
+
+#include "common.h"
+
+namespace lf {
+torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, c10::optional<torch::Tensor> mask,
+                               c10::optional<torch::Tensor> rows);
+torch::Tensor rope(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps);
+}
+
+namespace {
+using namespace lf;
+
+TypeInfo checked(const torch::Tensor& w, int64_t type, int64_t K) {
+  const TypeInfo ti = type_info(type);
+  TORCH_CHECK(ti.block > 0, "unsupported GGML type id ", type);
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kUInt8 && w.stride(1) == 1,
+              "blocks must be a uint8 matrix [rows, bytes per row] with contiguous rows");
+  TORCH_CHECK(K > 0 && K % ti.block == 0 && w.size(1) == K / ti.block * ti.bytes,
+              "blocks of ", w.size(1), " bytes per row do not hold ", K, " weights");
+  TORCH_CHECK(w.device().is_cpu(), "GGML block kernels run on the CPU");
+  return ti;
+}
+
+std::vector<torch::Tensor> ggml_matmul(torch::Tensor x, std::vector<torch::Tensor> ws, int64_t type, int64_t K,
+                                       bool int8) {
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K && x.scalar_type() == torch::kFloat32,
+              "x must be float32 [..., ", K, "]");
+  TORCH_CHECK(!ws.empty(), "matmul needs at least one weight matrix");
+  x = x.contiguous();
+  for (auto& w : ws) checked(w, type, K);
+  const int64_t M = x.numel() / K, T = int64_t(ws.size());
+  const float* X = x.data_ptr<float>();
+  int8 = int8 && act_kind(type) != 0 && has_int8_path();
+
+  std::vector<int64_t> start(T + 1, 0);   // global row index of each matrix's first row
+  std::vector<const uint8_t*> W(T);
+  std::vector<int64_t> stride(T);
+  std::vector<float*> Y(T);
+  std::vector<torch::Tensor> ys;
+  for (int64_t i = 0; i < T; ++i) {
+    auto shape = x.sizes().vec();
+    shape.back() = ws[i].size(0);
+    ys.push_back(torch::empty(shape, x.options()));
+    start[i + 1] = start[i] + ws[i].size(0);
+    W[i] = ws[i].data_ptr<uint8_t>();
+    stride[i] = ws[i].stride(0);
+    Y[i] = ys[i].data_ptr<float>();
+  }
+  if (M == 0) return ys;
+  std::vector<uint8_t> xq;
+  const int64_t xs = int8 ? act_row_bytes(type, K) : 0;
+  if (int8) {
+    xq.resize(M * xs);
+    at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+      for (int64_t m = m0; m < m1; ++m) quantize_act_row(type, X + m * K, xq.data() + m * xs, K);
+    });
+  }
+  std::vector<float> sums;   // per-32 sums of x for the float32 Q4_0/Q4_1/Q8_0 kernel
+  if (!int8 && has_fast_f32(type)) {
+    sums.resize(M * (K / 32));
+    for (int64_t m = 0; m < M; ++m) block_sums(X + m * K, K, sums.data() + m * (K / 32));
+  }
+  const float* S = sums.empty() ? nullptr : sums.data();
+  const int64_t grain = std::max<int64_t>(4, (int64_t(1) << 17) / std::max<int64_t>(1, K * M));
+  at::parallel_for(0, start[T], grain, [&](int64_t n0, int64_t n1) {
+    float buf[256], out[4];
+    int64_t i = 0;
+    while (start[i + 1] <= n0) ++i;
+    for (int64_t n = n0; n < n1; ++n) {
+      if (n == start[i + 1]) ++i;
+      const int64_t row = n - start[i], N = start[i + 1] - start[i];
+      const uint8_t* wr = W[i] + row * stride[i];
+      for (int64_t m = 0; m < M; m += 4) {
+        const int R = int(std::min<int64_t>(4, M - m));
+        if (int8) qdot_rows(type, wr, xq.data() + m * xs, xs, R, K, out);
+        else fdot_rows(type, wr, X + m * K, K, R, K, out, buf, S ? S + m * (K / 32) : nullptr);
+        for (int r = 0; r < R; ++r) Y[i][(m + r) * N + row] = out[r];
+      }
+    }
+  });
+  return ys;
+}
+
+torch::Tensor ggml_dequantize(torch::Tensor w, int64_t type, int64_t K, c10::optional<torch::Tensor> into) {
+  checked(w, type, K);
+  const int64_t N = w.size(0);
+  torch::Tensor out;
+  if (into.has_value() && into->defined()) {  // a caller's scratch buffer: no fresh pages to fault in
+    TORCH_CHECK(into->scalar_type() == torch::kFloat32 && into->is_contiguous() && into->numel() >= N * K,
+                "dequantize: the output buffer is too small or not contiguous float32");
+    out = into->view(-1).narrow(0, 0, N * K).view({N, K});
+  } else {
+    out = torch::empty({N, K}, torch::dtype(torch::kFloat32));
+  }
+  const uint8_t* W = w.data_ptr<uint8_t>();
+  const int64_t rs = w.stride(0);
+  float* O = out.data_ptr<float>();
+  at::parallel_for(0, N, std::max<int64_t>(1, 16384 / K), [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) dequant_row(type, W + n * rs, O + n * K, K);
+  });
+  return out;
+}
+
+std::string isa() {
+#if defined(LF_AVX512) && defined(LF_VNNI)
+  return "avx512+vnni";
+#elif defined(LF_AVX512)
+  return "avx512";
+#elif defined(LF_VNNI)
+  return "avx2+vnni";
+#elif defined(LF_AVX2)
+  return "avx2";
+#else
+  return "portable";
+#endif
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("matmul", &ggml_matmul, "[x @ dequant(w).T for each w] from GGML blocks",
+        py::arg("x"), py::arg("ws"), py::arg("type"), py::arg("K"), py::arg("int8") = true);
+  m.def("dequantize", &ggml_dequantize, "float32 matrix of GGML blocks (optionally into a buffer)",
+        py::arg("w"), py::arg("type"), py::arg("K"), py::arg("into") = py::none());
+  m.def("decode_attention", &lf::decode_attention, "softmax(q k^T / sqrt(Hd)) v for one query per row, GQA",
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("mask") = py::none(), py::arg("rows") = py::none());
+  m.def("rope", &lf::rope, "rotary position embedding of interleaved pairs");
+  m.def("rms_norm", &lf::rms_norm, "RMSNorm in float32");
+  m.def("isa", &isa, "instruction set the kernels were built for");
+  m.def("int8_path", &has_int8_path, "whether the 8-bit activation dot products are built");
+}
