@@ -9,6 +9,12 @@ dequantized weights are not its exact answer either; the default load (native ke
 blocks) must not be further from it. Checked for the batched prompt path and for the decode path
 (one token per step through the KV cache), under every activation setting ("auto" is what a default
 load runs; "int8" is what real-size models run).
+
+Why "as close as", not "closer": the int8 path rounds activations as llama.cpp does (q8_K blocks),
+yet not to the same codes. One code that differs (a different summation order, llama.cpp's f16
+K/V) moves the next layer's inputs by more than the perturbation that flips further codes, so after
+a layer or two the two roundings are independent and the int8 path lands about as far from llama.cpp
+as the float32 weights do.
 """
 from __future__ import annotations
 
