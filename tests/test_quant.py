@@ -200,7 +200,8 @@ def test_bench_prints_json(make_checkpoint, tiny_tokenizer, capsys):
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     for key in ("prefill_tok_s", "decode_tok_s", "ttft_s", "peak_rss_mb"):
         assert out[key] > 0, key
-    assert out["quantize"] == "auto"
+    # the default that was spelled quantize="auto" is weights="blocks" (issue 15: one meaning per name)
+    assert out["weights"] == "blocks" and out["quantize"] == "none"
     with pytest.raises(ValueError, match="exceed the context window"):
         bench(model=str(path), prompt_tokens=120, gen_tokens=20, threads=1)
 
