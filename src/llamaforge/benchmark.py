@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from .api import Llama, Weights
+from .api import Weights
 from .commands import KVType, Quantize, load_model
 from .generate import Batch
 from .sampling import SamplingParams

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ..api import Llama, Weights
+from ..api import Weights
 from ..commands import Quantize, load_model
 from ..fileio import atomic_write_json
 from ..generate import Batch

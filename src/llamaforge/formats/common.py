@@ -4,6 +4,7 @@ tokenizer lookup, writer arguments, and small conversions. Meta's names and shap
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -72,6 +73,20 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
     return value
 
 
+def read_folder_config(path: str | Path, name: str, kind: str) -> tuple[Path, Path, dict[str, Any]]:
+    """(folder, config file, its JSON object) of a checkpoint folder (or a file inside it).
+
+    kind names the folder in the error when ``name`` is missing ("Hugging Face model", ...).
+    """
+    folder = Path(path)
+    if folder.is_file():
+        folder = folder.parent
+    file = folder / name
+    if not file.is_file():
+        raise CheckpointError(f"{file}: missing {name} (a {kind} folder needs it)")
+    return folder, file, read_json(file, name)
+
+
 def drop_tied_output(args: ModelArgs, tensors: dict[str, Any]) -> None:
     """Remove output.weight when the config ties it to the embedding (it is the same matrix)."""
     if args.tie_embeddings:
@@ -105,9 +120,46 @@ def chat_template_or_none(value: Any, where: Path | str) -> str | None:
     return value
 
 
+_META_LAYER_RE = re.compile(r"layers\.(\d+)\.(.+)\.weight")
+
+
+class TensorNames:
+    """A format's tensor names <-> Meta names: whole-model tensors by table, per-layer ones as
+    ``{prefix}{i}.{part}.weight`` with ``part`` looked up in ``layer``."""
+
+    def __init__(self, fmt: str, top: dict[str, str], layer: dict[str, str], prefix: str):
+        self.fmt, self.prefix = fmt, prefix
+        self.top, self.top_inv = top, {v: k for k, v in top.items()}
+        self.layer, self.layer_inv = layer, {v: k for k, v in layer.items()}
+        self._re = re.compile(re.escape(prefix) + r"(\d+)\.(.+)\.weight")
+
+    def to_meta(self, name: str) -> str | None:
+        """The Meta name of a tensor of this format; None for a name it does not know."""
+        if name in self.top:
+            return self.top[name]
+        m = self._re.fullmatch(name)
+        if m and m.group(2) in self.layer:
+            return f"layers.{m.group(1)}.{self.layer[m.group(2)]}.weight"
+        return None
+
+    def from_meta(self, name: str) -> str:
+        """This format's name of a Meta tensor name (ValueError when it has none)."""
+        if name in self.top_inv:
+            return self.top_inv[name]
+        m = _META_LAYER_RE.fullmatch(name)
+        if m and m.group(2) in self.layer_inv:
+            return f"{self.prefix}{m.group(1)}.{self.layer_inv[m.group(2)]}.weight"
+        raise ValueError(f"no {self.fmt} name for tensor {name!r}")
+
+
 def writer_inputs(args: Any, tensors: dict | None, tokenizer: Any, chat_template: str | None,
-                  metadata: dict | None) -> tuple[ModelArgs, dict[str, Any], Any, str | None, dict]:
-    """Let writers take either (args, tensors, ...) or a whole Checkpoint as ``args``."""
+                  metadata: dict | None, *, floats: bool = False) -> tuple[ModelArgs, dict[str, Any], Any, str | None, dict]:
+    """What every writer starts from: (args, tensors, tokenizer, chat_template, metadata).
+
+    Writers take either (args, tensors, ...) or a whole Checkpoint as ``args``. The tensors come back
+    checked against the config, without the output projection of a tied model, and as torch
+    tensors when ``floats`` (packed GGUF tensors dequantized).
+    """
     if isinstance(args, Checkpoint):
         ck = args
         meta = dict(ck.metadata)
@@ -119,7 +171,12 @@ def writer_inputs(args: Any, tensors: dict | None, tokenizer: Any, chat_template
     if args is None or tensors is None:
         raise ValueError("write() needs args and tensors (or a Checkpoint with a model)")
     chat_template = chat_template or getattr(tokenizer, "chat_template", None)
-    return args, dict(tensors), tokenizer, chat_template, dict(metadata or {})
+    tensors = dict(tensors)
+    drop_tied_output(args, tensors)
+    if floats:
+        tensors = {n: as_float(t) for n, t in tensors.items()}
+    check_tensors(args, tensors, "tensors to write")
+    return args, tensors, tokenizer, chat_template, dict(metadata or {})
 
 
 def as_float(t: Any) -> torch.Tensor:

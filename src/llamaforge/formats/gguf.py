@@ -11,7 +11,6 @@ permutation), so tensors map to Meta names with no permutation. GGUF lists dimen
 from __future__ import annotations
 
 import logging
-import re
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -29,42 +28,24 @@ from ..quant.gguf_blocks import FLOAT_TYPES, QUANT_TYPES, QTensor, block_sizes
 from ..quant.mixes import FILE_TYPES, tensor_type
 from ..tokenizer import Tokenizer
 from .checkpoint import Checkpoint, CheckpointError
-from .common import as_float, chat_template_or_none, check_tensors, drop_tied_output, progress_iter, writer_inputs
+from .common import TensorNames, as_float, chat_template_or_none, check_tensors, progress_iter, writer_inputs
 from .gguf_vocab import padded_vocab_kv
 
 __all__ = ["read", "write", "parse", "GGUFTensorInfo", "gguf_to_meta_name", "meta_to_gguf_name"]
 
 log = logging.getLogger(__name__)
 
-_LAYER = {
+_NAMES = TensorNames("GGUF", {"token_embd.weight": "tok_embeddings.weight", "output_norm.weight": "norm.weight",
+                              "output.weight": "output.weight"}, {
     "attn_q": "attention.wq", "attn_k": "attention.wk", "attn_v": "attention.wv", "attn_output": "attention.wo",
     "ffn_gate": "feed_forward.w1", "ffn_down": "feed_forward.w2", "ffn_up": "feed_forward.w3",
     "attn_norm": "attention_norm", "ffn_norm": "ffn_norm",
-}
-_LAYER_INV = {v: k for k, v in _LAYER.items()}
-_TOP = {"token_embd.weight": "tok_embeddings.weight", "output_norm.weight": "norm.weight",
-        "output.weight": "output.weight"}
-_TOP_INV = {v: k for k, v in _TOP.items()}
+}, prefix="blk.")
+gguf_to_meta_name = _NAMES.to_meta
+meta_to_gguf_name = _NAMES.from_meta
+
 # token arrays are huge; the tokenizer gets them, Checkpoint.metadata does not
 _BIG_KEYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type", "tokenizer.ggml.merges")
-
-
-def gguf_to_meta_name(name: str) -> str | None:
-    if name in _TOP:
-        return _TOP[name]
-    m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.weight", name)
-    if m and m.group(2) in _LAYER:
-        return f"layers.{m.group(1)}.{_LAYER[m.group(2)]}.weight"
-    return None
-
-
-def meta_to_gguf_name(name: str) -> str:
-    if name in _TOP_INV:
-        return _TOP_INV[name]
-    m = re.fullmatch(r"layers\.(\d+)\.(.+)\.weight", name)
-    if m and m.group(2) in _LAYER_INV:
-        return f"blk.{m.group(1)}.{_LAYER_INV[m.group(2)]}.weight"
-    raise ValueError(f"no GGUF name for tensor {name!r}")
 
 
 # ---------------------------------------------------------------- reading
@@ -201,8 +182,6 @@ def write(path: str | Path, args: ModelArgs | Checkpoint, tensors: dict[str, Any
     if qtype not in FILE_TYPES:
         raise ValueError(f"qtype {qtype!r} not writable; choose one of {', '.join(FILE_TYPES)}")
     args, tensors, tokenizer, chat_template, metadata = writer_inputs(args, tensors, tokenizer, chat_template, metadata)
-    drop_tied_output(args, tensors)
-    check_tensors(args, tensors, "tensors to write")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tok_kv = padded_vocab_kv(tokenizer, args.vocab_size) if tokenizer is not None else {}

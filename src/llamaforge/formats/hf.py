@@ -21,41 +21,20 @@ from ..config import ModelArgs, from_hf_config, to_hf_config
 from .checkpoint import Checkpoint, CheckpointError
 from ..fileio import atomic_write, atomic_write_json, load_torch_file
 from ..safety.license import declared_license, license_from_files
-from .common import (as_float, chat_template_or_none, check_state_dict, check_tensors, drop_tied_output,
-                     load_tokenizer, progress_iter, read_json, read_text_if, writer_inputs)
+from .common import (TensorNames, chat_template_or_none, check_state_dict, check_tensors, drop_tied_output,
+                     load_tokenizer, progress_iter, read_folder_config, read_json, read_text_if, writer_inputs)
 
 log = logging.getLogger(__name__)
 
-_LAYER = {
+_NAMES = TensorNames("Hugging Face", {"model.embed_tokens.weight": "tok_embeddings.weight",
+                                      "model.norm.weight": "norm.weight", "lm_head.weight": "output.weight"}, {
     "self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk", "self_attn.v_proj": "attention.wv",
     "self_attn.o_proj": "attention.wo", "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2",
     "mlp.up_proj": "feed_forward.w3", "input_layernorm": "attention_norm", "post_attention_layernorm": "ffn_norm",
-}
-_LAYER_INV = {v: k for k, v in _LAYER.items()}
-_TOP = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
-        "lm_head.weight": "output.weight"}
-_LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)\.weight")
-_META_LAYER_RE = re.compile(r"layers\.(\d+)\.(.+)\.weight")
-_TOP_INV = {v: k for k, v in _TOP.items()}
+}, prefix="model.layers.")
+hf_to_meta_name = _NAMES.to_meta
+meta_to_hf_name = _NAMES.from_meta
 _IGNORED_RE = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")  # old exports carry it
-
-
-def hf_to_meta_name(name: str) -> str | None:
-    if name in _TOP:
-        return _TOP[name]
-    m = _LAYER_RE.fullmatch(name)
-    if m and m.group(2) in _LAYER:
-        return f"layers.{m.group(1)}.{_LAYER[m.group(2)]}.weight"
-    return None
-
-
-def meta_to_hf_name(name: str) -> str:
-    if name in _TOP_INV:
-        return _TOP_INV[name]
-    m = _META_LAYER_RE.fullmatch(name)
-    if m and m.group(2) in _LAYER_INV:
-        return f"model.layers.{m.group(1)}.{_LAYER_INV[m.group(2)]}.weight"
-    raise ValueError(f"no Hugging Face name for tensor {name!r}")
 
 
 def permute_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -133,13 +112,7 @@ def _license(folder: Path, cfg: dict) -> str | None:
 
 def read(path: str | Path, *, progress: bool = False, dtype: torch.dtype | None = None) -> Checkpoint:
     """Read an HF Llama folder; tensors keep their stored dtype unless ``dtype`` is given."""
-    folder = Path(path)
-    if folder.is_file():
-        folder = folder.parent
-    cfg_file = folder / "config.json"
-    if not cfg_file.is_file():
-        raise CheckpointError(f"{cfg_file}: missing config.json (a Hugging Face model folder needs it)")
-    cfg = read_json(cfg_file, "config.json")
+    folder, cfg_file, cfg = read_folder_config(path, "config.json", "Hugging Face model")
     try:
         args = from_hf_config(cfg)
     except (ValueError, KeyError, TypeError) as e:
@@ -197,12 +170,9 @@ def write(path: str | Path, args: ModelArgs | Checkpoint, tensors: dict[str, Any
     (``metadata["license"]``) into README.md front matter when there is no README yet.
     """
 
-    args, tensors, tokenizer, chat_template, metadata = writer_inputs(args, tensors, tokenizer, chat_template, metadata)
+    args, tensors, tokenizer, chat_template, metadata = writer_inputs(args, tensors, tokenizer, chat_template, metadata, floats=True)
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = {n: as_float(t) for n, t in tensors.items()}
-    drop_tied_output(args, tensors)
-    check_tensors(args, tensors, "tensors to write")
 
     out: dict[str, torch.Tensor] = {}
     for name in progress_iter(list(tensors), progress, "tensors"):

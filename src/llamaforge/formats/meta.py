@@ -16,8 +16,8 @@ from ..config import ModelArgs, from_params_json, to_params_json
 from ..fileio import atomic_write, atomic_write_json, load_torch_file
 from ..safety.license import license_from_files
 from .checkpoint import Checkpoint, CheckpointError
-from .common import (as_float, check_state_dict, check_tensors, drop_tied_output, load_tokenizer, progress_iter,
-                     read_json, read_text_if, writer_inputs)
+from .common import (check_state_dict, check_tensors, drop_tied_output, load_tokenizer, progress_iter,
+                     read_folder_config, read_text_if, writer_inputs)
 
 _DIM0 = ("attention.wq", "attention.wk", "attention.wv", "feed_forward.w1", "feed_forward.w3", "output")
 _DIM1 = ("attention.wo", "feed_forward.w2", "tok_embeddings")
@@ -64,13 +64,7 @@ def _params_args(pj: Path, params: Any, vocab_size: int | None) -> ModelArgs:
 
 def read(path: str | Path, *, progress: bool = False, dtype: torch.dtype | None = None) -> Checkpoint:
     """Read a Meta folder; tensors keep their stored dtype unless ``dtype`` is given."""
-    folder = Path(path)
-    if folder.is_file():
-        folder = folder.parent
-    pj = folder / "params.json"
-    if not pj.is_file():
-        raise CheckpointError(f"{pj}: missing params.json (a Meta checkpoint folder needs it)")
-    params = read_json(pj, "params.json")
+    folder, pj, params = read_folder_config(path, "params.json", "Meta checkpoint")
     # the hyperparameters are checked before any shard is opened (the vocabulary size may still
     # have to come from the embedding: -1 in Llama 2 files)
     _params_args(pj, params, vocab_size=1)
@@ -117,12 +111,9 @@ def write(path: str | Path, args: ModelArgs | Checkpoint, tensors: dict[str, Any
     Tied embeddings are recorded as ``"tie_embeddings": true`` in params.json with no output.weight;
     a chat template goes to ``chat_template.jinja``.
     """
-    args, tensors, tokenizer, chat_template, metadata = writer_inputs(args, tensors, tokenizer, chat_template, metadata)
+    args, tensors, tokenizer, chat_template, metadata = writer_inputs(args, tensors, tokenizer, chat_template, metadata, floats=True)
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = {n: as_float(t) for n, t in tensors.items()}
-    drop_tied_output(args, tensors)
-    check_tensors(args, tensors, "tensors to write")
     for name, t in tensors.items():
         dim = _split_dim(name)
         if dim is not None and t.shape[dim] % shards:

@@ -19,7 +19,7 @@ from fastapi.responses import Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..api import Llama, Weights
+from ..api import Weights
 from ..commands import KVType, Quantize, load_model
 from ..paths import default_model_path
 from ..safety.guard import Guard
