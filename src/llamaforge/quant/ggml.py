@@ -3,7 +3,7 @@
 Every type llama.cpp's common presets write (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K..Q6_K) and float16 /
 bfloat16 matrices. The blocks stay where the loader put them (a view of the memory-mapped file):
 nothing is repacked, so the model computes with exactly the weights the file defines. The one copy:
-small models on float32 activations (see `choose_activations`) also keep their Q4_0/Q4_1/Q8_0
+small models on float32 activations (see `choose_activations`) also keep their Q4_0/Q4_1
 blocks with float32 scales (`WIDE_TYPES`) for the decode kernel; big models are never copied.
 
 Two activation paths (`set_activations`): "int8" quantizes each input row once per matmul to 8-bit
@@ -41,8 +41,9 @@ SMALL_MODEL_BYTES = 256 << 20
 FAST_F32_TYPES = ("Q4_0", "Q4_1", "Q8_0", "F16", "BF16")
 # Types whose blocks small float32-activation models copy once with float32 scales (kernel type
 # WIDE + type): no float16 conversion per block in the decode loop. Measured on the bundled model
-# (one thread, float32 activations): ffn_up 1536x576 Q4_1 67 -> 49 us per decode row.
-WIDE_TYPES = ("Q4_0", "Q4_1")   # Q8_0 too is supported by the kernel, measured no faster
+# (one thread): all its matrices' decode matmuls 9.7 -> 8.8 ms per step. Q8_0 has a WIDE kernel too,
+# but widening the bundled model's Q8_0 output matrix measured slower per step (more bytes to stream).
+WIDE_TYPES = ("Q4_0", "Q4_1")
 WIDE = 100
 
 # float32 path: row counts up to this use the block kernel; above it, dequantize + BLAS. Measured on
