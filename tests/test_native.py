@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from llamaforge import native
-from llamaforge.quant.gguf_blocks import QTensor
+from llamaforge.quant.gguf_blocks import QTensor, random_blocks
 
 pytestmark = pytest.mark.skipif(native.kernels() is None, reason="native kernels could not be built here")
 
@@ -109,6 +109,32 @@ def test_siblings_compute_what_separate_modules_compute():
         with using_activations("f32"):
             for m, qt_rows in zip(mods, (32, 16, 16)):
                 assert torch.equal(m(xl), F.linear(xl, _blocks("Q4_1", rows=qt_rows, cols=64, seed=qt_rows).dequantize()))
+
+
+def test_float32_scale_copy_changes_no_result():
+    """widen() (small models, float32 activations): same outputs bit for bit, alone and as siblings,
+    for decode rows, prompt rows and 8-bit activations (which keep reading the file's blocks)."""
+    from llamaforge.quant.ggml import GGMLLinear, _Siblings, using_activations
+    x1, x40 = torch.randn(1, 3, 64), torch.randn(1, 40, 64)
+    for grouped in (False, True):
+        mods = [GGMLLinear(_blocks(t, rows=r, cols=64, seed=r)) for t, r in (("Q4_1", 32), ("Q4_1", 16))]
+        with torch.inference_mode():
+            want = {}
+            for kind in ("f32", "int8"):
+                with using_activations(kind):
+                    want[kind] = [[m(x) for m in mods] for x in (x1, x40)]
+            for m in mods:
+                m.widen()
+                assert m.wide is not None and "float32-scale copy" in repr(m)
+            if grouped:
+                _Siblings(mods)
+            for kind in ("f32", "int8"):
+                with using_activations(kind):
+                    got = [[m(x) for m in mods] for x in (x1, x40)]
+                assert all(torch.equal(a, b) for ga, wa in zip(got, want[kind]) for a, b in zip(ga, wa))
+    q5 = GGMLLinear(QTensor(random_blocks("Q5_0", 8, 64, 0), "Q5_0", (8, 64)))
+    q5.widen()
+    assert q5.wide is None          # only Q4_0 / Q4_1 get a copy
 
 
 @pytest.mark.slow

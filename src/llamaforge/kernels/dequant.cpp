@@ -42,6 +42,9 @@ TypeInfo type_info(int64_t type) {
     case Q4_K: return {256, 144};
     case Q5_K: return {256, 176};
     case Q6_K: return {256, 210};
+    case WIDE + Q4_0: return {32, 20};
+    case WIDE + Q4_1: return {32, 24};
+    case WIDE + Q8_0: return {32, 36};
     default: return {0, 0};
   }
 }
@@ -212,9 +215,15 @@ namespace {
 // The small models' decode path (where per-step overhead, not bandwidth, bounds a token): codes
 // converted to float in registers, w . x = sum over blocks of d * (codes . x) + m * sum(x), with
 // two accumulators per row so the FMA chain does not bound the loop. xs: per-block sums of x.
-template <int64_t T, int R>
+// W: the WIDE form (float32 scales, see common.h)
+inline float f32(const uint8_t* p) { float v; std::memcpy(&v, p, 4); return v; }
+
+template <int64_t T, bool W, int R>
 void fdot32(const uint8_t* w, int64_t nb, const float* x, int64_t ldx, const float* xs, int64_t ldxs, float* out) {
-  constexpr int64_t BYTES = T == Q4_0 ? 18 : T == Q4_1 ? 20 : 34;
+  constexpr int64_t S = W ? 4 : 2;                        // bytes of one scale
+  constexpr int64_t QS = T == Q4_1 ? 2 * S : S;           // codes start
+  constexpr int64_t BYTES = QS + (T == Q8_0 ? 32 : 16);
+  auto scale = [](const uint8_t* p) { if constexpr (W) return f32(p); else return f16(p); };
   float off[R];
   for (int r = 0; r < R; ++r) off[r] = 0.f;
 #ifdef LF_AVX512
@@ -224,16 +233,16 @@ void fdot32(const uint8_t* w, int64_t nb, const float* x, int64_t ldx, const flo
     const uint8_t* b = w + g * BYTES;
     __m512 lo, hi;
     if constexpr (T == Q8_0) {
-      lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 2))));
-      hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 18))));
+      lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + QS))));
+      hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + QS + 16))));
     } else {
-      const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + (T == Q4_0 ? 2 : 4))));
+      const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + QS)));
       __m512i l = _mm512_and_si512(v, _mm512_set1_epi32(15)), h = _mm512_srli_epi32(v, 4);
       if constexpr (T == Q4_0) { l = _mm512_sub_epi32(l, _mm512_set1_epi32(8)); h = _mm512_sub_epi32(h, _mm512_set1_epi32(8)); }
       lo = _mm512_cvtepi32_ps(l);
       hi = _mm512_cvtepi32_ps(h);
     }
-    const __m512 d = _mm512_set1_ps(f16(b));
+    const __m512 d = _mm512_set1_ps(scale(b));
     for (int r = 0; r < R; ++r) {
       const float* xr = x + r * ldx + g * 32;
       __m512 t = _mm512_mul_ps(lo, _mm512_loadu_ps(xr));
@@ -241,7 +250,7 @@ void fdot32(const uint8_t* w, int64_t nb, const float* x, int64_t ldx, const flo
       acc[a][r] = _mm512_fmadd_ps(t, d, acc[a][r]);
     }
     if constexpr (T == Q4_1) {
-      const float m = f16(b + 2);
+      const float m = scale(b + S);
       for (int r = 0; r < R; ++r) off[r] += m * xs[r * ldxs + g];
     }
   };
@@ -256,15 +265,15 @@ void fdot32(const uint8_t* w, int64_t nb, const float* x, int64_t ldx, const flo
   for (int64_t g = 0; g < nb; ++g) {
     const uint8_t* b = w + g * BYTES;
     for (int j = 0; j < 16; ++j) {
-      if constexpr (T == Q8_0) { q[j] = float(int8_t(b[2 + j])); q[j + 16] = float(int8_t(b[18 + j])); }
+      if constexpr (T == Q8_0) { q[j] = float(int8_t(b[QS + j])); q[j + 16] = float(int8_t(b[QS + 16 + j])); }
       else {
         const int k = T == Q4_0 ? 8 : 0;
-        const uint8_t c = b[(T == Q4_0 ? 2 : 4) + j];
+        const uint8_t c = b[QS + j];
         q[j] = float(int(c & 15) - k);
         q[j + 16] = float(int(c >> 4) - k);
       }
     }
-    const float d = f16(b);
+    const float d = scale(b);
     for (int r = 0; r < R; ++r) {
       const float* xr = x + r * ldx + g * 32;
       float t[8];
@@ -272,7 +281,7 @@ void fdot32(const uint8_t* w, int64_t nb, const float* x, int64_t ldx, const flo
       for (int l = 0; l < 8; ++l) acc[r][l] += t[l] * d;
     }
     if constexpr (T == Q4_1) {
-      const float m = f16(b + 2);
+      const float m = scale(b + S);
       for (int r = 0; r < R; ++r) off[r] += m * xs[r * ldxs + g];
     }
   }
@@ -284,19 +293,61 @@ void fdot32(const uint8_t* w, int64_t nb, const float* x, int64_t ldx, const flo
 #endif
 }
 
-template <int R>
-bool fdot32_r(int64_t type, const uint8_t* w, int64_t nb, const float* x, int64_t ldx, const float* xs, int64_t ldxs, float* out) {
-  switch (type) {
-    case Q4_0: fdot32<Q4_0, R>(w, nb, x, ldx, xs, ldxs, out); return true;
-    case Q4_1: fdot32<Q4_1, R>(w, nb, x, ldx, xs, ldxs, out); return true;
-    case Q8_0: fdot32<Q8_0, R>(w, nb, x, ldx, xs, ldxs, out); return true;
-    default: return false;
+// every weight row of the range against all M rows of x, four at a time: the type and row-count
+// dispatch happens once per range, not once per weight row (a call per row of 18 blocks costs ~15%)
+template <int64_t T, bool W>
+void fdot32_range(const uint8_t* w, int64_t ws, int64_t N, const float* x, int64_t M, int64_t K, const float* xs,
+                  float* y, int64_t ldy) {
+  const int64_t nb = K / 32;
+  float out[4];
+  for (int64_t n = 0; n < N; ++n) {
+    const uint8_t* wr = w + n * ws;
+    for (int64_t m = 0; m < M; m += 4) {
+      const int R = int(M - m < 4 ? M - m : 4);
+      const float* xm = x + m * K;
+      const float* sm = xs + m * nb;
+      switch (R) {
+        case 4: fdot32<T, W, 4>(wr, nb, xm, K, sm, nb, out); break;
+        case 3: fdot32<T, W, 3>(wr, nb, xm, K, sm, nb, out); break;
+        case 2: fdot32<T, W, 2>(wr, nb, xm, K, sm, nb, out); break;
+        default: fdot32<T, W, 1>(wr, nb, xm, K, sm, nb, out); break;
+      }
+      for (int r = 0; r < R; ++r) y[(m + r) * ldy + n] = out[r];
+    }
   }
 }
 
 }  // namespace
 
-bool has_fast_f32(int64_t type) { return type == Q4_0 || type == Q4_1 || type == Q8_0; }
+bool has_wide(int64_t type) { return type == Q4_0 || type == Q4_1 || type == Q8_0; }
+bool has_fast_f32(int64_t type) { return has_wide(type) || (type > WIDE && has_wide(type - WIDE)); }
+
+void fdot_range(int64_t type, const uint8_t* w, int64_t ws, int64_t N, const float* x, int64_t M, int64_t K,
+                const float* xs, float* y, int64_t ldy) {
+  switch (type) {
+    case Q4_0: return fdot32_range<Q4_0, false>(w, ws, N, x, M, K, xs, y, ldy);
+    case Q4_1: return fdot32_range<Q4_1, false>(w, ws, N, x, M, K, xs, y, ldy);
+    case Q8_0: return fdot32_range<Q8_0, false>(w, ws, N, x, M, K, xs, y, ldy);
+    case WIDE + Q4_0: return fdot32_range<Q4_0, true>(w, ws, N, x, M, K, xs, y, ldy);
+    case WIDE + Q4_1: return fdot32_range<Q4_1, true>(w, ws, N, x, M, K, xs, y, ldy);
+    case WIDE + Q8_0: return fdot32_range<Q8_0, true>(w, ws, N, x, M, K, xs, y, ldy);
+    default: return;
+  }
+}
+
+void widen_row(int64_t type, const uint8_t* w, uint8_t* out, int64_t K) {
+  const int64_t nb = K / 32, in = type_info(type).bytes, wide = type_info(WIDE + type).bytes;
+  const int64_t scales = type == Q4_1 ? 2 : 1;
+  for (int64_t g = 0; g < nb; ++g) {
+    const uint8_t* b = w + g * in;
+    uint8_t* o = out + g * wide;
+    for (int64_t s = 0; s < scales; ++s) {   // float16 -> float32 is exact
+      const float v = f16(b + 2 * s);
+      std::memcpy(o + 4 * s, &v, 4);
+    }
+    std::memcpy(o + 4 * scales, b + 2 * scales, in - 2 * scales);
+  }
+}
 
 void block_sums(const float* x, int64_t K, float* out) {
   for (int64_t g = 0; g < K / 32; ++g) {
@@ -306,17 +357,7 @@ void block_sums(const float* x, int64_t K, float* out) {
   }
 }
 
-void fdot_rows(int64_t type, const uint8_t* w, const float* x, int64_t ldx, int R, int64_t K, float* out, float* buf,
-               const float* xs) {
-  if (xs != nullptr && has_fast_f32(type)) {
-    const int64_t nb = K / 32;
-    switch (R) {
-      case 4: if (fdot32_r<4>(type, w, nb, x, ldx, xs, nb, out)) return; break;
-      case 3: if (fdot32_r<3>(type, w, nb, x, ldx, xs, nb, out)) return; break;
-      case 2: if (fdot32_r<2>(type, w, nb, x, ldx, xs, nb, out)) return; break;
-      default: if (fdot32_r<1>(type, w, nb, x, ldx, xs, nb, out)) return; break;
-    }
-  }
+void fdot_rows(int64_t type, const uint8_t* w, const float* x, int64_t ldx, int R, int64_t K, float* out, float* buf) {
   const TypeInfo ti = type_info(type);
   const int64_t per = ti.block >= 256 ? ti.block : 256;   // weights dequantized at a time
   float tail[4] = {0.f, 0.f, 0.f, 0.f};

@@ -6,6 +6,8 @@
 //       quantized once (int8=True and the type has an integer path) and one thread pool covers all
 //       their rows. Each weight row is read once for every row of x.
 //   dequantize(w, type, K, into=None) -> float32 [N, K], bit-identical to gguf-py.
+//   to_f32_scales(w, type, K) -> the WIDE + type copy of Q4_0 / Q4_1 / Q8_0 blocks (see common.h),
+//       which matmul takes (float32 activations) and dequantize does not.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -79,6 +81,13 @@ std::vector<torch::Tensor> ggml_matmul(torch::Tensor x, std::vector<torch::Tenso
     float buf[256], out[4];
     int64_t i = 0;
     while (start[i + 1] <= n0) ++i;
+    if (S != nullptr) {   // float32 Q4_0/Q4_1/Q8_0: one call per matrix's share of the range
+      for (int64_t n = n0; n < n1; n = std::min(n1, start[++i])) {
+        const int64_t row = n - start[i], N = start[i + 1] - start[i];
+        fdot_range(type, W[i] + row * stride[i], stride[i], std::min(n1, start[i + 1]) - n, X, M, K, S, Y[i] + row, N);
+      }
+      return;
+    }
     for (int64_t n = n0; n < n1; ++n) {
       if (n == start[i + 1]) ++i;
       const int64_t row = n - start[i], N = start[i + 1] - start[i];
@@ -86,7 +95,7 @@ std::vector<torch::Tensor> ggml_matmul(torch::Tensor x, std::vector<torch::Tenso
       for (int64_t m = 0; m < M; m += 4) {
         const int R = int(std::min<int64_t>(4, M - m));
         if (int8) qdot_rows(type, wr, xq.data() + m * xs, xs, R, K, out);
-        else fdot_rows(type, wr, X + m * K, K, R, K, out, buf, S ? S + m * (K / 32) : nullptr);
+        else fdot_rows(type, wr, X + m * K, K, R, K, out, buf);
         for (int r = 0; r < R; ++r) Y[i][(m + r) * N + row] = out[r];
       }
     }
@@ -95,6 +104,7 @@ std::vector<torch::Tensor> ggml_matmul(torch::Tensor x, std::vector<torch::Tenso
 }
 
 torch::Tensor ggml_dequantize(torch::Tensor w, int64_t type, int64_t K, c10::optional<torch::Tensor> into) {
+  TORCH_CHECK(type < WIDE, "dequantize takes a GGUF file's own block types (got ", type, ")");
   checked(w, type, K);
   const int64_t N = w.size(0);
   torch::Tensor out;
@@ -110,6 +120,19 @@ torch::Tensor ggml_dequantize(torch::Tensor w, int64_t type, int64_t K, c10::opt
   float* O = out.data_ptr<float>();
   at::parallel_for(0, N, std::max<int64_t>(1, 16384 / K), [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) dequant_row(type, W + n * rs, O + n * K, K);
+  });
+  return out;
+}
+
+torch::Tensor to_f32_scales(torch::Tensor w, int64_t type, int64_t K) {
+  TORCH_CHECK(has_wide(type), "to_f32_scales takes Q4_0, Q4_1 or Q8_0 blocks (type ", type, ")");
+  checked(w, type, K);
+  const int64_t N = w.size(0), rs = w.stride(0), wide = K / 32 * type_info(WIDE + type).bytes;
+  torch::Tensor out = torch::empty({N, wide}, torch::dtype(torch::kUInt8));
+  const uint8_t* W = w.data_ptr<uint8_t>();
+  uint8_t* O = out.data_ptr<uint8_t>();
+  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) widen_row(type, W + n * rs, O + n * wide, K);
   });
   return out;
 }
@@ -139,6 +162,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("mask") = py::none(), py::arg("rows") = py::none());
   m.def("rope", &lf::rope, "rotary position embedding of interleaved pairs");
   m.def("rms_norm", &lf::rms_norm, "RMSNorm in float32");
+  m.def("to_f32_scales", &to_f32_scales, "Q4_0/Q4_1/Q8_0 blocks with float32 scales (type WIDE + type)");
   m.def("isa", &isa, "instruction set the kernels were built for");
   m.def("int8_path", &has_int8_path, "whether the 8-bit activation dot products are built");
 }

@@ -2,8 +2,9 @@
 
 Every type llama.cpp's common presets write (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K..Q6_K) and float16 /
 bfloat16 matrices. The blocks stay where the loader put them (a view of the memory-mapped file):
-nothing is repacked, widened or copied, so loading costs no pass over the weights and the model
-computes with exactly the weights the file defines.
+nothing is repacked, so the model computes with exactly the weights the file defines. The one copy:
+small models on float32 activations (see `choose_activations`) also keep their Q4_0/Q4_1
+blocks with float32 scales (`WIDE_TYPES`) for the decode kernel; big models are never copied.
 
 Two activation paths (`set_activations`): "int8" quantizes each input row once per matmul to 8-bit
 blocks and uses integer dot products, as llama.cpp does; "f32" multiplies float32 inputs with the
@@ -38,6 +39,12 @@ _mode = [os.environ.get("LLAMAFORGE_ACTIVATIONS", "auto")]
 # (TinyLlama-1.1B Q4_0 is 0.6 GiB): 8-bit activations.
 SMALL_MODEL_BYTES = 256 << 20
 FAST_F32_TYPES = ("Q4_0", "Q4_1", "Q8_0", "F16", "BF16")
+# Types whose blocks small float32-activation models copy once with float32 scales (kernel type
+# WIDE + type): no float16 conversion per block in the decode loop. Measured on the bundled model
+# (one thread): all its matrices' decode matmuls 9.7 -> 8.8 ms per step. Q8_0 has a WIDE kernel too,
+# but widening the bundled model's Q8_0 output matrix measured slower per step (more bytes to stream).
+WIDE_TYPES = ("Q4_0", "Q4_1")
+WIDE = 100
 
 # float32 path: row counts up to this use the block kernel; above it, dequantize + BLAS. Measured on
 # the bundled model's shapes (2 threads): the kernel costs ~16 us per row of a 3072x576 Q4_1 matrix
@@ -72,12 +79,15 @@ def using_activations(kind: str):
 
 def choose_activations(model: nn.Module) -> bool:
     """Mark the model's GGMLLinears for "auto": 8-bit activations (returns True) when its blocks
-    hold at least SMALL_MODEL_BYTES or any is of a type without a fast float32 kernel, else float32."""
-    mods = [m for m in model.modules() if isinstance(m, GGMLLinear)]
-    big = sum(m.blocks.numel() for m in {id(m): m for m in mods}.values()) >= SMALL_MODEL_BYTES \
+    hold at least SMALL_MODEL_BYTES or any is of a type without a fast float32 kernel, else float32,
+    and then give the small model's WIDE_TYPES matrices their float32-scale copy (`GGMLLinear.widen`)."""
+    mods = list({id(m): m for m in model.modules() if isinstance(m, GGMLLinear)}.values())
+    big = sum(m.blocks.numel() for m in mods) >= SMALL_MODEL_BYTES \
         or any(m.qtype not in FAST_F32_TYPES for m in mods)
     for m in mods:
         m.int8_auto = big
+        if not big:
+            m.widen()
     return big
 
 
@@ -120,7 +130,15 @@ class GGMLLinear(nn.Module):
         self._k = kernels()
         self.register_buffer("blocks", _block_tensor(qt), persistent=False)
         self.int8_auto = True        # what "auto" activations mean here (choose_activations sets it)
+        self.register_buffer("wide", None, persistent=False)   # float32-scale copy (widen), or None
         self._group: _Siblings | None = None
+
+    def widen(self) -> None:
+        """Keep a copy of the blocks with float32 scales, which the float32-activation decode kernel
+        reads instead (WIDE_TYPES only; a no-op for other types). Costs 2-4 bytes per 32 weights more
+        than the file: for small models only (choose_activations)."""
+        if self.qtype in WIDE_TYPES and self.wide is None:
+            self.wide = self._k.to_f32_scales(self.blocks, self._type_id, self.in_features)
 
     def dequantize(self) -> torch.Tensor:
         """float32 [out, in], equal to gguf-py's dequantization bit for bit."""
@@ -129,21 +147,27 @@ class GGMLLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._group is not None:
             return self._group.output(self, x)
-        return _matmul(self._k, x, [self.blocks], self._type_id, self.in_features, self.int8_auto)[0]
+        wide = None if self.wide is None else [self.wide]
+        return _matmul(self._k, x, [self.blocks], self._type_id, self.in_features, self.int8_auto, wide)[0]
 
     def extra_repr(self) -> str:
         fused = " (computed with its siblings)" if self._group is not None else ""
-        return f"in_features={self.in_features}, out_features={self.out_features}, {self.qtype} blocks{fused}"
+        wide = " (+ float32-scale copy)" if self.wide is not None else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.qtype} blocks{wide}{fused}"
 
 
 def _matmul(k, x: torch.Tensor, blocks: list[torch.Tensor], type_id: int, in_features: int,
-            int8_auto: bool) -> list[torch.Tensor]:
+            int8_auto: bool, wide: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+    """x @ W_i^T for each matrix's blocks; wide: their float32-scale copies (float32 kernel only)."""
     xf = x if x.dtype == torch.float32 else x.float()
     rows = xf.numel() // in_features
     mode = _mode[0]
     int8 = mode == "int8" or (mode == "auto" and int8_auto)
     if rows <= (INT8_MAX_ROWS if int8 else DIRECT_MAX_ROWS):
-        ys = k.matmul(xf, blocks, type_id, in_features, int8)
+        if int8 or wide is None:
+            ys = k.matmul(xf, blocks, type_id, in_features, int8)
+        else:
+            ys = k.matmul(xf, wide, type_id + WIDE, in_features, False)
     else:   # dequantize into one scratch matrix (all siblings), one BLAS call
         n = sum(b.shape[0] for b in blocks)
         w = _scratch(n * in_features)
@@ -197,8 +221,10 @@ class _Siblings:
             if all(p is None for p in self._pending):   # all handed out: hold no activations
                 self._x, self._pending = None, []
             return y
-        parts: list[torch.Tensor | None] = list(_matmul(self.k, x, [m.blocks for m in self.members],
-                                                        self.type_id, self.in_features, self.members[0].int8_auto))
+        wide = [m.wide for m in self.members]
+        parts: list[torch.Tensor | None] = list(_matmul(self.k, x, [m.blocks for m in self.members], self.type_id,
+                                                        self.in_features, self.members[0].int8_auto,
+                                                        None if any(w is None for w in wide) else wide))
         mine, parts[i] = parts[i], None
         self._x, self._pending = x, parts
         return mine
