@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from llamaforge.config import PRESETS, ModelArgs  # noqa: E402
 from llamaforge.formats.gguf import read, write  # noqa: E402
-from llamaforge.formats.meta import expected_shapes  # noqa: E402
+from llamaforge.formats.common import expected_shapes  # noqa: E402
 
 SHAPES = {
     "7b": ("llama2-7b-shaped", PRESETS["llama2-7b"], ("Q4_0", "Q4_K_M")),

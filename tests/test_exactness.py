@@ -2,7 +2,7 @@
 
 A tiny random-weight Llama (dim 256 so the K-quants' 256-weight blocks fit) whose every matrix is
 stored in one GGML type is loaded twice: the default load (load_packed: the native kernels over the
-blocks) and the float32 dequantized load (gguf-py's dequantization, what ``quantize=None`` runs).
+blocks) and the float32 dequantized load (gguf-py's dequantization, what ``weights="float"`` runs).
 Both paths of the default load are compared: the batched prompt path (many rows per matmul) and the
 token-by-token decode path (single-row kernels, KV cache). With float32 activations the logits agree
 to 2e-2; with 8-bit activations their mean cosine is at least 0.9995 (issue 13's bounds).
@@ -88,7 +88,7 @@ def test_f16_gguf_stays_mapped_and_runs_natively(tmp_path, tiny_tokenizer):
     from llamaforge.formats import gguf
     model = Transformer(ARGS.replace(vocab_size=256)).init_weights(0).eval()
     path = gguf.write(tmp_path / "m.gguf", model.args, model.state_dict(), tokenizer=tiny_tokenizer, qtype="f16")
-    fast, flt = Llama.load(path), Llama.load(path, quantize=None)
+    fast, flt = Llama.load(path), Llama.load(path, weights="float")
     wq = fast.model.layers[0].attention.wq
     assert isinstance(wq, ggml.GGMLLinear) and wq.qtype == "F16" and wq.blocks.dtype == torch.uint8
     ids = list(range(1, 30))
