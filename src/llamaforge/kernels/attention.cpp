@@ -1,9 +1,11 @@
 // The small per-token operations that dominate a decode step once the matrix products are fast:
-// attention of one query per row over the KV cache, rotary embedding, RMSNorm. Float32 throughout.
+// attention of one query per row over the KV cache (and the q8_0 cache's quantization), rotary
+// embedding, RMSNorm. Float32 arithmetic throughout.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "common.h"
@@ -12,7 +14,8 @@ namespace lf {
 namespace {
 // ---- decode attention -------------------------------------------------------------------------
 // q [B, H, 1, Hd]; k, v [B, Kh, L, Hd] (views of the cache: any strides, last dim contiguous), or
-// the whole cache [S, Kh, L, Hd] with rows [B] giving each batch row's slot;
+// the whole cache [S, Kh, L, Hd] with rows [B] giving each batch row's slot; a Q8_0 cache's rows
+// are uint8 [.., L, Hd / 32 * 34] (quantize_q8_0);
 // mask [B, 1, 1, L] bool (true = attend) or undefined (attend all L). Grouped-query heads: query
 // head h reads kv head h / (H / Kh). Float32 throughout, softmax with the max subtracted.
 inline float dot(const float* a, const float* b, int64_t n) {
@@ -83,11 +86,13 @@ inline float exp_sum(float* s, int64_t L, float mx) {
 torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, c10::optional<torch::Tensor> mask,
                                c10::optional<torch::Tensor> rows) {
   TORCH_CHECK(q.dim() == 4 && q.size(2) == 1 && k.dim() == 4 && v.sizes() == k.sizes(), "q [B,H,1,Hd], k/v [B,K,L,Hd]");
-  // a float16 KV cache (kv_type="f16") is read as such: each head's keys and values are widened
-  // into a per-thread buffer, so the cache streams half the bytes
-  const bool half = k.scalar_type() == torch::kHalf;
-  TORCH_CHECK(q.scalar_type() == torch::kFloat32 && k.scalar_type() == v.scalar_type() &&
-              (half || k.scalar_type() == torch::kFloat32), "decode attention takes float32 q, float32 or float16 k/v");
+  // a float16 or Q8_0 KV cache (kv_type="f16" / "q8_0") is read as such: each head's keys and
+  // values are widened into a per-thread buffer, so the cache streams half (f16) or 34/128 (q8_0) of
+  // the float32 bytes
+  const auto kt = k.scalar_type();
+  const int64_t packed = kt == torch::kHalf ? F16 : kt == torch::kByte ? Q8_0 : 0;   // GGML type; 0: float32
+  TORCH_CHECK(q.scalar_type() == torch::kFloat32 && kt == v.scalar_type() && (packed || kt == torch::kFloat32),
+              "decode attention takes float32 q, float32, float16 or Q8_0 (uint8) k/v");
   TORCH_CHECK(k.stride(3) == 1 && v.stride(3) == 1 && k.stride(2) == k.size(3) && v.stride(2) == v.size(3),
               "k and v rows must be contiguous");
   q = q.contiguous();
@@ -105,7 +110,8 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
     TORCH_CHECK(k.size(0) == B, "k and v must have one row per batch row");
     for (int64_t b = 0; b < B; ++b) row[b] = b;
   }
-  TORCH_CHECK(H % Kh == 0 && k.size(3) == Hd, "head counts or shapes do not match");
+  TORCH_CHECK(H % Kh == 0 && k.size(3) == (packed == Q8_0 ? Hd / 32 * 34 : Hd) && (packed != Q8_0 || Hd % 32 == 0),
+              "head counts or shapes do not match");
   const bool* M = nullptr;
   torch::Tensor mk;
   if (mask.has_value() && mask->defined()) {
@@ -116,12 +122,12 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
   const float* Q = q.data_ptr<float>();
   const uint8_t* K = static_cast<const uint8_t*>(k.data_ptr());
   const uint8_t* V = static_cast<const uint8_t*>(v.data_ptr());
-  const int64_t esize = half ? 2 : 4;
+  const int64_t esize = k.element_size();
   float* O = out.data_ptr<float>();
   const float scale = 1.0f / std::sqrt(float(Hd));
   const int64_t ks0 = k.stride(0), ks1 = k.stride(1), vs0 = v.stride(0), vs1 = v.stride(1);
   at::parallel_for(0, B * H, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> s(L), kbuf(half ? L * Hd : 0), vbuf(half ? L * Hd : 0);
+    std::vector<float> s(L), kbuf(packed ? L * Hd : 0), vbuf(packed ? L * Hd : 0);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / H, h = t % H, kh = h / G;
       const float* qh = Q + t * Hd;
@@ -129,9 +135,9 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
       const uint8_t* vraw = V + (row[b] * vs0 + kh * vs1) * esize;
       const float* kb = reinterpret_cast<const float*>(kraw);
       const float* vb = reinterpret_cast<const float*>(vraw);
-      if (half) {   // rows of one head are contiguous: L * Hd values
-        dequant_row(F16, kraw, kbuf.data(), L * Hd);
-        dequant_row(F16, vraw, vbuf.data(), L * Hd);
+      if (packed) {   // rows of one head are contiguous: L * Hd values (L * Hd / 32 whole Q8_0 blocks)
+        dequant_row(packed, kraw, kbuf.data(), L * Hd);
+        dequant_row(packed, vraw, vbuf.data(), L * Hd);
         kb = kbuf.data();
         vb = vbuf.data();
       }
@@ -167,6 +173,34 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
 #endif
       for (int64_t l = 0; l < L; ++l) if (s[l] != 0.f) axpy(s[l], vb + l * Hd, o, Hd);
       for (int64_t i = 0; i < Hd; ++i) o[i] *= inv;
+    }
+  });
+  return out;
+}
+
+// ---- Q8_0 KV cache rows -------------------------------------------------------------------------
+// x [..., n] float32 -> uint8 [..., n / 32 * 34]: GGML Q8_0 blocks as llama.cpp's quantize_row_q8_0_ref
+// writes them (d = max|x| / 127 kept as float16, codes roundf(x / d) with the float32 d), so the
+// cache holds what llama.cpp's q8_0 cache holds. Not quantize_act_row's layout or rounding.
+torch::Tensor quantize_q8_0(torch::Tensor x) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.dim() >= 1 && x.size(-1) % 32 == 0,
+              "quantize_q8_0 takes float32 x [..., n] with n a multiple of 32");
+  x = x.contiguous();
+  auto shape = x.sizes().vec();
+  shape.back() = shape.back() / 32 * 34;
+  auto out = torch::empty(shape, x.options().dtype(torch::kUInt8));
+  const float* X = x.data_ptr<float>();
+  uint8_t* O = out.data_ptr<uint8_t>();
+  at::parallel_for(0, x.numel() / 32, 1024, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {   // rows hold whole blocks: block b is x[32 b : 32 b + 32]
+      const float* xb = X + b * 32;
+      uint8_t* ob = O + b * 34;
+      float amax = 0.f;
+      for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(xb[j]));
+      const float d = amax / 127.f, id = d != 0.f ? 1.f / d : 0.f;
+      const uint16_t h = c10::Half(d).x;   // round to nearest even, as GGML_FP32_TO_FP16
+      std::memcpy(ob, &h, 2);
+      for (int j = 0; j < 32; ++j) ob[2 + j] = uint8_t(int8_t(std::round(xb[j] * id)));
     }
   });
   return out;

@@ -18,6 +18,7 @@
 namespace lf {
 torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, c10::optional<torch::Tensor> mask,
                                c10::optional<torch::Tensor> rows);
+torch::Tensor quantize_q8_0(torch::Tensor x);
 torch::Tensor rope(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps);
 }
@@ -160,6 +161,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("w"), py::arg("type"), py::arg("K"), py::arg("into") = py::none());
   m.def("decode_attention", &lf::decode_attention, "softmax(q k^T / sqrt(Hd)) v for one query per row, GQA",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("mask") = py::none(), py::arg("rows") = py::none());
+  m.def("quantize_q8_0", &lf::quantize_q8_0, "GGML Q8_0 blocks of float32 rows (llama.cpp's reference rounding)");
   m.def("rope", &lf::rope, "rotary position embedding of interleaved pairs");
   m.def("rms_norm", &lf::rms_norm, "RMSNorm in float32");
   m.def("to_f32_scales", &to_f32_scales, "Q4_0/Q4_1/Q8_0 blocks with float32 scales (type WIDE + type)");
