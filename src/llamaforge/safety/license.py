@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import time
 from pathlib import Path
 from typing import Any, Iterable
 
+from ..fileio import atomic_write_text
 from ..paths import state_dir
 from .policy import AUP_URL
 
@@ -120,10 +120,7 @@ def notice_once(ckpt: Any) -> bool:
         return False
     log.warning("%s", NOTICE)
     try:
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        tmp = marker.with_name(marker.name + f".{os.getpid()}.tmp")
-        tmp.write_text(f"shown {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n{NOTICE}\n", encoding="utf-8")
-        os.replace(tmp, marker)
+        atomic_write_text(marker, f"shown {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n{NOTICE}\n")
     except OSError as e:  # a read-only home must not stop a model from loading
         log.info("could not record the licence notice in %s: %s", marker, e)
     return True
