@@ -89,16 +89,26 @@ std::vector<torch::Tensor> ggml_matmul(torch::Tensor x, std::vector<torch::Tenso
       }
       return;
     }
-    for (int64_t n = n0; n < n1; ++n) {
-      if (n == start[i + 1]) ++i;
-      const int64_t row = n - start[i], N = start[i + 1] - start[i];
-      const uint8_t* wr = W[i] + row * stride[i];
+    // Tiles of NT weight rows: each group of 4 x rows is read for every row of the tile while it
+    // is in L1 (a 4-row q8 group of K = 4096 is 20 KiB), instead of streaming all of x from L2
+    // once per weight row. Measured 4096x4096, one thread, 8-bit path: Q4_0 1.21x at 16 rows,
+    // 1.10x at 128; Q8_0/Q4_K/Q6_K within +-6% (the dot products, not x's traffic, bound them)
+    constexpr int64_t NT = 8;
+    for (int64_t t0 = n0; t0 < n1; t0 += NT) {
+      const int64_t t1 = std::min(n1, t0 + NT);
       for (int64_t m = 0; m < M; m += 4) {
         const int R = int(std::min<int64_t>(4, M - m));
-        if (int8) qdot_rows(type, wr, xq.data() + m * xs, xs, R, K, out);
-        else fdot_rows(type, wr, X + m * K, K, R, K, out, buf);
-        for (int r = 0; r < R; ++r) Y[i][(m + r) * N + row] = out[r];
+        int64_t j = i;
+        for (int64_t n = t0; n < t1; ++n) {
+          while (n >= start[j + 1]) ++j;
+          const int64_t row = n - start[j], N = start[j + 1] - start[j];
+          const uint8_t* wr = W[j] + row * stride[j];
+          if (int8) qdot_rows(type, wr, xq.data() + m * xs, xs, R, K, out);
+          else fdot_rows(type, wr, X + m * K, K, R, K, out, buf);
+          for (int r = 0; r < R; ++r) Y[j][(m + r) * N + row] = out[r];
+        }
       }
+      while (t1 < n1 && t1 >= start[i + 1]) ++i;
     }
   });
   return ys;
