@@ -10,7 +10,7 @@ from typing import Any, Iterator, Literal, Sequence
 import torch
 
 from . import ops
-from .cache import kv_dtype
+from .cache import kv_dtype, row_width
 from .chat import encode_chat
 from .config import ModelArgs, torch_dtype
 from .formats import Checkpoint, load_checkpoint
@@ -97,7 +97,8 @@ class Llama:
             weight-only kernels. The old spellings quantize="auto" (= weights="blocks") and
             quantize=None without weights (= weights="float") still work, with a DeprecationWarning.
         adapter: a PEFT-format LoRA folder applied on top.
-        kv_type: KV cache element type, "f32" or "f16" (half the cache memory); None: the model's dtype.
+        kv_type: KV cache element type, "f32", "f16" (half the cache memory) or "q8_0" (GGML Q8_0
+            blocks, 34 bytes per 32 values; the head size must be a multiple of 32); None: the model's dtype.
         """
         weights, quantize = load_options(weights, quantize)
         path = Path(path) if path is not None else default_model_path()
@@ -110,6 +111,8 @@ class Llama:
         if ckpt.args is None:
             raise ValueError(f"{path}: holds a vocabulary only, no model weights")
         args = ckpt.args if max_seq_len is None else ckpt.args.replace(max_seq_len=max_seq_len)
+        if kv is not None:
+            row_width(kv, args.head_dim)   # q8_0 needs whole blocks per head: refuse here, not at the first cache
         if packed and (ckpt.format == "gguf" or any(not isinstance(t, torch.Tensor) for t in ckpt.tensors.values())):
             model = load_packed(args, ckpt.tensors, device, target, progress=progress)
         else:

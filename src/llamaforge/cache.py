@@ -1,19 +1,23 @@
 """The KV cache: preallocated [layers, slots, kv_heads, max_seq, head_dim] keys and values.
 
 A slot is one sequence. Rows of a batch map to slots; positions are per row, so sequences of
-different lengths (continuous batching) share one cache.
+different lengths (continuous batching) share one cache. A q8_0 cache (dtype uint8) holds each
+row as GGML Q8_0 blocks, head_dim / 32 * 34 bytes, quantized as it is written.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-# KV cache element types (Llama.load(kv_type=...), --kv-type); None: the model's own dtype
-KV_TYPES = {"f32": torch.float32, "f16": torch.float16}
+from . import ops
+
+# KV cache element types (Llama.load(kv_type=...), --kv-type); None: the model's own dtype.
+# uint8 stands for Q8_0 blocks (34 bytes per 32 values), the storage type of such a cache.
+KV_TYPES = {"f32": torch.float32, "f16": torch.float16, "q8_0": torch.uint8}
 
 
 def kv_dtype(kv_type: str | None) -> torch.dtype | None:
-    """The torch dtype of a KV cache type name ("f32", "f16"), None for None."""
+    """The torch dtype of a KV cache type name ("f32", "f16", "q8_0"), None for None."""
     if kv_type is None:
         return None
     if kv_type not in KV_TYPES:
@@ -21,11 +25,21 @@ def kv_dtype(kv_type: str | None) -> torch.dtype | None:
     return KV_TYPES[kv_type]
 
 
+def row_width(dtype: torch.dtype, head_dim: int) -> int:
+    """Elements of one cached key or value row: head_dim, or for q8_0 (uint8) the bytes of its blocks."""
+    if dtype != torch.uint8:
+        return head_dim
+    if head_dim % ops.QK8_0:
+        raise ValueError(f"kv_type q8_0 quantizes blocks of {ops.QK8_0} values along the head, "
+                         f"but this model's head size is {head_dim}")
+    return head_dim // ops.QK8_0 * ops.Q8_0_BYTES
+
+
 class KVCache(nn.Module):
     def __init__(self, n_layers: int, slots: int, kv_heads: int, max_seq: int, head_dim: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
         super().__init__()
-        shape = (n_layers, slots, kv_heads, max_seq, head_dim)
+        shape = (n_layers, slots, kv_heads, max_seq, row_width(dtype, head_dim))
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.max_seq = max_seq
@@ -65,23 +79,27 @@ class KVCache(nn.Module):
 
         keys/values are [B, K, kv_len, Hd] with rows None, or, for rows scattered over the slots,
         views of the whole cache [S, K, kv_len, Hd] with rows [B] naming each batch row's slot (no
-        gathered copy: ops.attention reads the slots in place).
+        gathered copy: ops.attention reads the slots in place). A q8_0 cache returns its blocks.
         """
         if self._row is not None and k.shape[0] == 1:
             # one row, contiguous positions: copies into the slot's window, views (not gathers) out
             new_k, new_v, seen_k, seen_v = self._views
-            new_k[layer].copy_(k)
-            new_v[layer].copy_(v)
+            new_k[layer].copy_(self._encode(k))
+            new_v[layer].copy_(self._encode(v))
             return seen_k[layer], seen_v[layer], None
         kc, vc = self.k[layer], self.v[layer]          # [S, K, max_seq, Hd]
         B = pos.shape[0]
         rows = torch.arange(B, device=pos.device) if slots is None else slots
         # one index_put per tensor for every B and T; advanced indices (rows, pos) lead the value's shape
-        kc[rows.view(B, 1), :, pos] = k.transpose(1, 2).to(kc.dtype)   # value [B, T, K, Hd]
-        vc[rows.view(B, 1), :, pos] = v.transpose(1, 2).to(vc.dtype)
+        kc[rows.view(B, 1), :, pos] = self._encode(k.transpose(1, 2))   # value [B, T, K, Hd]
+        vc[rows.view(B, 1), :, pos] = self._encode(v.transpose(1, 2))
         if slots is None:
             return kc[:B, :, :kv_len], vc[:B, :, :kv_len], None
         return kc[:, :, :kv_len], vc[:, :, :kv_len], slots
+
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., Hd] in the cache's storage type (Q8_0 blocks for a uint8 cache)."""
+        return ops.quantize_q8_0(x) if self.k.dtype == torch.uint8 else x.to(self.k.dtype)
 
     def copy_prefix(self, src: int, dst: int, n: int) -> None:
         """Copy the keys/values of positions [0, n) of slot src into slot dst (prompt-prefix reuse)."""

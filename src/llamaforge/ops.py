@@ -51,23 +51,55 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * weight
 
 
+QK8_0, Q8_0_BYTES = 32, 34   # values per GGML Q8_0 block; its bytes: a float16 scale and 32 int8 codes
+
+
+def quantize_q8_0(x: torch.Tensor) -> torch.Tensor:
+    """GGML Q8_0 blocks, uint8 [..., n / 32 * 34], of x [..., n] (n a multiple of 32).
+
+    Rounded as llama.cpp's quantize_row_q8_0_ref (and gguf-py): d = max|x| / 127 stored as float16,
+    codes round-half-away-from-zero of x / d with the float32 d.
+    """
+    k = _native(x, x)
+    if k is not None:
+        return k.quantize_q8_0(x)
+    xb = x.float().unflatten(-1, (-1, QK8_0))
+    d = xb.abs().amax(-1, keepdim=True) / 127
+    y = xb * torch.where(d == 0, 0.0, 1 / d)
+    a = y.abs()
+    # roundf without a float add (floor(a + 0.5) rounds 0.49999997 up): gguf-py's np_roundf
+    q = y.sign() * (a.floor() + (2 * (a - a.floor())).floor())
+    codes = q.to(torch.int8).view(torch.uint8)
+    return torch.cat((d.half().view(torch.uint8), codes), -1).flatten(-2)
+
+
+def dequantize_q8_0(blocks: torch.Tensor) -> torch.Tensor:
+    """float32 [..., n] of Q8_0 blocks uint8 [..., n / 32 * 34] (any strides, rows contiguous), as gguf-py."""
+    b = blocks.unflatten(-1, (-1, Q8_0_BYTES))
+    d = b[..., :2].contiguous().view(torch.float16).float()
+    return (b[..., 2:].view(torch.int8).float() * d).flatten(-2)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
               causal: bool = False, rows: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(q k^T / sqrt(Hd) [+ mask]) v with grouped KV heads.
 
-    q [B, H, T, Hd]; k, v [B, K, L, Hd] with H a multiple of K; mask [B, 1, T, L] bool (True attends).
+    q [B, H, T, Hd]; k, v [B, K, L, Hd] with H a multiple of K, or uint8 Q8_0 blocks [B, K, L, Hd / 32 * 34];
+    mask [B, 1, T, L] bool (True attends).
     rows [B]: k and v hold more rows (a whole KV cache) and batch row b attends to k[rows[b]].
     """
     gqa = k.shape[1] != q.shape[1]
     if q.shape[2] == 1 and not causal and k.stride(-1) == 1 and k.stride(-2) == k.shape[-1] \
             and v.stride(-1) == 1 and v.stride(-2) == v.shape[-1]:
-        # a float16 KV cache: the kernel widens each head's rows as it reads them
-        half = k.dtype == torch.float16 == v.dtype
-        kern = _native(q, q) if half else _native(q, k, v)
+        # a float16 or Q8_0 KV cache: the kernel widens each head's rows as it reads them
+        packed = k.dtype in (torch.float16, torch.uint8) and v.dtype == k.dtype
+        kern = _native(q, q) if packed else _native(q, k, v)
         if kern is not None:
             return kern.decode_attention(q, k, v, mask, rows)
     if rows is not None:
         k, v = k.index_select(0, rows), v.index_select(0, rows)
+    if k.dtype == torch.uint8:   # a Q8_0 cache (the prompt path): the attended slices, dequantized
+        k, v = dequantize_q8_0(k), dequantize_q8_0(v)
     if k.dtype != q.dtype:   # a float16 cache under a float32 model: attend in the model's type
         k, v = k.to(q.dtype), v.to(q.dtype)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
