@@ -2,7 +2,7 @@
 
 WikiText-2 test text, windows of --window tokens scored in chunks of --chunk: every chunk after the
 first attends to the earlier chunks' keys and values from the KV cache, so their storage type is
-what differs between the rows. Usage: python bench/kv_types.py [--model FILE] [--windows N]
+what differs between the rows. Usage: python bench/kv_types.py [--model FILE] [--windows N] [--types q8_0 ...]
 """
 from __future__ import annotations
 
@@ -46,16 +46,18 @@ def main() -> int:
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--chunk", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--types", nargs="+", choices=list(KV_TYPES), default=list(KV_TYPES))
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    for kv in KV_TYPES:
+    for kv in a.types:
         llm = Llama.load(a.model, kv_type=kv)
         ids = llm.tokenizer.encode(DATA.read_text(encoding="utf-8"), bos=False)
         t = time.perf_counter()
         ppl, n = perplexity(llm, ids, a.window, a.chunk, a.windows)
-        cache = llm.model.new_cache(1, 1)
-        per_token = (cache.k.numel() + cache.v.numel()) * cache.k.element_size()
-        print(f"| {kv} | {ppl:.4f} | {n} | {per_token / 1024:.1f} KiB | {time.perf_counter() - t:.0f} s |")
+        cache, args = llm.model.new_cache(1, 1), llm.args
+        per_token = (cache.k.numel() + cache.v.numel()) * cache.k.element_size()   # q8_0: the blocks' bytes
+        per_value = per_token / (2 * args.n_layers * args.kv_heads * args.head_dim)
+        print(f"| {kv} | {ppl:.4f} | {n} | {per_token / 1024:.2f} KiB | {per_value:g} | {time.perf_counter() - t:.0f} s |")
         sys.stdout.flush()
     return 0
 
