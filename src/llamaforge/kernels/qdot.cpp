@@ -2,8 +2,8 @@
 // into unsigned 8-bit codes (and per-sub-block integer scales) in registers, then integer dot
 // products: _mm256_maddubs_epi16 + _mm256_madd_epi16 on AVX2, _mm256_dpbusd_epi32 with VNNI
 // (AVX512-VNNI+VL or AVX-VNNI). 256-bit vectors, so one source serves AVX2-only CPUs too; only the
-// AVX-512+VNNI build takes the 32-weight types two blocks per 512-bit step (pair32: as fast as one
-// block per step for one row, measured 17-47% faster for prompts of 32-128 rows).
+// AVX-512+VNNI build takes the 32-weight types two blocks per 512-bit step, eight blocks per call of
+// run32 (measured 17-47% faster for prompts of 32-128 rows than one block per step).
 //
 // Every type is written w = scale * code + offset with an unsigned code, so one product form serves
 // all: sum_j scale_j * (codes_j . q_j) plus offset_j * sum(q_j), the latter from the activation
@@ -71,15 +71,6 @@ inline uint16_t u16(const uint8_t* p) { uint16_t v; std::memcpy(&v, p, 2); retur
 inline float f16(const uint8_t* p) { return _cvtsh_ss(u16(p)); }
 inline __m256i load(const void* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
 
-// Scale vectors in the form the product below wants: int32 lanes after dpbusd (VNNI), int16 pairs
-// for madd (AVX2). a scales bytes 0..15 of a 32-code vector, b bytes 16..31.
-inline __m256i scales(int a, int b) {
-#ifdef LF_VNNI
-  return _mm256_set_m128i(_mm_set1_epi32(b), _mm_set1_epi32(a));
-#else
-  return _mm256_set_m128i(_mm_set1_epi16(int16_t(b)), _mm_set1_epi16(int16_t(a)));
-#endif
-}
 // acc (8 x int32) += scale * (u . s) over groups of 4 bytes; u unsigned codes <= 63 (or |q8| <= 128), s signed
 inline __m256i dot_scaled(__m256i acc, __m256i u, __m256i s, __m256i sc) {
 #ifdef LF_VNNI
@@ -170,19 +161,60 @@ inline void block32(const uint8_t* w, int64_t g, const Q8Row* x, __m256* acc, fl
   }
 }
 
-#if defined(LF_AVX512) && defined(LF_VNNI)
-// Blocks g and g + 1 in one 512-bit step: half the instructions per weight of the 256-bit form
+// the float16 at byte `at` of n consecutive blocks from a, as floats (n = 2 or 8)
+template <int64_t T, int n>
+inline __m256 block_halves(const uint8_t* a, int at) {
+  constexpr int64_t B = bytes32<T>();
+  uint64_t h[2] = {0, 0};
+  for (int j = 0; j < n; ++j) h[j / 4] |= uint64_t(u16(a + j * B + at)) << (16 * (j % 4));
+  return _mm256_cvtph_ps(_mm_set_epi64x(int64_t(h[1]), int64_t(h[0])));
+}
+
+// Blocks g .. g + 7 against R rows, one block per 256-bit step: the eight block scales are
+// gathered and multiplied with each row's eight scales at once, and the offsets go straight into
+// the lanes of acc (hsum adds them), instead of scalar work per block and row (block32)
 template <int64_t T, int R>
-inline void pair32(const uint8_t* w, int64_t g, const Q8Row* x, __m512* acc, __m128* off) {
+inline void run8(const uint8_t* w, int64_t g, const Q8Row* x, __m256* acc) {
   constexpr int64_t B = bytes32<T>();
   const uint8_t* a = w + g * B;
+  const __m256 wd = block_halves<T, 8>(a, 0);
+  __m256 sc[R];
+  for (int r = 0; r < R; ++r) sc[r] = _mm256_mul_ps(wd, _mm256_loadu_ps(x[r].d + g));
+  if constexpr (T != Q8_0) {
+    const __m256 wo = T == Q4_1 || T == Q5_1 ? block_halves<T, 8>(a, 2)
+                                             : _mm256_mul_ps(wd, _mm256_set1_ps(T == Q4_0 ? -8.f : -16.f));
+    for (int r = 0; r < R; ++r) acc[r] = _mm256_fmadd_ps(wo, _mm256_loadu_ps(x[r].s + g), acc[r]);
+  }
+  for (int j = 0; j < 8; ++j) {
+    const uint8_t* b = a + j * B;
+    const __m256i idx = _mm256_set1_epi32(j);
+    __m256i u, q;
+    if constexpr (T == Q8_0) {
+      q = load(b + 2);
+      u = _mm256_sign_epi8(q, q);
+    } else {
+      u = unpack32<T>(b).u;
+    }
+    for (int r = 0; r < R; ++r) {
+      __m256i xv = load(x[r].qs + 32 * (g + j));
+      if constexpr (T == Q8_0) xv = _mm256_sign_epi8(xv, q);
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot(u, xv)), _mm256_permutevar8x32_ps(sc[r], idx), acc[r]);
+    }
+  }
+}
+
+#if defined(LF_AVX512) && defined(LF_VNNI)
+// The 64 codes of two consecutive blocks at a in one 512-bit vector (Q8_0: magnitudes, and the
+// sign of each code in `sign`), for two blocks per 512-bit step: half the instructions per weight
+// of the 256-bit form
+template <int64_t T>
+inline __m512i codes64(const uint8_t* a, __mmask64& sign) {
+  constexpr int64_t B = bytes32<T>();
   const uint8_t* b = a + B;
-  __m512i u, neg = _mm512_setzero_si512();
-  __mmask64 sign = 0;
   if constexpr (T == Q8_0) {
     const __m512i q = _mm512_inserti64x4(_mm512_castsi256_si512(load(a + 2)), load(b + 2), 1);
-    u = _mm512_abs_epi8(q);
     sign = _mm512_movepi8_mask(q);
+    return _mm512_abs_epi8(q);
   } else {
     constexpr int64_t QS = T == Q4_0 ? 2 : T == Q4_1 ? 4 : T == Q5_0 ? 6 : 8;
     const __m256i v = _mm256_set_m128i(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + QS)),
@@ -190,31 +222,45 @@ inline void pair32(const uint8_t* w, int64_t g, const Q8Row* x, __m512* acc, __m
     const __m256i m4 = _mm256_set1_epi8(15);
     const __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
     // [A lo, B lo, A hi, B hi] -> [A lo, A hi, B lo, B hi]: each block's 32 codes in order
-    u = _mm512_permutexvar_epi64(_mm512_set_epi64(7, 6, 3, 2, 5, 4, 1, 0),
-                                 _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1));
+    __m512i u = _mm512_permutexvar_epi64(_mm512_set_epi64(7, 6, 3, 2, 5, 4, 1, 0),
+                                         _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1));
     if constexpr (T == Q5_0 || T == Q5_1) {
       constexpr int64_t QH = T == Q5_0 ? 2 : 4;
       u = _mm512_or_si512(u, _mm512_inserti64x4(_mm512_castsi256_si512(bit4_of(a + QH)), bit4_of(b + QH), 1));
     }
+    return u;
   }
-  const __m128 wd = _mm_cvtph_ps(_mm_set_epi16(0, 0, 0, 0, 0, 0, int16_t(u16(b)), int16_t(u16(a))));
-  __m128 wo = _mm_setzero_ps();
-  if constexpr (T == Q4_0) wo = _mm_mul_ps(wd, _mm_set1_ps(-8.f));
-  if constexpr (T == Q5_0) wo = _mm_mul_ps(wd, _mm_set1_ps(-16.f));
-  if constexpr (T == Q4_1 || T == Q5_1)
-    wo = _mm_cvtph_ps(_mm_set_epi16(0, 0, 0, 0, 0, 0, int16_t(u16(b + 2)), int16_t(u16(a + 2))));
-  const __m512i spread = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+}
+
+// Blocks g .. g + n - 1 (n = 2 or 8: n / 2 512-bit steps) against R rows. The block scales are
+// gathered and multiplied with the rows' scales n at a time, and the offsets n at a time: with
+// n = 8 the per-block scalar work that bounds a one-row product is a quarter of n = 2's
+template <int64_t T, int R, int n>
+inline void run32(const uint8_t* w, int64_t g, const Q8Row* x, __m512* acc, __m256* off) {
+  constexpr int64_t B = bytes32<T>();
+  const uint8_t* a = w + g * B;
+  const __m256 wd = block_halves<T, n>(a, 0);
+  __m256 wo = _mm256_setzero_ps();
+  if constexpr (T == Q4_0) wo = _mm256_mul_ps(wd, _mm256_set1_ps(-8.f));
+  if constexpr (T == Q5_0) wo = _mm256_mul_ps(wd, _mm256_set1_ps(-16.f));
+  if constexpr (T == Q4_1 || T == Q5_1) wo = block_halves<T, n>(a, 2);
+  __m512i u[n / 2];
+  __mmask64 sign[n / 2] = {};
+  for (int p = 0; p < n / 2; ++p) u[p] = codes64<T>(a + 2 * p * B, sign[p]);
+  // n = 2: only lanes 0 and 1 are blocks of this step (and the rows' arrays may end after them)
+  const __m256i keep = n == 8 ? _mm256_set1_epi32(-1) : _mm256_setr_epi32(-1, -1, 0, 0, 0, 0, 0, 0);
   for (int r = 0; r < R; ++r) {
-    __m512i xv = _mm512_loadu_si512(x[r].qs + 32 * g);
-    if constexpr (T == Q8_0) xv = _mm512_mask_sub_epi8(xv, sign, neg, xv);
-    const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, xv);
-    const __m128 xd = _mm_castsi128_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(x[r].d + g)));
-    const __m512 sc = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_mul_ps(wd, xd)));
-    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), sc, acc[r]);
-    if constexpr (T != Q8_0) {
-      const __m128 xs = _mm_castsi128_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(x[r].s + g)));
-      off[r] = _mm_fmadd_ps(wo, xs, off[r]);
+    const __m256 xd = _mm256_maskload_ps(x[r].d + g, keep);
+    const __m512 sc = _mm512_castps256_ps512(_mm256_mul_ps(wd, xd));
+    for (int p = 0; p < n / 2; ++p) {
+      __m512i xv = _mm512_loadu_si512(x[r].qs + 32 * (g + 2 * p));
+      if constexpr (T == Q8_0) xv = _mm512_mask_sub_epi8(xv, sign[p], _mm512_setzero_si512(), xv);
+      const __m512i prod = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u[p], xv);
+      const __m512i idx = _mm512_set_epi32(2 * p + 1, 2 * p + 1, 2 * p + 1, 2 * p + 1, 2 * p + 1, 2 * p + 1,
+                                           2 * p + 1, 2 * p + 1, 2 * p, 2 * p, 2 * p, 2 * p, 2 * p, 2 * p, 2 * p, 2 * p);
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(prod), _mm512_permutexvar_ps(idx, sc), acc[r]);
     }
+    if constexpr (T != Q8_0) off[r] = _mm256_fmadd_ps(wo, _mm256_maskload_ps(x[r].s + g, keep), off[r]);
   }
 }
 #endif
@@ -229,14 +275,16 @@ void dot32(const uint8_t* w, const uint8_t* xq, int64_t xs, int64_t nb, float* o
   int64_t g = 0;
 #if defined(LF_AVX512) && defined(LF_VNNI)
   __m512 acc2[R];
-  __m128 off2[R];
-  for (int r = 0; r < R; ++r) { acc2[r] = _mm512_setzero_ps(); off2[r] = _mm_setzero_ps(); }
-  for (; g + 2 <= nb; g += 2) pair32<T, R>(w, g, x, acc2, off2);
+  __m256 off2[R];
+  for (int r = 0; r < R; ++r) { acc2[r] = _mm512_setzero_ps(); off2[r] = _mm256_setzero_ps(); }
+  for (; g + 8 <= nb; g += 8) run32<T, R, 8>(w, g, x, acc2, off2);
+  for (; g + 2 <= nb; g += 2) run32<T, R, 2>(w, g, x, acc2, off2);
   for (int r = 0; r < R; ++r) {
     acc[r] = _mm256_add_ps(_mm512_castps512_ps256(acc2[r]), _mm512_extractf32x8_ps(acc2[r], 1));
-    off2[r] = _mm_add_ps(off2[r], _mm_movehl_ps(off2[r], off2[r]));
-    off[r] = _mm_cvtss_f32(_mm_add_ss(off2[r], _mm_movehdup_ps(off2[r])));
+    off[r] = hsum(off2[r]);
   }
+#else
+  for (; g + 8 <= nb; g += 8) run8<T, R>(w, g, x, acc);
 #endif
   for (; g < nb; ++g) block32<T, R>(w, g, x, acc, off);
   for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]) + off[r];
