@@ -47,6 +47,25 @@ void dequant_row(int64_t type, const uint8_t* w, float* out, int64_t K);
 // codes), then the K codes, so consecutive blocks' codes are contiguous (two per 512-bit load)
 struct BlockQ8K { float d; int16_t bsums[16]; int8_t qs[256]; };      // bsums: sums of 16 qs
 
+// a q8 row (32-weight types' activations): block scales, block sums (d * sum of codes), codes
+struct Q8Row { const float* d; const float* s; const int8_t* qs; };
+inline Q8Row q8row(const uint8_t* row, int64_t nb) {
+  const float* d = reinterpret_cast<const float*>(row);
+  return {d, d + nb, reinterpret_cast<const int8_t*>(row + nb * 8)};
+}
+
+template <int64_t T> constexpr int64_t bytes32() { return T == Q4_0 ? 18 : T == Q4_1 ? 20 : T == Q5_0 ? 22 : T == Q5_1 ? 24 : 34; }
+
+// Q4_K / Q5_K: 8 six-bit scales and mins packed in 12 bytes
+inline void scale_min_k4(const uint8_t* s, uint8_t* sc, uint8_t* mn) {
+  for (int j = 0; j < 4; ++j) {
+    sc[j] = s[j] & 63;
+    mn[j] = s[j + 4] & 63;
+    sc[j + 4] = (s[j + 8] & 0xF) | ((s[j] >> 6) << 4);
+    mn[j + 4] = (s[j + 8] >> 4) | ((s[j + 4] >> 6) << 4);
+  }
+}
+
 // 0: this type has no integer path (F16/BF16), 1: q8 (32-value blocks), 2: q8_K (256)
 int act_kind(int64_t type);
 // bytes of one quantized activation row of K values for `type`'s kind
@@ -68,6 +87,14 @@ void fdot_range(int64_t type, const uint8_t* w, int64_t ws, int64_t N, const flo
 bool has_wide(int64_t type);
 void widen_row(int64_t type, const uint8_t* w, uint8_t* out, int64_t K);
 void block_sums(const float* x, int64_t K, float* out);
+
+// Tiles of 16 weight rows (AVX-512 VNNI builds; tiles.cpp): whether `type` has them, and
+// y[m * ldy + n] = w_n . x_m for the 16 rows at w (row stride ws) and the M q8 rows at xq (stride xs)
+bool has_tile16(int64_t type);
+void tile16_matmul(int64_t type, const uint8_t* w, int64_t ws, int64_t K, const uint8_t* xq, int64_t xs, int64_t M,
+                   float* y, int64_t ldy, void* scratch);
+// bytes of scratch tile16_matmul needs for K weights per row (one per thread)
+int64_t tile16_scratch_bytes(int64_t K);
 
 float half_to_float(uint16_t h);
 

@@ -77,9 +77,43 @@ std::vector<torch::Tensor> ggml_matmul(torch::Tensor x, std::vector<torch::Tenso
     for (int64_t m = 0; m < M; ++m) block_sums(X + m * K, K, sums.data() + m * (K / 32));
   }
   const float* S = sums.empty() ? nullptr : sums.data();
-  const int64_t grain = std::max<int64_t>(4, (int64_t(1) << 17) / std::max<int64_t>(1, K * M));
-  at::parallel_for(0, start[T], grain, [&](int64_t n0, int64_t n1) {
+  // Prompts (more than TILE_MIN_ROWS rows) on 16-row tiles (tiles.cpp): 2-3x the one-row kernels'
+  // speed there. Up to TILE_MIN_ROWS rows (decode, batched decode of up to 16 sequences) the
+  // one-row kernels are as fast or faster (Zen 4 splits the tiles' 512-bit shuffles in two), and
+  // they keep a decoded row's result independent of how many sequences share the step.
+  constexpr int64_t TILE_MIN_ROWS = 16;
+  const bool tiled = int8 && M > TILE_MIN_ROWS && has_tile16(type);
+  std::vector<int64_t> unit_start(T + 1, 0), unit_matrix;   // tiled: units of 16 rows per matrix
+  if (tiled) {
+    for (int64_t i = 0; i < T; ++i) {
+      unit_start[i + 1] = unit_start[i] + (start[i + 1] - start[i] + 15) / 16;
+      unit_matrix.resize(unit_start[i + 1], i);
+    }
+  }
+  const int64_t grain = std::max<int64_t>(tiled ? 1 : 4, (int64_t(1) << 17) / std::max<int64_t>(1, K * M * (tiled ? 16 : 1)));
+  at::parallel_for(0, tiled ? unit_start[T] : start[T], grain, [&](int64_t n0, int64_t n1) {
     float buf[256], out[4];
+    // units fixed by the matrices' shapes (whole tiles, and each matrix's tail of N % 16 rows on
+    // the one-row kernel): which kernel computes an output never depends on the thread split
+    if (tiled) {
+      thread_local std::vector<uint8_t> scratch;   // kept: a fresh buffer per call would fault pages in
+      if (int64_t(scratch.size()) < tile16_scratch_bytes(K)) scratch.resize(tile16_scratch_bytes(K));
+      for (int64_t u = n0; u < n1; ++u) {
+        const int64_t j = unit_matrix[u], row = 16 * (u - unit_start[j]), N = start[j + 1] - start[j];
+        if (row + 16 <= N) {
+          tile16_matmul(type, W[j] + row * stride[j], stride[j], K, xq.data(), xs, M, Y[j] + row, N, scratch.data());
+          continue;
+        }
+        for (int64_t n = row; n < N; ++n) {
+          for (int64_t m = 0; m < M; m += 4) {
+            const int R = int(std::min<int64_t>(4, M - m));
+            qdot_rows(type, W[j] + n * stride[j], xq.data() + m * xs, xs, R, K, out);
+            for (int r = 0; r < R; ++r) Y[j][(m + r) * N + n] = out[r];
+          }
+        }
+      }
+      return;
+    }
     int64_t i = 0;
     while (start[i + 1] <= n0) ++i;
     if (S != nullptr) {   // float32 Q4_0/Q4_1/Q8_0: one call per matrix's share of the range

@@ -130,15 +130,6 @@ template <> inline Unpacked32 unpack32<Q5_1>(const uint8_t* b) {
   return {_mm256_or_si256(nibbles32(b + 8), bit4_of(b + 4)), f16(b), f16(b + 2)};
 }
 
-// a q8 row: block scales, block sums (d * sum of codes), codes
-struct Q8Row { const float* d; const float* s; const int8_t* qs; };
-inline Q8Row q8row(const uint8_t* row, int64_t nb) {
-  const float* d = reinterpret_cast<const float*>(row);
-  return {d, d + nb, reinterpret_cast<const int8_t*>(row + nb * 8)};
-}
-
-template <int64_t T> constexpr int64_t bytes32() { return T == Q4_0 ? 18 : T == Q4_1 ? 20 : T == Q5_0 ? 22 : T == Q5_1 ? 24 : 34; }
-
 // one 32-weight block g against R rows (256-bit); acc: that block's accumulators, off: scalar offsets
 template <int64_t T, int R>
 inline void block32(const uint8_t* w, int64_t g, const Q8Row* x, __m256* acc, float* off) {
