@@ -14,6 +14,7 @@ sync_api = pytest.importorskip("playwright.sync_api")
 
 from test_server import ServerThread, metrics  # noqa: E402  (same folder; pytest puts it on sys.path)
 
+QUESTION = "Write two sentences about Paris, the capital of France."
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
         "--disable-component-update", "--disable-sync", "--no-first-run"]
@@ -46,10 +47,12 @@ def page(server):
 @pytest.mark.slow
 def test_chat_page_streams_an_answer(page, server, tmp_path):
     sync_api.expect(page.locator("#model")).to_have_text("smollm2-test")
-    page.fill("#system", "You are a concise assistant.")
+    page.fill("#system", "You are a helpful assistant.")
     page.fill("#max-tokens", "24")
     page.locator("#temperature").fill("0")
-    page.fill("#input", "What is the capital of France?")
+    # a 24-token answer (not the 8 tokens of "The capital of France is Paris."): enough pieces that
+    # the browser sees it grow even when a busy test process hands it several chunks at once
+    page.fill("#input", QUESTION)
     # record the answer bubble's length at every DOM change, to see it grow piece by piece
     page.evaluate("""() => { window.seen = [];
         new MutationObserver(() => { const m = document.querySelector('.msg.assistant');
@@ -57,7 +60,7 @@ def test_chat_page_streams_an_answer(page, server, tmp_path):
             .observe(document.getElementById('messages'), {subtree: true, childList: true, characterData: true}); }""")
     page.keyboard.press("Enter")
     user = page.locator(".msg.user")
-    sync_api.expect(user).to_have_text("What is the capital of France?")
+    sync_api.expect(user).to_have_text(QUESTION)
     answer = page.locator(".msg.assistant").last
     sync_api.expect(page.locator(".msg.assistant.streaming")).to_have_count(0, timeout=60_000)
     final = answer.text_content()
@@ -65,7 +68,7 @@ def test_chat_page_streams_an_answer(page, server, tmp_path):
     sizes = sorted(set(page.evaluate("window.seen")) - {0})
     assert len(sizes) >= 3 and sizes[-1] == len(final), f"the answer did not stream: sizes {sizes}"
     sync_api.expect(page.locator("#status")).to_contain_text("finish_reason")
-    assert page.evaluate("conversation") == [{"role": "user", "content": "What is the capital of France?"},
+    assert page.evaluate("conversation") == [{"role": "user", "content": QUESTION},
                                              {"role": "assistant", "content": final}]
     shots = Path(os.environ.get("LLAMAFORGE_SCREENSHOTS") or tmp_path)
     shots.mkdir(parents=True, exist_ok=True)
