@@ -8,11 +8,12 @@
 // a broadcast dword of x adds 4 products to 16 different outputs, eight of them finish a block,
 // and the float work is one conversion and two FMAs per block (K-quants: per sub-block) for 16
 // outputs. A tile is unpacked once into a small per-thread buffer and read by every row of x.
-// Unpacking costs more than a one-row product saves, so one row of x stays on qdot.cpp.
+// Unpacking costs more than a one-row product saves: module.cpp calls this for prompts only.
 #include "common.h"
 
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 
 namespace lf {
 
@@ -102,50 +103,15 @@ inline void store_rows(const __m512* acc, int R, float* y, int64_t ldy) {
   for (int r = 0; r < R; ++r) _mm512_storeu_ps(y + r * ldy, _mm512_permutexvar_ps(lane_rows(), acc[r]));
 }
 
-// R rows of x: blocks unpacked as they are used (tiles == nullptr) or read from `tiles`
-template <int64_t T, int R>
-void rows32(const uint8_t* w, int64_t ws, int64_t nb, const uint8_t* xq, int64_t xs, const Tile16* tiles,
-            float* y, int64_t ldy) {
+// R rows of x against the unpacked tile (every block of it)
+template <int R>
+void rows32(const Tile16* tiles, int64_t nb, const uint8_t* xq, int64_t xs, float* y, int64_t ldy) {
   Q8Row x[R];
   for (int r = 0; r < R; ++r) x[r] = q8row(xq + r * xs, nb);
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
-  for (int64_t g = 0; g < nb; ++g) {
-    if (tiles != nullptr) {
-      accumulate<R>(tiles[g], g, x, acc);
-    } else {
-      Tile16 tl;
-      unpack<T>(w, ws, g, tl);
-      accumulate<R>(tl, g, x, acc);
-    }
-  }
+  for (int64_t g = 0; g < nb; ++g) accumulate<R>(tiles[g], g, x, acc);
   store_rows(acc, R, y, ldy);
-}
-
-template <int64_t T>
-void matmul32(const uint8_t* w, int64_t ws, int64_t K, const uint8_t* xq, int64_t xs, int64_t M, float* y,
-              int64_t ldy, Tile16* buf) {
-  constexpr int MR = 8;   // rows of x per pass: 8 accumulators + a block's 10 vectors fit the registers
-  const int64_t nb = K / 32;
-  const Tile16* tiles = nullptr;
-  if (M > MR) {   // several passes: unpack once
-    for (int64_t g = 0; g < nb; ++g) unpack<T>(w, ws, g, buf[g]);
-    tiles = buf;
-  }
-  for (int64_t m = 0; m < M; m += MR) {
-    const uint8_t* xm = xq + m * xs;
-    float* ym = y + m * ldy;
-    switch (std::min<int64_t>(MR, M - m)) {
-      case 8: rows32<T, 8>(w, ws, nb, xm, xs, tiles, ym, ldy); break;
-      case 7: rows32<T, 7>(w, ws, nb, xm, xs, tiles, ym, ldy); break;
-      case 6: rows32<T, 6>(w, ws, nb, xm, xs, tiles, ym, ldy); break;
-      case 5: rows32<T, 5>(w, ws, nb, xm, xs, tiles, ym, ldy); break;
-      case 4: rows32<T, 4>(w, ws, nb, xm, xs, tiles, ym, ldy); break;
-      case 3: rows32<T, 3>(w, ws, nb, xm, xs, tiles, ym, ldy); break;
-      case 2: rows32<T, 2>(w, ws, nb, xm, xs, tiles, ym, ldy); break;
-      default: rows32<T, 1>(w, ws, nb, xm, xs, tiles, ym, ldy); break;
-    }
-  }
 }
 
 // ---- K-quants: 256 weights per block, sub-blocks of 32 (Q4_K, Q5_K) or 16 (Q6_K) ------------------
@@ -280,42 +246,31 @@ inline void accumulate_k(const TileK& tl, int64_t g, const uint8_t* xq, int64_t 
   }
 }
 
-template <int64_t T, int R>
-void rowsK(const uint8_t* w, int64_t ws, int64_t nb, const uint8_t* xq, int64_t xs, const TileK* tiles,
-           TileK* one, float* y, int64_t ldy) {
-  constexpr int SUB = T == Q6_K ? 16 : 32;
+template <int R, int SUB>
+void rowsK(const TileK* tiles, int64_t nb, const uint8_t* xq, int64_t xs, float* y, int64_t ldy) {
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
-  for (int64_t g = 0; g < nb; ++g) {
-    if (tiles != nullptr) {
-      accumulate_k<R, SUB>(tiles[g], g, xq, xs, acc);
-    } else {
-      unpack_k<T>(w, ws, g, *one);
-      accumulate_k<R, SUB>(*one, g, xq, xs, acc);
-    }
-  }
+  for (int64_t g = 0; g < nb; ++g) accumulate_k<R, SUB>(tiles[g], g, xq, xs, acc);
   store_rows(acc, R, y, ldy);
 }
 
-template <int64_t T>
-void matmulK(const uint8_t* w, int64_t ws, int64_t K, const uint8_t* xq, int64_t xs, int64_t M, float* y,
-             int64_t ldy, TileK* buf) {
-  constexpr int MR = 4;   // the sub-block loop holds more registers than the 32-weight one
-  const int64_t nb = K / 256;
-  const TileK* tiles = nullptr;
-  if (M > MR) {
-    for (int64_t g = 0; g < nb; ++g) unpack_k<T>(w, ws, g, buf[g]);
-    tiles = buf;
+// a function template's instance for R = 1 .. 8 (the rows of x in one pass), chosen at run time
+template <int N = 8, class F>
+inline void with_rows(int64_t R, F f) {
+  if constexpr (N > 1) {
+    if (R < N) return with_rows<N - 1>(R, f);
   }
+  f(std::integral_constant<int, N>{});
+}
+
+// Unpack every block of a tile once, then pass over x MR rows at a time (MR accumulators and a
+// block's vectors in the registers: 8 for the 32-weight types, 4 for the K-quants' sub-block loop)
+template <int MR, class Tile, class Unpack, class Rows>
+void tile_product(int64_t nb, int64_t M, const uint8_t* xq, int64_t xs, float* y, int64_t ldy, Tile* tiles,
+                  Unpack unpack_block, Rows rows) {
+  for (int64_t g = 0; g < nb; ++g) unpack_block(g, tiles[g]);
   for (int64_t m = 0; m < M; m += MR) {
-    const uint8_t* xm = xq + m * xs;
-    float* ym = y + m * ldy;
-    switch (std::min<int64_t>(MR, M - m)) {
-      case 4: rowsK<T, 4>(w, ws, nb, xm, xs, tiles, buf, ym, ldy); break;
-      case 3: rowsK<T, 3>(w, ws, nb, xm, xs, tiles, buf, ym, ldy); break;
-      case 2: rowsK<T, 2>(w, ws, nb, xm, xs, tiles, buf, ym, ldy); break;
-      default: rowsK<T, 1>(w, ws, nb, xm, xs, tiles, buf, ym, ldy); break;
-    }
+    with_rows<MR>(std::min<int64_t>(MR, M - m), [&](auto R) { rows(R, tiles, xq + m * xs, y + m * ldy); });
   }
 }
 
@@ -332,13 +287,27 @@ int64_t tile16_scratch_bytes(int64_t K) {
 void tile16_matmul(int64_t type, const uint8_t* w, int64_t ws, int64_t K, const uint8_t* xq, int64_t xs, int64_t M,
                    float* y, int64_t ldy, void* scratch) {
   void* buf = reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(scratch) + 63) & ~uintptr_t(63));
+  auto rows32_any = [&](auto R, const Tile16* t, const uint8_t* x, float* yr) {
+    rows32<decltype(R)::value>(t, K / 32, x, xs, yr, ldy);
+  };
+  auto run32 = [&](auto unpack_block) {
+    tile_product<8>(K / 32, M, xq, xs, y, ldy, static_cast<Tile16*>(buf), unpack_block, rows32_any);
+  };
+  auto runK = [&](auto unpack_block, auto sub) {
+    auto rowsK_any = [&](auto R, const TileK* t, const uint8_t* x, float* yr) {
+      rowsK<decltype(R)::value, decltype(sub)::value>(t, K / 256, x, xs, yr, ldy);
+    };
+    tile_product<4>(K / 256, M, xq, xs, y, ldy, static_cast<TileK*>(buf), unpack_block, rowsK_any);
+  };
+  using S32 = std::integral_constant<int, 32>;
+  using S16 = std::integral_constant<int, 16>;
   switch (type) {
-    case Q4_0: return matmul32<Q4_0>(w, ws, K, xq, xs, M, y, ldy, static_cast<Tile16*>(buf));
-    case Q4_1: return matmul32<Q4_1>(w, ws, K, xq, xs, M, y, ldy, static_cast<Tile16*>(buf));
-    case Q8_0: return matmul32<Q8_0>(w, ws, K, xq, xs, M, y, ldy, static_cast<Tile16*>(buf));
-    case Q4_K: return matmulK<Q4_K>(w, ws, K, xq, xs, M, y, ldy, static_cast<TileK*>(buf));
-    case Q5_K: return matmulK<Q5_K>(w, ws, K, xq, xs, M, y, ldy, static_cast<TileK*>(buf));
-    case Q6_K: return matmulK<Q6_K>(w, ws, K, xq, xs, M, y, ldy, static_cast<TileK*>(buf));
+    case Q4_0: return run32([&](int64_t g, Tile16& t) { unpack<Q4_0>(w, ws, g, t); });
+    case Q4_1: return run32([&](int64_t g, Tile16& t) { unpack<Q4_1>(w, ws, g, t); });
+    case Q8_0: return run32([&](int64_t g, Tile16& t) { unpack<Q8_0>(w, ws, g, t); });
+    case Q4_K: return runK([&](int64_t g, TileK& t) { unpack_k<Q4_K>(w, ws, g, t); }, S32{});
+    case Q5_K: return runK([&](int64_t g, TileK& t) { unpack_k<Q5_K>(w, ws, g, t); }, S32{});
+    case Q6_K: return runK([&](int64_t g, TileK& t) { unpack_k<Q6_K>(w, ws, g, t); }, S16{});
     default: return;
   }
 }
