@@ -269,7 +269,10 @@ def test_full_queue_answers_429(llm):
     from llamaforge.server.app import create_app
     app = create_app(llm, model_id=MODEL, max_batch=1, ctx=256, max_queue=0)
     with ServerThread(app) as s, httpx.Client(timeout=30) as h:
-        body = {"model": MODEL, "messages": ask("Tell me a story."), "max_tokens": 200, "stream": True}
+        # greedy: the story runs all 200 tokens (~3 s); a sampled one could end after a few tokens,
+        # free the slot before the second request arrives and let it in (seen once in a full run)
+        body = {"model": MODEL, "messages": ask("Tell me a story."), "max_tokens": 200, "stream": True,
+                "temperature": 0}
         with h.stream("POST", s.url + "/v1/chat/completions", json=body) as r:
             next(r.iter_lines())                      # the first request holds the only slot
             busy = h.post(s.url + "/v1/chat/completions", json={**body, "stream": False})
