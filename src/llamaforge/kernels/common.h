@@ -56,16 +56,6 @@ inline Q8Row q8row(const uint8_t* row, int64_t nb) {
 
 template <int64_t T> constexpr int64_t bytes32() { return T == Q4_0 ? 18 : T == Q4_1 ? 20 : T == Q5_0 ? 22 : T == Q5_1 ? 24 : 34; }
 
-// Q4_K / Q5_K: 8 six-bit scales and mins packed in 12 bytes
-inline void scale_min_k4(const uint8_t* s, uint8_t* sc, uint8_t* mn) {
-  for (int j = 0; j < 4; ++j) {
-    sc[j] = s[j] & 63;
-    mn[j] = s[j + 4] & 63;
-    sc[j + 4] = (s[j + 8] & 0xF) | ((s[j] >> 6) << 4);
-    mn[j + 4] = (s[j + 8] >> 4) | ((s[j + 4] >> 6) << 4);
-  }
-}
-
 // 0: this type has no integer path (F16/BF16), 1: q8 (32-value blocks), 2: q8_K (256)
 int act_kind(int64_t type);
 // bytes of one quantized activation row of K values for `type`'s kind

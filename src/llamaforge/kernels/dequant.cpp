@@ -59,6 +59,16 @@ inline float f16(const uint8_t* p) { return _cvtsh_ss(u16(p)); }
 inline float f16(const uint8_t* p) { return half_to_float(u16(p)); }
 #endif
 
+// Q4_K / Q5_K: 8 six-bit scales and mins packed in 12 bytes
+inline void scale_min_k4(const uint8_t* s, uint8_t* sc, uint8_t* mn) {
+  for (int j = 0; j < 4; ++j) {
+    sc[j] = s[j] & 63;
+    mn[j] = s[j + 4] & 63;
+    sc[j + 4] = (s[j + 8] & 0xF) | ((s[j] >> 6) << 4);
+    mn[j + 4] = (s[j + 8] >> 4) | ((s[j + 4] >> 6) << 4);
+  }
+}
+
 void deq_q4_0(const uint8_t* b, float* o) {
   const float d = f16(b);
   for (int j = 0; j < 16; ++j) {

@@ -93,6 +93,15 @@ std::vector<torch::Tensor> ggml_matmul(torch::Tensor x, std::vector<torch::Tenso
   const int64_t grain = std::max<int64_t>(tiled ? 1 : 4, (int64_t(1) << 17) / std::max<int64_t>(1, K * M * (tiled ? 16 : 1)));
   at::parallel_for(0, tiled ? unit_start[T] : start[T], grain, [&](int64_t n0, int64_t n1) {
     float buf[256], out[4];
+    // rows m .. m + 3 (or fewer) of y at weight row `row` of matrix j, one weight row at a time
+    auto rows4 = [&](int64_t j, int64_t row, int64_t m) {
+      const int R = int(std::min<int64_t>(4, M - m));
+      const uint8_t* wr = W[j] + row * stride[j];
+      if (int8) qdot_rows(type, wr, xq.data() + m * xs, xs, R, K, out);
+      else fdot_rows(type, wr, X + m * K, K, R, K, out, buf);
+      const int64_t N = start[j + 1] - start[j];
+      for (int r = 0; r < R; ++r) Y[j][(m + r) * N + row] = out[r];
+    };
     // units fixed by the matrices' shapes (whole tiles, and each matrix's tail of N % 16 rows on
     // the one-row kernel): which kernel computes an output never depends on the thread split
     if (tiled) {
@@ -105,11 +114,7 @@ std::vector<torch::Tensor> ggml_matmul(torch::Tensor x, std::vector<torch::Tenso
           continue;
         }
         for (int64_t n = row; n < N; ++n) {
-          for (int64_t m = 0; m < M; m += 4) {
-            const int R = int(std::min<int64_t>(4, M - m));
-            qdot_rows(type, W[j] + n * stride[j], xq.data() + m * xs, xs, R, K, out);
-            for (int r = 0; r < R; ++r) Y[j][(m + r) * N + n] = out[r];
-          }
+          for (int64_t m = 0; m < M; m += 4) rows4(j, n, m);
         }
       }
       return;
@@ -131,15 +136,10 @@ std::vector<torch::Tensor> ggml_matmul(torch::Tensor x, std::vector<torch::Tenso
     for (int64_t t0 = n0; t0 < n1; t0 += NT) {
       const int64_t t1 = std::min(n1, t0 + NT);
       for (int64_t m = 0; m < M; m += 4) {
-        const int R = int(std::min<int64_t>(4, M - m));
         int64_t j = i;
         for (int64_t n = t0; n < t1; ++n) {
           while (n >= start[j + 1]) ++j;
-          const int64_t row = n - start[j], N = start[j + 1] - start[j];
-          const uint8_t* wr = W[j] + row * stride[j];
-          if (int8) qdot_rows(type, wr, xq.data() + m * xs, xs, R, K, out);
-          else fdot_rows(type, wr, X + m * K, K, R, K, out, buf);
-          for (int r = 0; r < R; ++r) Y[j][(m + r) * N + row] = out[r];
+          rows4(j, n - start[j], m);
         }
       }
       while (t1 < n1 && t1 >= start[i + 1]) ++i;
