@@ -163,6 +163,27 @@ def test_prefix_reuse_gives_the_same_tokens_and_logits(model):
     assert reused[1].out == greedy_reference(model, prompts[1], 6)
 
 
+def test_choices_of_one_prompt_share_its_prefill_and_keep_their_own_settings(model):
+    """n choices of one prompt: the first is prefilled, the others copy its keys/values and logits
+    (no forward of their own), and each row samples with its own seed and penalties exactly as it
+    would alone."""
+    prompt = [5, 6, 7, 8, 9, 10, 11]
+    first = greedy_reference(model, prompt, 1)[0]
+    settings = [SamplingParams(max_tokens=8, temperature=0.9, seed=1),
+                SamplingParams(max_tokens=8, temperature=0.9, seed=2, frequency_penalty=1.5),
+                SamplingParams(max_tokens=8, presence_penalty=2.0, logit_bias={first: -100}),
+                SamplingParams(max_tokens=8)]
+    batch = Batch(model, max_batch=4, max_seq=32, prefix_reuse=True)
+    seqs = [batch.add(prompt, p) for p in settings]
+    assert [s.reused for s in seqs] == [0] + [len(prompt)] * 3
+    assert all(s.next_logits is seqs[0].next_logits for s in seqs)
+    while not all(s.finish_reason for s in seqs):
+        batch.step()
+    alone = [[ev.id for ev in generate(model, prompt, p)] for p in settings]
+    assert [s.out for s in seqs] == alone
+    assert alone[3] == greedy_reference(model, prompt, 8) and alone[2][0] != first
+
+
 def test_greedy_rows_and_processed_rows_share_a_step(model):
     """Plain greedy rows take one batched argmax; a row with a logits processor is sampled on its own."""
     ban = greedy_reference(model, [3, 4, 5], 1)[0]

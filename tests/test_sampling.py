@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from llamaforge.sampling import SamplingParams, apply_repetition_penalty, filter_logits, make_generator, sample
+from llamaforge.sampling import (SamplingParams, adjust_logits, apply_logit_bias, apply_presence_frequency,
+                                 apply_repetition_penalty, choice_seed, filter_logits, make_generator, sample)
 
 
 def test_greedy_is_argmax():
@@ -55,8 +56,50 @@ def test_seeded_sampling_is_reproducible_and_follows_the_distribution():
     assert torch.allclose(freq, expected, atol=0.03)
 
 
+def test_presence_and_frequency_penalties_follow_openais_formula():
+    """logit[j] -= c[j] * frequency + (c[j] > 0) * presence, c[j] = times j was generated; written
+    out here token by token, next to the vectorized function."""
+    logits = torch.randn(50, generator=torch.Generator().manual_seed(3))
+    generated = [4, 9, 4, 4, 17, 9, 0]
+    for presence, frequency in ((0.7, 0.0), (0.0, 1.3), (-0.5, 2.0), (2.0, -2.0)):
+        expect = logits.clone()
+        for j in range(50):
+            c = generated.count(j)
+            expect[j] = logits[j] - c * frequency - (1.0 if c > 0 else 0.0) * presence
+        out = apply_presence_frequency(logits, torch.tensor(generated), presence, frequency)
+        torch.testing.assert_close(out, expect)
+        params = SamplingParams(presence_penalty=presence, frequency_penalty=frequency)
+        torch.testing.assert_close(adjust_logits(logits, params, generated=torch.tensor(generated)), expect)
+        assert sample(logits, params, generated=torch.tensor(generated)) == int(expect.argmax())
+    assert apply_presence_frequency(logits, torch.tensor([], dtype=torch.long), 1.0, 1.0) is logits
+
+
+def test_logit_bias_adds_to_the_logits_before_sampling():
+    logits = torch.tensor([1.0, 5.0, 2.0, float("-inf")])
+    out = apply_logit_bias(logits, SamplingParams(logit_bias={1: -100, 2: 0.5, 3: 100}).logit_bias)
+    assert out.tolist() == [1.0, -95.0, 2.5, float("-inf")]     # a masked token stays masked
+    assert sample(logits, SamplingParams(logit_bias={1: -100})) == 2        # greedy: the runner-up
+    assert sample(logits, SamplingParams(logit_bias={0: 100})) == 0         # forced
+    for seed in range(5):   # sampled too: +100 leaves the other tokens e^-96 of the mass
+        p = SamplingParams(temperature=1.0, logit_bias={2: 100})
+        assert sample(logits, p, make_generator(seed)) == 2
+    assert logits.tolist() == [1.0, 5.0, 2.0, float("-inf")]   # pure: the input is untouched
+
+
+def test_choice_seeds_differ_and_choice_zero_keeps_the_seed():
+    assert choice_seed(None, 3) is None and choice_seed(42, 0) == 42
+    for seed in (0, 42, -1, 2 ** 64 - 1, -(2 ** 63)):
+        seeds = [choice_seed(seed, i) for i in range(16)]
+        assert len(set(seeds)) == 16 and all(0 <= x < 2 ** 64 for x in seeds[1:])
+        assert all(SamplingParams(seed=x).seed == x for x in seeds)    # each a valid seed
+
+
 @pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-1),
-                                 dict(min_p=1.0), dict(repetition_penalty=0), dict(max_tokens=-1)])
+                                 dict(min_p=1.0), dict(repetition_penalty=0), dict(max_tokens=-1),
+                                 dict(presence_penalty=2.5), dict(frequency_penalty=-2.01),
+                                 dict(frequency_penalty=float("nan")), dict(logit_bias={5: 101}),
+                                 dict(logit_bias={-1: 1}), dict(logit_bias={"5": 1}),
+                                 dict(logit_bias={5: float("nan")})])
 def test_invalid_settings_are_refused(bad):
     with pytest.raises(ValueError):
         SamplingParams(**bad)

@@ -114,6 +114,7 @@ class Sequence:
     stop_ids: frozenset[int]
     out: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    end_logprob: float | None = None          # the end-of-generation token's (not in out nor logprobs)
     finish_reason: str | None = None
     next_logits: torch.Tensor | None = None   # [V] float32 for the next token
     # optional hook (generated ids so far, logits [V]) -> logits, applied before sampling (e.g. a grammar mask)
@@ -129,8 +130,7 @@ class Sequence:
     def plain_greedy(self) -> bool:
         """Greedy with nothing that needs the logits row on its own: an argmax over the batch does it."""
         p = self.params
-        return (p.greedy and self.logits_processor is None and p.repetition_penalty == 1.0
-                and not p.logprobs)
+        return p.greedy and self.logits_processor is None and not p.adjusts_logits and not p.logprobs
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -189,7 +189,8 @@ class Batch:
             raise RuntimeError("no free slot in the batch")
         if stop_ids is None:
             stop_ids = getattr(self.tok, "eog_ids", ()) or ()
-        slot, start = self._take_slot(prompt)
+        twin = self._twin(prompt)
+        slot, start = self._take_slot(prompt, twin)
         try:   # from here on, any failure gives the slot back
             stream = TextStream(self.tok, params.stop, prompt) if self.tok is not None else None
             seq = Sequence(prompt, params, slot, stream, make_generator(params.seed),
@@ -205,7 +206,8 @@ class Batch:
             raise
         seq.fed = len(prompt)
         self.reused_tokens += start
-        seq.next_logits = logits[0, -1]
+        # a twin's whole prompt was copied: its logits (read-only everywhere) give this first token too
+        seq.next_logits = twin.next_logits if start == len(prompt) else logits[0, -1]
         if params.max_tokens == 0:
             seq.finish_reason = "length"
         self.active.append(seq)
@@ -222,11 +224,24 @@ class Batch:
     def _give_back(self, slot: int) -> None:
         bisect.insort(self.free, slot)
 
-    def _take_slot(self, prompt: list[int]) -> tuple[int, int]:
-        """A free slot for prompt and how many of its first tokens already sit in that slot's cache."""
+    def _twin(self, prompt: list[int]) -> Sequence | None:
+        """A running sequence with this very prompt, prefilled and not yet sampled (another choice of
+        the same request, n > 1): its keys/values and first-token logits serve the new one whole."""
+        if not self.prefix_reuse:
+            return None
+        return next((s for s in self.active if not s.out and not s.finish_reason and s.next_logits is not None
+                     and s.fed == len(prompt) and s.prompt == prompt), None)
+
+    def _take_slot(self, prompt: list[int], twin: Sequence | None = None) -> tuple[int, int]:
+        """A free slot for prompt and how many of its first tokens already sit in that slot's cache
+        (all of them when copied from a twin, see _twin)."""
         if not self.prefix_reuse:
             self._kept.pop(self.free[0], None)
             return self.free.pop(0), 0
+        if twin is not None:
+            slot = self.free.pop(0)
+            self._kept.pop(slot, None)
+            return slot, len(prompt) if self._copy_prefix(twin.slot, slot, len(prompt)) else 0
         limit = len(prompt) - 1       # the last prompt token is always run: its logits give the first token
         best, src = 0, None           # longest reusable prefix and the slot holding it
         for slot in self.free:        # lowest first: among equal prefixes, the lowest free slot wins
@@ -327,10 +342,12 @@ class Batch:
             logits = seq.next_logits
             if seq.logits_processor is not None:
                 logits = seq.logits_processor(seq.out, logits)
-            seen = None
+            seen = generated = None
             if p.repetition_penalty != 1.0:
                 seen = torch.tensor(seq.prompt + seq.out, device=logits.device).unique()
-            tid = sample(logits, p, seq.generator, seen)
+            if p.presence_penalty or p.frequency_penalty:
+                generated = torch.tensor(seq.out, dtype=torch.long, device=logits.device)
+            tid = sample(logits, p, seq.generator, seen, generated)
             lp = float(torch.log_softmax(logits, -1)[tid]) if p.logprobs else None
         seq.next_logits = None     # a row of the last forward's logits: let that tensor go
         seq.out.append(tid)
@@ -341,7 +358,7 @@ class Batch:
             reason = "stop"
             seq.out.pop()  # the end-of-generation token is not part of the answer
             if lp is not None:
-                seq.logprobs.pop()
+                seq.end_logprob = seq.logprobs.pop()
             text = seq.stream.flush() if seq.stream else ""
         else:
             if seq.stream is not None:

@@ -1,12 +1,15 @@
-"""Response shaping: an answer (`Piece`s) as OpenAI's chat or text-completion objects, whole or as
+"""Response shaping: answers (`Piece`s) as OpenAI's chat or text-completion objects, whole or as
 server-sent events. Both endpoints share `sse_chunks` and `collect`; a `Shape` says how each
-endpoint words a choice."""
+endpoint words a choice. A request may have several choices (n, several prompts); each streamed
+chunk carries its choice's index."""
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
 import uuid
+from contextlib import aclosing
 from typing import Any, AsyncIterator, Callable
 
 from fastapi.responses import StreamingResponse
@@ -60,11 +63,11 @@ class Shape:
     def chunk(self, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
         return {**self.head, "object": self.chunk_name, "choices": choices, **extra}
 
-    def opening(self) -> list[dict[str, Any]]:
-        """Streamed choices sent before the answer."""
+    def opening(self, index: int) -> list[dict[str, Any]]:
+        """Streamed choices sent before choice index's answer."""
         return []
 
-    def delta(self, piece: Piece) -> dict[str, Any]:
+    def delta(self, index: int, piece: Piece) -> dict[str, Any]:
         raise NotImplementedError
 
     def whole(self, index: int, text: str, tokens: list[dict[str, Any]], reason: str) -> dict[str, Any]:
@@ -74,11 +77,12 @@ class Shape:
 class ChatShape(Shape):
     prefix, object_name, chunk_name = "chatcmpl", "chat.completion", "chat.completion.chunk"
 
-    def opening(self) -> list[dict[str, Any]]:
-        return [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]
+    def opening(self, index: int) -> list[dict[str, Any]]:
+        return [{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                 "finish_reason": None}]
 
-    def delta(self, piece: Piece) -> dict[str, Any]:
-        return {"index": 0, "delta": {"content": piece.text} if piece.text else {},
+    def delta(self, index: int, piece: Piece) -> dict[str, Any]:
+        return {"index": index, "delta": {"content": piece.text} if piece.text else {},
                 "logprobs": {"content": [piece.token]} if piece.token else None, "finish_reason": piece.finish_reason}
 
     def whole(self, index: int, text: str, tokens: list[dict[str, Any]], reason: str) -> dict[str, Any]:
@@ -92,18 +96,18 @@ class CompletionShape(Shape):
     def __init__(self, model_id: str, logprobs: bool, *, top: bool, echo: list[str]):
         super().__init__(model_id, logprobs)
         self.top, self.echo = top, echo     # echo: the prompt text put before each choice's answer
-        self._offset = 0                    # streamed: where the next token starts in the answer
+        self._offset: dict[int, int] = {}   # streamed: where a choice's next token starts in its answer
 
-    def opening(self) -> list[dict[str, Any]]:
-        first = self.echo[0] if self.echo else ""
-        return [{"index": 0, "text": first, "logprobs": None, "finish_reason": None}] if first else []
+    def opening(self, index: int) -> list[dict[str, Any]]:
+        first = self.echo[index] if self.echo else ""
+        return [{"index": index, "text": first, "logprobs": None, "finish_reason": None}] if first else []
 
-    def delta(self, piece: Piece) -> dict[str, Any]:
+    def delta(self, index: int, piece: Piece) -> dict[str, Any]:
         lp = None
         if piece.token is not None:
-            lp = self._logprobs([piece.token], self._offset)
-            self._offset += len(piece.token["token"])
-        return {"index": 0, "text": piece.text, "logprobs": lp, "finish_reason": piece.finish_reason}
+            lp = self._logprobs([piece.token], self._offset.get(index, 0))
+            self._offset[index] = self._offset.get(index, 0) + len(piece.token["token"])
+        return {"index": index, "text": piece.text, "logprobs": lp, "finish_reason": piece.finish_reason}
 
     def whole(self, index: int, text: str, tokens: list[dict[str, Any]], reason: str) -> dict[str, Any]:
         return {"index": index, "text": (self.echo[index] if self.echo else "") + text,
@@ -120,14 +124,49 @@ class CompletionShape(Shape):
                 "text_offset": offsets}
 
 
-async def sse_chunks(shape: Shape, pieces: AsyncIterator[Piece],
-                     usage: Callable[[], dict[str, int]] | None = None) -> AsyncIterator[str]:
-    """The answer as server-sent events, ending with usage (when asked for) and [DONE]."""
-    for choice in shape.opening():
-        yield sse(shape.chunk([choice]))
+async def merged(answers: list[AsyncIterator[Piece]]) -> AsyncIterator[tuple[int, Piece]]:
+    """(choice index, piece) of several answers, each piece as soon as it is ready."""
+    if len(answers) == 1:           # the common case, without tasks
+        async for piece in answers[0]:
+            yield 0, piece
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, answer: AsyncIterator[Piece]) -> None:
+        try:
+            async with aclosing(answer):
+                async for piece in answer:
+                    queue.put_nowait((index, piece))
+        except Exception as e:  # noqa: BLE001 - raised again by the reader
+            queue.put_nowait((index, e))
+        finally:
+            queue.put_nowait((index, None))
+
+    tasks = [asyncio.create_task(pump(i, a)) for i, a in enumerate(answers)]
     try:
-        async for piece in pieces:
-            yield sse(shape.chunk([shape.delta(piece)]))
+        left = len(tasks)
+        while left:
+            index, item = await queue.get()
+            if item is None:
+                left -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+async def sse_chunks(shape: Shape, answers: list[AsyncIterator[Piece]],
+                     usage: Callable[[], dict[str, int]] | None = None) -> AsyncIterator[str]:
+    """The answers (choices 0, 1, ...) as server-sent events, ending with usage (when asked for) and [DONE]."""
+    for index in range(len(answers)):
+        for choice in shape.opening(index):
+            yield sse(shape.chunk([choice]))
+    try:
+        async for index, piece in merged(answers):
+            yield sse(shape.chunk([shape.delta(index, piece)]))
     except Exception as e:  # noqa: BLE001 - the status line is gone; report the error in the stream
         log.exception("generation failed")
         yield sse({"error": {"message": str(e), "type": "server_error", "code": None, "param": None}})

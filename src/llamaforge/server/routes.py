@@ -83,34 +83,46 @@ async def detokenize(body: DetokenizeRequest, srv: Server = Depends(server)):
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request, srv: Server = Depends(server)):
     srv.check_model(body.model)
-    prompts = await _prompts(srv, body.prompt)
+    k = body.generated_choices()       # answers generated per prompt (best_of), n of them returned
+    srv.check_choices(body, k, "best_of" if body.best_of else "n")
+    prompts = await _prompts(srv, body.prompt, k)
     if body.stream and len(prompts) > 1:
         raise APIError(400, "streaming takes a single prompt", param="prompt")
     want_lp = body.logprobs is not None
-    tops = [TopLogprobs(body.logprobs, srv.tok) if body.logprobs else None for _ in prompts]
-    params = [srv.sampling(body, body.max_tokens, len(ids), want_lp, "prompt") for _, ids in prompts]
+    # best_of ranks answers by their tokens' logprobs, so they are recorded even when not returned
+    params = [srv.sampling(body, body.max_tokens, len(ids), want_lp or k > body.n, "prompt") for _, ids in prompts]
+    # one job per (prompt, choice), prompt-major: choice j of prompt i is job i * k + j
+    runs = [(i, p) for i, base in enumerate(params) for p in srv.per_choice(base, k)]
+    tops = [TopLogprobs(body.logprobs, srv.tok) if body.logprobs else None for _ in runs]
     shape = CompletionShape(srv.model_id, want_lp, top=bool(body.logprobs),
-                            echo=[text for text, _ in prompts] if body.echo else [])
+                            echo=[text for text, _ in prompts for _ in range(body.n)] if body.echo else [])
     refusals = await srv.screen([("User", text) for text, _ in prompts])
-    todo = [i for i, r in enumerate(refusals) if r is None]
-    jobs: list = [None] * len(prompts)
-    for i, job in zip(todo, srv.submit_all([(prompts[i][1], params[i], tops[i]) for i in todo])):
-        jobs[i] = job
-    answers = [given(Piece(refusal, "content_filter")) if job is None else
-               srv.pieces(job, top, want_lp, [{"role": "user", "content": text}])
-               for job, top, refusal, (text, _) in zip(jobs, tops, refusals, prompts)]
-    n_prompt = sum(len(ids) for _, ids in prompts)
+    todo = [r for r, (i, _) in enumerate(runs) if refusals[i] is None]
+    jobs: list = [None] * len(runs)
+    for r, job in zip(todo, srv.submit_all([(prompts[runs[r][0]][1], runs[r][1], tops[r]) for r in todo])):
+        jobs[r] = job
+    answers = [given(Piece(refusals[i], "content_filter")) if job is None else
+               srv.pieces(job, top, want_lp, [{"role": "user", "content": prompts[i][0]}])
+               for job, top, (i, _) in zip(jobs, tops, runs)]
+    n_prompt = sum(len(ids) for _, ids in prompts)     # each prompt once, however many choices
+
+    def usage() -> dict[str, int]:    # every generated answer counts, best_of's discarded ones too
+        return srv.usage(n_prompt, sum(generated(j) for j in jobs))
     if body.stream:
-        usage = (lambda: srv.usage(n_prompt, generated(jobs[0]))) if body.include_usage else None
-        return EventStream(sse_chunks(shape, answers[0], usage), lambda: srv.cancel_all(jobs))
+        return EventStream(sse_chunks(shape, answers, usage if body.include_usage else None),
+                           lambda: srv.cancel_all(jobs))
     outs = await _collect_all(srv, request, jobs, answers)
+    if k > body.n:
+        outs = [out for i in range(len(prompts)) for out in _best(outs[i * k:(i + 1) * k], jobs[i * k:(i + 1) * k],
+                                                                   body.n)]
     choices = [shape.whole(i, *out) for i, out in enumerate(outs)]
-    return shape.response(choices, srv.usage(n_prompt, sum(generated(j) for j in jobs)))
+    return shape.response(choices, usage())
 
 
 @router.post("/v1/chat/completions")
 async def chat(body: ChatRequest, request: Request, srv: Server = Depends(server)):
     srv.check_model(body.model)
+    srv.check_choices(body, body.n)
     messages = [message_text(m) for m in body.messages]
     ids = await srv.encode_chat(messages)
     processor = None
@@ -120,7 +132,13 @@ async def chat(body: ChatRequest, request: Request, srv: Server = Depends(server
             processor = await asyncio.to_thread(srv.constrainer.processor, grammar)
     except StructuredOutputError as e:
         raise APIError(400, str(e), param="response_format") from e
-    top = TopLogprobs(body.top_logprobs, srv.tok, processor) if body.logprobs and body.top_logprobs else None
+    if processor is not None:     # a grammar's matcher follows one answer: one per choice
+        processors = [processor] + [await asyncio.to_thread(srv.constrainer.processor, grammar)
+                                    for _ in range(body.n - 1)]
+    else:
+        processors = [None] * body.n
+    tops = [TopLogprobs(body.top_logprobs, srv.tok, p) if body.logprobs and body.top_logprobs else None
+            for p in processors]
     params = srv.sampling(body, body.max_completion_tokens if body.max_completion_tokens is not None
                           else body.max_tokens, len(ids), body.logprobs, "messages")
     shape = ChatShape(srv.model_id, body.logprobs)
@@ -128,17 +146,21 @@ async def chat(body: ChatRequest, request: Request, srv: Server = Depends(server
     verdicts = await srv.screen([("Agent" if m.get("role") == "assistant" else "User", m["content"])
                                  for m in messages])
     refusal = next((r for r in verdicts if r is not None), None)
-    job = None
     if refusal is not None:
-        answer = given(Piece(refusal, "content_filter"))
+        jobs: list = [None] * body.n
+        answers = [given(Piece(refusal, "content_filter")) for _ in jobs]
     else:
-        (job,) = srv.submit_all([(ids, params, top or processor)])
-        answer = srv.pieces(job, top, body.logprobs, messages)
+        jobs = srv.submit_all([(ids, p, top or proc)
+                               for p, top, proc in zip(srv.per_choice(params, body.n), tops, processors)])
+        answers = [srv.pieces(job, top, body.logprobs, messages) for job, top in zip(jobs, tops)]
+
+    def usage() -> dict[str, int]:    # the prompt once, every choice's answer
+        return srv.usage(len(ids), sum(generated(j) for j in jobs))
     if body.stream:
-        usage = (lambda: srv.usage(len(ids), generated(job))) if body.include_usage else None
-        return EventStream(sse_chunks(shape, answer, usage), lambda: srv.cancel_all([job]))
-    (out,) = await _collect_all(srv, request, [job], [answer])
-    return shape.response([shape.whole(0, *out)], srv.usage(len(ids), generated(job)))
+        return EventStream(sse_chunks(shape, answers, usage if body.include_usage else None),
+                           lambda: srv.cancel_all(jobs))
+    outs = await _collect_all(srv, request, jobs, answers)
+    return shape.response([shape.whole(i, *out) for i, out in enumerate(outs)], usage())
 
 
 # -- helpers -----------------------------------------------------------------------------------------
@@ -153,16 +175,26 @@ async def _collect_all(srv: Server, request: Request, jobs: list, answers: list)
         srv.cancel_all(jobs)
 
 
-async def _prompts(srv: Server, prompt) -> list[tuple[str, list[int]]]:
-    """(text, ids) for each prompt of a completions request."""
+def _best(outs: list, jobs: list, n: int) -> list:
+    """The n answers of highest mean token logprob (the end-of-generation token counted), best first."""
+    def score(job) -> float:
+        seq = job.seq if job is not None else None
+        lps = (seq.logprobs + ([seq.end_logprob] if seq.end_logprob is not None else [])) if seq else []
+        return sum(lps) / len(lps) if lps else float("-inf")   # a refusal (no job) ranks last
+    return [outs[r] for r in sorted(range(len(outs)), key=lambda r: -score(jobs[r]))[:n]]
+
+
+async def _prompts(srv: Server, prompt, choices: int = 1) -> list[tuple[str, list[int]]]:
+    """(text, ids) for each prompt of a completions request (each to be answered `choices` times)."""
     if isinstance(prompt, str):
         prompt = [prompt]
     elif prompt and isinstance(prompt[0], int):
         prompt = [prompt]
     if not prompt:
         raise APIError(400, "the prompt is empty", param="prompt")
-    if len(prompt) > srv.max_prompts:
-        raise APIError(400, f"at most {srv.max_prompts} prompts (batch slots + queue)", param="prompt")
+    if len(prompt) * choices > srv.max_prompts:
+        raise APIError(400, f"at most {srv.max_prompts} answers per request (batch slots + queue): "
+                            f"{len(prompt)} prompts x {choices} choices", param="prompt")
     out = []
     for p in prompt:
         if isinstance(p, str):

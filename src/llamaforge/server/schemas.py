@@ -7,12 +7,19 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, PlainValidator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, field_validator, model_validator
 
-from ..sampling import SEED_MAX, SEED_MIN
+from ..sampling import BIAS_MAX, PENALTY_MAX, SEED_MAX, SEED_MIN
 
 MAX_STOP = 16               # stop strings per request
 MAX_STOP_CHARS = 256        # characters per stop string (each is searched for after every token)
+MAX_N = 16                  # choices per request (n, best_of); the server's --max-batch bounds them too
+MAX_LOGIT_BIAS = 300        # logit_bias entries (OpenAI's limit)
+# OpenAI fields that would change the answer and that this server does not implement: refused when
+# set rather than ignored like other unknown fields (a client would take the answer for what it asked)
+UNSUPPORTED = {"suffix": "insertion (suffix) is not supported",
+               "tools": "tool calling (tools) is not supported",
+               "functions": "function calling (functions) is not supported"}
 
 
 class APIError(Exception):
@@ -89,15 +96,35 @@ class Sampling(_Body):
     repetition_penalty: float = Field(default=1.0, gt=0)
     seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
     stop: str | list[str] | None = None
-    n: int = Field(default=1, ge=1)
+    n: int = Field(default=1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: dict[str, Any] | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    presence_penalty: float = Field(default=0.0, ge=-PENALTY_MAX, le=PENALTY_MAX)
+    frequency_penalty: float = Field(default=0.0, ge=-PENALTY_MAX, le=PENALTY_MAX)
+    # {"token id": bias}; the ids are checked against the vocabulary by the server
+    logit_bias: dict[str, Annotated[float, Field(ge=-BIAS_MAX, le=BIAS_MAX)]] | None = None
+    user: str | None = None           # OpenAI's end-user id: accepted, not used
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_keys(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        if v and len(v) > MAX_LOGIT_BIAS:
+            raise ValueError(f"at most {MAX_LOGIT_BIAS} entries")
+        for key in v or ():
+            if not (key.isascii() and key.isdigit() and len(key) <= 12):
+                raise ValueError("keys must be token ids written as decimal strings such as \"1234\", "
+                                 f"not {key[:20]!r}")
+        return v
 
     @property
     def include_usage(self) -> bool:
         return bool((self.stream_options or {}).get("include_usage"))
+
+    def check_supported(self) -> None:
+        """Refuse the UNSUPPORTED fields when set (other unknown fields are ignored)."""
+        for name, why in UNSUPPORTED.items():
+            if (self.model_extra or {}).get(name) not in (None, "", [], {}):
+                raise APIError(400, f"{why} by this server; leave {name} out", param=name)
 
     def stop_strings(self) -> tuple[str, ...]:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -129,6 +156,16 @@ class CompletionRequest(Sampling):
     max_tokens: int | None = Field(default=16, ge=0)    # OpenAI's default for completions
     echo: bool = False
     logprobs: int | None = Field(default=None, ge=0, le=20)
+    best_of: int | None = Field(default=None, ge=1, le=MAX_N)
+
+    def generated_choices(self) -> int:
+        """Answers to generate per prompt: best_of, of which the n best are returned (checked here)."""
+        if self.best_of is not None and self.best_of < self.n:
+            raise APIError(400, f"best_of ({self.best_of}) must be at least n ({self.n})", param="best_of")
+        if self.stream and self.best_of is not None and self.best_of > self.n:
+            raise APIError(400, "best_of > n cannot be streamed (the best answers are known only at the end)",
+                           param="best_of")
+        return self.best_of or self.n
 
 
 class ChatRequest(Sampling):

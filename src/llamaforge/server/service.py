@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, AsyncIterator, Sequence
 
 import torch
 from fastapi import Request
 
 from ..generate import ContextOverflow, TokenEvent
-from ..sampling import SamplingParams
+from ..sampling import SamplingParams, choice_seed
 from .scheduler import Job, QueueFull, Scheduler
 from .schemas import APIError, ClientGone, Sampling
 from .structured import Constrainer
@@ -99,15 +99,22 @@ class Server:
         except (ValueError, TypeError, KeyError, RecursionError) as e:   # ChatFormatError is a ValueError
             raise APIError(400, f"cannot format these messages: {e}", param="messages") from e
 
+    def check_choices(self, body: Sampling, count: int, param: str = "n") -> None:
+        """The request asks for nothing unsupported, and its choices (decoded side by side) fit the batch."""
+        body.check_supported()
+        if count > self.scheduler.max_batch:
+            raise APIError(400, f"{param}={count} is more than this server decodes at once "
+                                f"(--max-batch {self.scheduler.max_batch})", param=param)
+
     def sampling(self, body: Sampling, max_tokens: int | None, prompt_len: int, logprobs: bool,
                  param: str) -> SamplingParams:
         """The request's SamplingParams for a prompt of prompt_len tokens (param names the prompt)."""
-        if body.n != 1:
-            raise APIError(400, "only n=1 is supported", param="n")
-        if body.presence_penalty or body.frequency_penalty:
-            raise APIError(400, "presence_penalty and frequency_penalty are not supported; "
-                                "use repetition_penalty", param="presence_penalty")
         stop = body.stop_strings()
+        vocab = self.llm.args.vocab_size
+        bias = {int(k): v for k, v in (body.logit_bias or {}).items()}
+        bad = sorted(t for t in bias if t >= vocab)
+        if bad:
+            raise APIError(400, f"logit_bias token ids must be in [0, {vocab}): {bad[:5]}", param="logit_bias")
         try:
             self.scheduler.check_prompt(prompt_len)
         except ContextOverflow as e:
@@ -119,9 +126,16 @@ class Server:
             return SamplingParams(max_tokens=room if max_tokens is None else min(max_tokens, max(room, 0)),
                                   temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
                                   min_p=body.min_p, repetition_penalty=body.repetition_penalty, seed=body.seed,
-                                  stop=stop, logprobs=logprobs)
+                                  stop=stop, logprobs=logprobs, presence_penalty=body.presence_penalty,
+                                  frequency_penalty=body.frequency_penalty, logit_bias=bias)
         except ValueError as e:
             raise APIError(400, str(e)) from e
+
+    @staticmethod
+    def per_choice(params: SamplingParams, count: int) -> list[SamplingParams]:
+        """Each choice's params: with a seed, choice i draws from its own seed, so it is the same
+        whenever the request is repeated, whatever else shares the batch."""
+        return [replace(params, seed=choice_seed(params.seed, i)) for i in range(count)]
 
     def submit_all(self, requests: list[tuple[list[int], SamplingParams, Any]]) -> list[Job]:
         """Queue a request's jobs, all or none (429 when they do not all fit)."""
