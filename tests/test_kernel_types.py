@@ -84,24 +84,6 @@ def test_one_call_over_several_matrices_equals_separate_calls():
             assert torch.equal(y, k.matmul(x, [p], native.TYPE_IDS["Q4_K"], K, int8)[0])
 
 
-@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0"])
-def test_float32_scale_copy_computes_the_same_products(qtype):
-    """to_f32_scales (small models' decode copy): float16 -> float32 scales are exact, so its float32
-    kernel gives the file blocks' results bit for bit, for every row count and across matrices."""
-    k, K, tid = native.kernels(), 512, native.TYPE_IDS[qtype]
-    parts = [torch.from_numpy(_qt(qtype, n, K, seed=n).data) for n in (300, 40)]
-    wide = [k.to_f32_scales(p, tid, K) for p in parts]
-    assert wide[0].shape == (300, K // 32 * (block_sizes(qtype)[1] + (4 if qtype == "Q4_1" else 2)))
-    for rows in (1, 3, 4, 6):
-        x = torch.randn(rows, K, generator=torch.Generator().manual_seed(rows))
-        for y, yw in zip(k.matmul(x, parts, tid, K, False), k.matmul(x, wide, tid + 100, K, False)):
-            assert torch.equal(y, yw)
-    with pytest.raises(RuntimeError, match="own block types"):
-        k.dequantize(wide[0], tid + 100, K)
-    with pytest.raises(RuntimeError, match="to_f32_scales takes"):
-        k.to_f32_scales(torch.from_numpy(_qt("Q5_0", 4, K).data), native.TYPE_IDS["Q5_0"], K)
-
-
 def test_bad_blocks_are_rejected():
     k, blocks = native.kernels(), torch.from_numpy(_qt("Q6_K", 4, 256).data)
     with pytest.raises(RuntimeError, match="do not hold"):

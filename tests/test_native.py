@@ -111,30 +111,49 @@ def test_siblings_compute_what_separate_modules_compute():
                 assert torch.equal(m(xl), F.linear(xl, _blocks("Q4_1", rows=qt_rows, cols=64, seed=qt_rows).dequantize()))
 
 
-def test_float32_scale_copy_changes_no_result():
-    """widen() (small models, float32 activations): same outputs bit for bit, alone and as siblings,
-    for decode rows, prompt rows and 8-bit activations (which keep reading the file's blocks)."""
-    from llamaforge.quant.ggml import GGMLLinear, _Siblings, using_activations
-    x1, x40 = torch.randn(1, 3, 64), torch.randn(1, 40, 64)
-    for grouped in (False, True):
-        mods = [GGMLLinear(_blocks(t, rows=r, cols=64, seed=r)) for t, r in (("Q4_1", 32), ("Q4_1", 16))]
+@pytest.mark.parametrize("qtype,kv_type", [("q4_k_m", "f16"), ("q4_k_m", "q8_0"), ("q4_1", "f32"), ("q8_0", "f16")])
+def test_fused_decode_block_is_bit_identical_to_the_module_path(tmp_path, tiny_tokenizer, qtype, kv_type):
+    """The one-call decode block (block.cpp) computes what the block's modules compute, bit for bit:
+    8-bit activations with mixed types among q/k/v (Q4_K_M puts some in Q6_K) and float32 ones
+    (a small Q4_1 model), every KV cache type. Prompts, batches and swapped-in modules take the
+    module path."""
+    from llamaforge.api import Llama
+    from llamaforge.config import PRESETS
+    from llamaforge.formats import gguf
+    from llamaforge.model import Transformer
+    from llamaforge.quant.ggml import _FusedDecode
+    args = PRESETS["tiny"].replace(dim=256, n_heads=4, n_kv_heads=2, hidden_dim=512, n_layers=3)
+    src = Transformer(args).init_weights(seed=0).eval()
+    path = gguf.write(tmp_path / "m.gguf", args, src.state_dict(), tokenizer=tiny_tokenizer, qtype=qtype)
+    m = Llama.load(path, kv_type=kv_type).model
+    fused = [vars(layer)["forward"] for layer in m.layers]
+    assert all(isinstance(f, _FusedDecode) for f in fused)
+    module_calls = []
+    for f in fused:
+        f.module_forward = (lambda fwd: lambda *a: module_calls.append(1) or fwd(*a))(f.module_forward)
+
+    def decode(use_fused: bool) -> torch.Tensor:
+        for layer, f in zip(m.layers, fused):
+            layer.forward = f if use_fused else f.module_forward
+        cache, out = m.new_cache(1, 32), []
         with torch.inference_mode():
-            want = {}
-            for kind in ("f32", "int8"):
-                with using_activations(kind):
-                    want[kind] = [[m(x) for m in mods] for x in (x1, x40)]
-            for m in mods:
-                m.widen()
-                assert m.wide is not None and "float32-scale copy" in repr(m)
-            if grouped:
-                _Siblings(mods)
-            for kind in ("f32", "int8"):
-                with using_activations(kind):
-                    got = [[m(x) for m in mods] for x in (x1, x40)]
-                assert all(torch.equal(a, b) for ga, wa in zip(got, want[kind]) for a, b in zip(ga, wa))
-    q5 = GGMLLinear(QTensor(random_blocks("Q5_0", 8, 64, 0), "Q5_0", (8, 64)))
-    q5.widen()
-    assert q5.wide is None          # only Q4_0 / Q4_1 get a copy
+            m(torch.arange(3, 12)[None], torch.arange(9)[None], cache)            # prompt: module path
+            for i in range(6):
+                out.append(m(torch.tensor([[20 + i]]), torch.tensor([[9 + i]]), cache))
+        return torch.cat(out)
+
+    module_calls.clear()
+    want = decode(False)
+    assert len(module_calls) == 7 * 3
+    module_calls.clear()
+    got = decode(True)
+    assert len(module_calls) == 3            # only the prompt
+    assert torch.equal(got, want)
+    # a module swapped in later (as LoRA does) sends the block back to its module path
+    m.layers[0].attention.wq = torch.nn.Sequential(m.layers[0].attention.wq)
+    module_calls.clear()
+    decode(True)
+    assert len(module_calls) == 3 + 6
 
 
 @pytest.mark.slow

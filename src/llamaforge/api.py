@@ -98,7 +98,9 @@ class Llama:
             quantize=None without weights (= weights="float") still work, with a DeprecationWarning.
         adapter: a PEFT-format LoRA folder applied on top.
         kv_type: KV cache element type, "f32", "f16" (half the cache memory) or "q8_0" (GGML Q8_0
-            blocks, 34 bytes per 32 values; the head size must be a multiple of 32); None: the model's dtype.
+            blocks, 34 bytes per 32 values; the head size must be a multiple of 32); None: float16 for
+            GGUF models computed from their blocks with 8-bit activations (256 MiB of weights or more,
+            as llama.cpp's default), else the model's dtype.
         """
         weights, quantize = load_options(weights, quantize)
         path = Path(path) if path is not None else default_model_path()
@@ -119,7 +121,8 @@ class Llama:
             tensors = {k: t.to(target) for k, t in ckpt.tensors.items()}
             model = Transformer.empty(args, device=device).load_tensors(tensors).to(device).eval()
         ckpt.tensors = {}  # the model owns the weights now
-        model.kv_dtype = kv   # every cache the model makes (generation, server, evaluation)
+        if kv is not None or not hasattr(model, "kv_dtype"):   # else load_packed's choice (float16 for big models)
+            model.kv_dtype = kv   # every cache the model makes (generation, server, evaluation)
         if adapter is not None:
             load_adapter(model, adapter)
         if quantize is not None:

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from .api import Weights
+from .cache import kv_name
 from .commands import KVType, Quantize, load_model
 from .generate import Batch
 from .sampling import SamplingParams
@@ -81,7 +82,7 @@ def bench(*, model: str | None = None, prompt_tokens: int = 512, gen_tokens: int
     json: print one JSON object (prefill_tok_s, decode_tok_s, ttft_s, peak_rss_mb, ...)
     weights: blocks (default) computes with a GGUF's quantized blocks (native kernels); float dequantizes them to float32
     quantize: int8/int4 repack the weights for PyTorch's weight-only kernels (auto: deprecated, = --weights blocks)
-    kv_type: KV cache element type, f32, f16 or q8_0; default: the model's dtype
+    kv_type: KV cache element type, f32, f16 or q8_0; default: f16 for GGUF models of 256 MiB or more (as llama.cpp), else the model's dtype
     """
     if prompt_tokens < 1 or gen_tokens < 1 or threads < 1:
         raise ValueError("--prompt-tokens, --gen-tokens and --threads must be at least 1")
@@ -95,7 +96,7 @@ def bench(*, model: str | None = None, prompt_tokens: int = 512, gen_tokens: int
     run(llm, min(prompt_tokens, 16), min(gen_tokens, 4))   # warm-up: first-call allocations and kernel setup
     result: dict[str, Any] = run(llm, prompt_tokens, gen_tokens)
     result.update(peak_rss_mb=peak_rss_mb(), load_s=load_s, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens,
-                  threads=threads, weights=weights or "blocks", quantize=quantize, kv_type=kv_type, model=str(llm.checkpoint.path if llm.checkpoint else model))
+                  threads=threads, weights=weights or "blocks", quantize=quantize, kv_type=kv_name(llm.model), model=str(llm.checkpoint.path if llm.checkpoint else model))
     if json:
         print(_json.dumps(result))
     else:

@@ -25,6 +25,12 @@ def kv_dtype(kv_type: str | None) -> torch.dtype | None:
     return KV_TYPES[kv_type]
 
 
+def kv_name(model) -> str:
+    """The KV cache type name of the caches `model.new_cache()` makes."""
+    dtype = getattr(model, "kv_dtype", None) or model.norm.weight.dtype
+    return next((name for name, d in KV_TYPES.items() if d == dtype), str(dtype))
+
+
 def row_width(dtype: torch.dtype, head_dim: int) -> int:
     """Elements of one cached key or value row: head_dim, or for q8_0 (uint8) the bytes of its blocks."""
     if dtype != torch.uint8:

@@ -91,7 +91,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     gqa = k.shape[1] != q.shape[1]
     if q.shape[2] == 1 and not causal and k.stride(-1) == 1 and k.stride(-2) == k.shape[-1] \
             and v.stride(-1) == 1 and v.stride(-2) == v.shape[-1]:
-        # a float16 or Q8_0 KV cache: the kernel widens each head's rows as it reads them
+        # a float16 or Q8_0 KV cache: the kernel converts each row in registers as it reads it
         packed = k.dtype in (torch.float16, torch.uint8) and v.dtype == k.dtype
         kern = _native(q, q) if packed else _native(q, k, v)
         if kern is not None:

@@ -6,6 +6,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "common.h"
@@ -42,6 +43,81 @@ inline void axpy(float a, const float* x, float* y, int64_t n) {  // y += a * x
 #else
   for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
 #endif
+}
+
+// value i of a float16 / Q8_0 row, as dequant_row rounds it (d * code in float32)
+inline float half_at(const uint8_t* p) {
+#ifdef LF_AVX2
+  return _cvtsh_ss(uint16_t(p[0] | p[1] << 8));   // exact, as half_to_float, without a call
+#else
+  return half_to_float(uint16_t(p[0] | p[1] << 8));
+#endif
+}
+template <int64_t P>
+inline float value_at(const uint8_t* row, int64_t i) {
+  if constexpr (P == F16) return half_at(row + 2 * i);
+  const uint8_t* b = row + i / 32 * 34;
+  return half_at(b) * float(int8_t(b[2 + i % 32]));
+}
+
+// One cached key or value row (Hd values) stored as P (0: float32, F16, or Q8_0 blocks), read in
+// place: dot with q, or y += a * row. Each computes exactly what dot / axpy compute on the row
+// dequantized to float32 (same products, same order), without writing the float32 row anywhere:
+// a float16 cache then streams half the bytes of a float32 one, a Q8_0 cache 34/128
+template <int64_t P>
+inline float dot_row(const float* q, const uint8_t* row, int64_t Hd) {
+  if constexpr (P == 0) {
+    return dot(q, reinterpret_cast<const float*>(row), Hd);
+  } else {
+#ifdef LF_AVX512
+    __m512 acc = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= Hd; i += 16) {   // Q8_0 rows hold whole blocks (Hd % 32 == 0)
+      __m512 w;
+      if constexpr (P == F16) {
+        w = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 2 * i)));
+      } else {
+        const uint8_t* b = row + i / 32 * 34;
+        const __m128i c = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 2 + i % 32));
+        w = _mm512_mul_ps(_mm512_set1_ps(half_at(b)), _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(c)));
+      }
+      acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + i), w, acc);
+    }
+    float s = _mm512_reduce_add_ps(acc);
+    for (; i < Hd; ++i) s += q[i] * value_at<P>(row, i);
+    return s;
+#else
+    float s = 0.f;
+    for (int64_t i = 0; i < Hd; ++i) s += q[i] * value_at<P>(row, i);
+    return s;
+#endif
+  }
+}
+
+template <int64_t P>
+inline void axpy_row(float a, const uint8_t* row, float* y, int64_t Hd) {
+  if constexpr (P == 0) {
+    axpy(a, reinterpret_cast<const float*>(row), y, Hd);
+  } else {
+#ifdef LF_AVX512
+    const __m512 va = _mm512_set1_ps(a);
+    int64_t i = 0;
+    for (; i + 16 <= Hd; i += 16) {
+      __m512 w;
+      if constexpr (P == F16) {
+        w = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 2 * i)));
+      } else {
+        const uint8_t* b = row + i / 32 * 34;
+        const __m128i c = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 2 + i % 32));
+        w = _mm512_mul_ps(_mm512_set1_ps(half_at(b)), _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(c)));
+      }
+      _mm512_storeu_ps(y + i, _mm512_fmadd_ps(va, w, _mm512_loadu_ps(y + i)));
+    }
+    for (; i < Hd; ++i) y[i] += a * value_at<P>(row, i);
+#else
+    for (int64_t i = 0; i < Hd; ++i) y[i] += a * value_at<P>(row, i);
+#endif
+  }
 }
 
 #ifdef LF_AVX512
@@ -86,9 +162,7 @@ inline float exp_sum(float* s, int64_t L, float mx) {
 torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, c10::optional<torch::Tensor> mask,
                                c10::optional<torch::Tensor> rows) {
   TORCH_CHECK(q.dim() == 4 && q.size(2) == 1 && k.dim() == 4 && v.sizes() == k.sizes(), "q [B,H,1,Hd], k/v [B,K,L,Hd]");
-  // a float16 or Q8_0 KV cache (kv_type="f16" / "q8_0") is read as such: each head's keys and
-  // values are widened into a per-thread buffer, so the cache streams half (f16) or 34/128 (q8_0) of
-  // the float32 bytes
+  // a float16 or Q8_0 KV cache (kv_type="f16" / "q8_0") is read in place (dot_row, axpy_row)
   const auto kt = k.scalar_type();
   const int64_t packed = kt == torch::kHalf ? F16 : kt == torch::kByte ? Q8_0 : 0;   // GGML type; 0: float32
   TORCH_CHECK(q.scalar_type() == torch::kFloat32 && kt == v.scalar_type() && (packed || kt == torch::kFloat32),
@@ -126,55 +200,54 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
   float* O = out.data_ptr<float>();
   const float scale = 1.0f / std::sqrt(float(Hd));
   const int64_t ks0 = k.stride(0), ks1 = k.stride(1), vs0 = v.stride(0), vs1 = v.stride(1);
-  at::parallel_for(0, B * H, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> s(L), kbuf(packed ? L * Hd : 0), vbuf(packed ? L * Hd : 0);
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t b = t / H, h = t % H, kh = h / G;
-      const float* qh = Q + t * Hd;
-      const uint8_t* kraw = K + (row[b] * ks0 + kh * ks1) * esize;
-      const uint8_t* vraw = V + (row[b] * vs0 + kh * vs1) * esize;
-      const float* kb = reinterpret_cast<const float*>(kraw);
-      const float* vb = reinterpret_cast<const float*>(vraw);
-      if (packed) {   // rows of one head are contiguous: L * Hd values (L * Hd / 32 whole Q8_0 blocks)
-        dequant_row(packed, kraw, kbuf.data(), L * Hd);
-        dequant_row(packed, vraw, vbuf.data(), L * Hd);
-        kb = kbuf.data();
-        vb = vbuf.data();
-      }
-      const bool* mb = M ? M + b * L : nullptr;
-      float mx = -INFINITY;
-      for (int64_t l = 0; l < L; ++l) {
-        s[l] = (mb && !mb[l]) ? -INFINITY : dot(qh, kb + l * Hd, Hd) * scale;
-        mx = std::max(mx, s[l]);
-      }
-      float* o = O + t * Hd;
-      for (int64_t i = 0; i < Hd; ++i) o[i] = 0.f;
-      if (mx == -INFINITY) continue;  // nothing visible: zeros (SDPA would give NaN)
-      const float inv = 1.0f / exp_sum(s.data(), L, mx);
-#ifdef LF_AVX512
-      if (Hd == 64) {  // the common head size: the output row lives in four registers
-        __m512 o0 = _mm512_setzero_ps(), o1 = o0, o2 = o0, o3 = o0;
+  const int64_t rb = k.size(3) * esize;   // bytes of one cached position of one head
+  auto run = [&](auto tag) {
+    constexpr int64_t P = decltype(tag)::value;
+    at::parallel_for(0, B * H, 1, [&](int64_t t0, int64_t t1) {
+      std::vector<float> s(L);
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t b = t / H, h = t % H, kh = h / G;
+        const float* qh = Q + t * Hd;
+        const uint8_t* kb = K + (row[b] * ks0 + kh * ks1) * esize;
+        const uint8_t* vb = V + (row[b] * vs0 + kh * vs1) * esize;
+        const bool* mb = M ? M + b * L : nullptr;
+        float mx = -INFINITY;
         for (int64_t l = 0; l < L; ++l) {
-          if (s[l] == 0.f) continue;
-          const __m512 p = _mm512_set1_ps(s[l]);
-          const float* vl = vb + l * 64;
-          o0 = _mm512_fmadd_ps(p, _mm512_loadu_ps(vl), o0);
-          o1 = _mm512_fmadd_ps(p, _mm512_loadu_ps(vl + 16), o1);
-          o2 = _mm512_fmadd_ps(p, _mm512_loadu_ps(vl + 32), o2);
-          o3 = _mm512_fmadd_ps(p, _mm512_loadu_ps(vl + 48), o3);
+          s[l] = (mb && !mb[l]) ? -INFINITY : dot_row<P>(qh, kb + l * rb, Hd) * scale;
+          mx = std::max(mx, s[l]);
         }
-        const __m512 vi = _mm512_set1_ps(inv);
-        _mm512_storeu_ps(o, _mm512_mul_ps(o0, vi));
-        _mm512_storeu_ps(o + 16, _mm512_mul_ps(o1, vi));
-        _mm512_storeu_ps(o + 32, _mm512_mul_ps(o2, vi));
-        _mm512_storeu_ps(o + 48, _mm512_mul_ps(o3, vi));
-        continue;
-      }
+        float* o = O + t * Hd;
+        for (int64_t i = 0; i < Hd; ++i) o[i] = 0.f;
+        if (mx == -INFINITY) continue;  // nothing visible: zeros (SDPA would give NaN)
+        const float inv = 1.0f / exp_sum(s.data(), L, mx);
+#ifdef LF_AVX512
+        if (P == 0 && Hd == 64) {  // the common head size: the output row lives in four registers
+          __m512 o0 = _mm512_setzero_ps(), o1 = o0, o2 = o0, o3 = o0;
+          for (int64_t l = 0; l < L; ++l) {
+            if (s[l] == 0.f) continue;
+            const __m512 p = _mm512_set1_ps(s[l]);
+            const float* vl = reinterpret_cast<const float*>(vb + l * rb);
+            o0 = _mm512_fmadd_ps(p, _mm512_loadu_ps(vl), o0);
+            o1 = _mm512_fmadd_ps(p, _mm512_loadu_ps(vl + 16), o1);
+            o2 = _mm512_fmadd_ps(p, _mm512_loadu_ps(vl + 32), o2);
+            o3 = _mm512_fmadd_ps(p, _mm512_loadu_ps(vl + 48), o3);
+          }
+          const __m512 vi = _mm512_set1_ps(inv);
+          _mm512_storeu_ps(o, _mm512_mul_ps(o0, vi));
+          _mm512_storeu_ps(o + 16, _mm512_mul_ps(o1, vi));
+          _mm512_storeu_ps(o + 32, _mm512_mul_ps(o2, vi));
+          _mm512_storeu_ps(o + 48, _mm512_mul_ps(o3, vi));
+          continue;
+        }
 #endif
-      for (int64_t l = 0; l < L; ++l) if (s[l] != 0.f) axpy(s[l], vb + l * Hd, o, Hd);
-      for (int64_t i = 0; i < Hd; ++i) o[i] *= inv;
-    }
-  });
+        for (int64_t l = 0; l < L; ++l) if (s[l] != 0.f) axpy_row<P>(s[l], vb + l * rb, o, Hd);
+        for (int64_t i = 0; i < Hd; ++i) o[i] *= inv;
+      }
+    });
+  };
+  if (packed == F16) run(std::integral_constant<int64_t, F16>());
+  else if (packed == Q8_0) run(std::integral_constant<int64_t, Q8_0>());
+  else run(std::integral_constant<int64_t, 0>());
   return out;
 }
 

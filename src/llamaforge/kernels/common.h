@@ -29,11 +29,6 @@ enum GGMLType : int64_t {
   Q2_K = 10, Q3_K = 11, Q4_K = 12, Q5_K = 13, Q6_K = 14, BF16 = 30,
 };
 
-// WIDE + Q4_0 / Q4_1 / Q8_0: the same blocks with float32 scales (d, and m for Q4_1) ahead of the
-// unchanged codes, made once at load for small models (widen_row): their float32-activation decode
-// then converts no float16 in the inner loop (~20% faster matmuls on the bundled 135M model)
-constexpr int64_t WIDE = 100;
-
 struct TypeInfo { int64_t block; int64_t bytes; };
 
 // (weights per block, bytes per block); block 0 for an unknown type
@@ -68,14 +63,11 @@ void qdot_rows(int64_t type, const uint8_t* w, const uint8_t* xq, int64_t xq_str
 // out[r] = w . x_r with float32 x (rows at x + r * ldx), R <= 4; buf: scratch of >= 256 floats
 // (dequantize 256 weights at a time, then multiply): every type but the has_fast_f32 ones
 void fdot_rows(int64_t type, const uint8_t* w, const float* x, int64_t ldx, int R, int64_t K, float* out, float* buf);
-// Q4_0 / Q4_1 / Q8_0 and their WIDE forms: y[m * ldy + n] = w_n . x_m for the N weight rows at
+// Q4_0 / Q4_1 / Q8_0: y[m * ldy + n] = w_n . x_m for the N weight rows at
 // w + n * ws and the M rows of x (contiguous, K each); xs: per-32 block sums of x's rows (block_sums)
 bool has_fast_f32(int64_t type);
 void fdot_range(int64_t type, const uint8_t* w, int64_t ws, int64_t N, const float* x, int64_t M, int64_t K,
                 const float* xs, float* y, int64_t ldy);
-// whether `type` has a WIDE form; widen_row writes one row of it (type_info(WIDE + type).bytes per block)
-bool has_wide(int64_t type);
-void widen_row(int64_t type, const uint8_t* w, uint8_t* out, int64_t K);
 void block_sums(const float* x, int64_t K, float* out);
 
 // Tiles of 16 weight rows (AVX-512 VNNI builds; tiles.cpp): whether `type` has them, and

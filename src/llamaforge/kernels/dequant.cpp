@@ -42,9 +42,6 @@ TypeInfo type_info(int64_t type) {
     case Q4_K: return {256, 144};
     case Q5_K: return {256, 176};
     case Q6_K: return {256, 210};
-    case WIDE + Q4_0: return {32, 20};
-    case WIDE + Q4_1: return {32, 24};
-    case WIDE + Q8_0: return {32, 36};
     default: return {0, 0};
   }
 }
@@ -215,15 +212,12 @@ namespace {
 // The small models' decode path (where per-step overhead, not bandwidth, bounds a token): codes
 // converted to float in registers, w . x = sum over blocks of d * (codes . x) + m * sum(x), with
 // two accumulators per row so the FMA chain does not bound the loop. xs: per-block sums of x.
-// W: the WIDE form (float32 scales, see common.h)
-inline float f32(const uint8_t* p) { float v; std::memcpy(&v, p, 4); return v; }
-
-template <int64_t T, bool W, int R>
+template <int64_t T, int R>
 void fdot32(const uint8_t* w, int64_t nb, const float* x, int64_t ldx, const float* xs, int64_t ldxs, float* out) {
-  constexpr int64_t S = W ? 4 : 2;                        // bytes of one scale
+  constexpr int64_t S = 2;                                // bytes of one scale (float16)
   constexpr int64_t QS = T == Q4_1 ? 2 * S : S;           // codes start
   constexpr int64_t BYTES = QS + (T == Q8_0 ? 32 : 16);
-  auto scale = [](const uint8_t* p) { if constexpr (W) return f32(p); else return f16(p); };
+  auto scale = [](const uint8_t* p) { return f16(p); };
   float off[R];
   for (int r = 0; r < R; ++r) off[r] = 0.f;
 #ifdef LF_AVX512
@@ -295,7 +289,7 @@ void fdot32(const uint8_t* w, int64_t nb, const float* x, int64_t ldx, const flo
 
 // every weight row of the range against all M rows of x, four at a time: the type and row-count
 // dispatch happens once per range, not once per weight row (a call per row of 18 blocks costs ~15%)
-template <int64_t T, bool W>
+template <int64_t T>
 void fdot32_range(const uint8_t* w, int64_t ws, int64_t N, const float* x, int64_t M, int64_t K, const float* xs,
                   float* y, int64_t ldy) {
   const int64_t nb = K / 32;
@@ -307,10 +301,10 @@ void fdot32_range(const uint8_t* w, int64_t ws, int64_t N, const float* x, int64
       const float* xm = x + m * K;
       const float* sm = xs + m * nb;
       switch (R) {
-        case 4: fdot32<T, W, 4>(wr, nb, xm, K, sm, nb, out); break;
-        case 3: fdot32<T, W, 3>(wr, nb, xm, K, sm, nb, out); break;
-        case 2: fdot32<T, W, 2>(wr, nb, xm, K, sm, nb, out); break;
-        default: fdot32<T, W, 1>(wr, nb, xm, K, sm, nb, out); break;
+        case 4: fdot32<T, 4>(wr, nb, xm, K, sm, nb, out); break;
+        case 3: fdot32<T, 3>(wr, nb, xm, K, sm, nb, out); break;
+        case 2: fdot32<T, 2>(wr, nb, xm, K, sm, nb, out); break;
+        default: fdot32<T, 1>(wr, nb, xm, K, sm, nb, out); break;
       }
       for (int r = 0; r < R; ++r) y[(m + r) * ldy + n] = out[r];
     }
@@ -319,33 +313,15 @@ void fdot32_range(const uint8_t* w, int64_t ws, int64_t N, const float* x, int64
 
 }  // namespace
 
-bool has_wide(int64_t type) { return type == Q4_0 || type == Q4_1 || type == Q8_0; }
-bool has_fast_f32(int64_t type) { return has_wide(type) || (type > WIDE && has_wide(type - WIDE)); }
+bool has_fast_f32(int64_t type) { return type == Q4_0 || type == Q4_1 || type == Q8_0; }
 
 void fdot_range(int64_t type, const uint8_t* w, int64_t ws, int64_t N, const float* x, int64_t M, int64_t K,
                 const float* xs, float* y, int64_t ldy) {
   switch (type) {
-    case Q4_0: return fdot32_range<Q4_0, false>(w, ws, N, x, M, K, xs, y, ldy);
-    case Q4_1: return fdot32_range<Q4_1, false>(w, ws, N, x, M, K, xs, y, ldy);
-    case Q8_0: return fdot32_range<Q8_0, false>(w, ws, N, x, M, K, xs, y, ldy);
-    case WIDE + Q4_0: return fdot32_range<Q4_0, true>(w, ws, N, x, M, K, xs, y, ldy);
-    case WIDE + Q4_1: return fdot32_range<Q4_1, true>(w, ws, N, x, M, K, xs, y, ldy);
-    case WIDE + Q8_0: return fdot32_range<Q8_0, true>(w, ws, N, x, M, K, xs, y, ldy);
+    case Q4_0: return fdot32_range<Q4_0>(w, ws, N, x, M, K, xs, y, ldy);
+    case Q4_1: return fdot32_range<Q4_1>(w, ws, N, x, M, K, xs, y, ldy);
+    case Q8_0: return fdot32_range<Q8_0>(w, ws, N, x, M, K, xs, y, ldy);
     default: return;
-  }
-}
-
-void widen_row(int64_t type, const uint8_t* w, uint8_t* out, int64_t K) {
-  const int64_t nb = K / 32, in = type_info(type).bytes, wide = type_info(WIDE + type).bytes;
-  const int64_t scales = type == Q4_1 ? 2 : 1;
-  for (int64_t g = 0; g < nb; ++g) {
-    const uint8_t* b = w + g * in;
-    uint8_t* o = out + g * wide;
-    for (int64_t s = 0; s < scales; ++s) {   // float16 -> float32 is exact
-      const float v = f16(b + 2 * s);
-      std::memcpy(o + 4 * s, &v, 4);
-    }
-    std::memcpy(o + 4 * scales, b + 2 * scales, in - 2 * scales);
   }
 }
 

@@ -6,8 +6,7 @@
 //       quantized once (int8=True and the type has an integer path) and one thread pool covers all
 //       their rows. Each weight row is read once for every row of x.
 //   dequantize(w, type, K, into=None) -> float32 [N, K], bit-identical to gguf-py.
-//   to_f32_scales(w, type, K) -> the WIDE + type copy of Q4_0 / Q4_1 / Q8_0 blocks (see common.h),
-//       which matmul takes (float32 activations) and dequantize does not.
+//   block_decode(h, ...) -> one transformer block for one token of one sequence (block.cpp).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -21,6 +20,9 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
 torch::Tensor quantize_q8_0(torch::Tensor x);
 torch::Tensor rope(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps);
+torch::Tensor block_decode(torch::Tensor h, std::vector<torch::Tensor> w, std::vector<int64_t> types, bool int8,
+                           torch::Tensor attn_norm, torch::Tensor ffn_norm, double eps, torch::Tensor cos,
+                           torch::Tensor sin, std::vector<torch::Tensor> kv);
 }
 
 namespace {
@@ -37,6 +39,9 @@ TypeInfo checked(const torch::Tensor& w, int64_t type, int64_t K) {
   return ti;
 }
 
+}  // namespace
+
+namespace lf {
 std::vector<torch::Tensor> ggml_matmul(torch::Tensor x, std::vector<torch::Tensor> ws, int64_t type, int64_t K,
                                        bool int8) {
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K && x.scalar_type() == torch::kFloat32,
@@ -147,9 +152,12 @@ std::vector<torch::Tensor> ggml_matmul(torch::Tensor x, std::vector<torch::Tenso
   });
   return ys;
 }
+}  // namespace lf
+
+namespace {
+using namespace lf;
 
 torch::Tensor ggml_dequantize(torch::Tensor w, int64_t type, int64_t K, c10::optional<torch::Tensor> into) {
-  TORCH_CHECK(type < WIDE, "dequantize takes a GGUF file's own block types (got ", type, ")");
   checked(w, type, K);
   const int64_t N = w.size(0);
   torch::Tensor out;
@@ -165,19 +173,6 @@ torch::Tensor ggml_dequantize(torch::Tensor w, int64_t type, int64_t K, c10::opt
   float* O = out.data_ptr<float>();
   at::parallel_for(0, N, std::max<int64_t>(1, 16384 / K), [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) dequant_row(type, W + n * rs, O + n * K, K);
-  });
-  return out;
-}
-
-torch::Tensor to_f32_scales(torch::Tensor w, int64_t type, int64_t K) {
-  TORCH_CHECK(has_wide(type), "to_f32_scales takes Q4_0, Q4_1 or Q8_0 blocks (type ", type, ")");
-  checked(w, type, K);
-  const int64_t N = w.size(0), rs = w.stride(0), wide = K / 32 * type_info(WIDE + type).bytes;
-  torch::Tensor out = torch::empty({N, wide}, torch::dtype(torch::kUInt8));
-  const uint8_t* W = w.data_ptr<uint8_t>();
-  uint8_t* O = out.data_ptr<uint8_t>();
-  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n) widen_row(type, W + n * rs, O + n * wide, K);
   });
   return out;
 }
@@ -208,7 +203,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quantize_q8_0", &lf::quantize_q8_0, "GGML Q8_0 blocks of float32 rows (llama.cpp's reference rounding)");
   m.def("rope", &lf::rope, "rotary position embedding of interleaved pairs");
   m.def("rms_norm", &lf::rms_norm, "RMSNorm in float32");
-  m.def("to_f32_scales", &to_f32_scales, "Q4_0/Q4_1/Q8_0 blocks with float32 scales (type WIDE + type)");
+  m.def("block_decode", &lf::block_decode, "one transformer block for one token of one sequence (block.cpp)",
+        py::arg("h"), py::arg("w"), py::arg("types"), py::arg("int8"), py::arg("attn_norm"), py::arg("ffn_norm"),
+        py::arg("eps"), py::arg("cos"), py::arg("sin"), py::arg("kv"));
   m.def("isa", &isa, "instruction set the kernels were built for");
   m.def("int8_path", &has_int8_path, "whether the 8-bit activation dot products are built");
 }

@@ -2,9 +2,7 @@
 
 Every type llama.cpp's common presets write (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K..Q6_K) and float16 /
 bfloat16 matrices. The blocks stay where the loader put them (a view of the memory-mapped file):
-nothing is repacked, so the model computes with exactly the weights the file defines. The one copy:
-small models on float32 activations (see `choose_activations`) also keep their Q4_0/Q4_1
-blocks with float32 scales (`WIDE_TYPES`) for the decode kernel; big models are never copied.
+nothing is repacked or copied, so the model computes with exactly the weights the file defines.
 
 Two activation paths (`set_activations`): "int8" quantizes each input row once per matmul to 8-bit
 blocks and uses integer dot products, as llama.cpp does; "f32" multiplies float32 inputs with the
@@ -39,12 +37,6 @@ _mode = [os.environ.get("LLAMAFORGE_ACTIVATIONS", "auto")]
 # (TinyLlama-1.1B Q4_0 is 0.6 GiB): 8-bit activations.
 SMALL_MODEL_BYTES = 256 << 20
 FAST_F32_TYPES = ("Q4_0", "Q4_1", "Q8_0", "F16", "BF16")
-# Types whose blocks small float32-activation models copy once with float32 scales (kernel type
-# WIDE + type): no float16 conversion per block in the decode loop. Measured on the bundled model
-# (one thread): all its matrices' decode matmuls 9.7 -> 8.8 ms per step. Q8_0 has a WIDE kernel too,
-# but widening the bundled model's Q8_0 output matrix measured slower per step (more bytes to stream).
-WIDE_TYPES = ("Q4_0", "Q4_1")
-WIDE = 100
 
 # float32 path: row counts up to this use the block kernel; above it, dequantize + BLAS. Measured on
 # the bundled model's shapes (2 threads): the kernel costs ~16 us per row of a 3072x576 Q4_1 matrix
@@ -79,15 +71,12 @@ def using_activations(kind: str):
 
 def choose_activations(model: nn.Module) -> bool:
     """Mark the model's GGMLLinears for "auto": 8-bit activations (returns True) when its blocks
-    hold at least SMALL_MODEL_BYTES or any is of a type without a fast float32 kernel, else float32,
-    and then give the small model's WIDE_TYPES matrices their float32-scale copy (`GGMLLinear.widen`)."""
+    hold at least SMALL_MODEL_BYTES or any is of a type without a fast float32 kernel, else float32."""
     mods = list({id(m): m for m in model.modules() if isinstance(m, GGMLLinear)}.values())
     big = sum(m.blocks.numel() for m in mods) >= SMALL_MODEL_BYTES \
         or any(m.qtype not in FAST_F32_TYPES for m in mods)
     for m in mods:
         m.int8_auto = big
-        if not big:
-            m.widen()
     return big
 
 
@@ -130,15 +119,7 @@ class GGMLLinear(nn.Module):
         self._k = kernels()
         self.register_buffer("blocks", _block_tensor(qt), persistent=False)
         self.int8_auto = True        # what "auto" activations mean here (choose_activations sets it)
-        self.register_buffer("wide", None, persistent=False)   # float32-scale copy (widen), or None
         self._group: _Siblings | None = None
-
-    def widen(self) -> None:
-        """Keep a copy of the blocks with float32 scales, which the float32-activation decode kernel
-        reads instead (WIDE_TYPES only; a no-op for other types). Costs 2-4 bytes per 32 weights more
-        than the file: for small models only (choose_activations)."""
-        if self.qtype in WIDE_TYPES and self.wide is None:
-            self.wide = self._k.to_f32_scales(self.blocks, self._type_id, self.in_features)
 
     def dequantize(self) -> torch.Tensor:
         """float32 [out, in], equal to gguf-py's dequantization bit for bit."""
@@ -147,27 +128,22 @@ class GGMLLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._group is not None:
             return self._group.output(self, x)
-        wide = None if self.wide is None else [self.wide]
-        return _matmul(self._k, x, [self.blocks], self._type_id, self.in_features, self.int8_auto, wide)[0]
+        return _matmul(self._k, x, [self.blocks], self._type_id, self.in_features, self.int8_auto)[0]
 
     def extra_repr(self) -> str:
         fused = " (computed with its siblings)" if self._group is not None else ""
-        wide = " (+ float32-scale copy)" if self.wide is not None else ""
-        return f"in_features={self.in_features}, out_features={self.out_features}, {self.qtype} blocks{wide}{fused}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.qtype} blocks{fused}"
 
 
 def _matmul(k, x: torch.Tensor, blocks: list[torch.Tensor], type_id: int, in_features: int,
-            int8_auto: bool, wide: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
-    """x @ W_i^T for each matrix's blocks; wide: their float32-scale copies (float32 kernel only)."""
+            int8_auto: bool) -> list[torch.Tensor]:
+    """x @ W_i^T for each matrix's blocks."""
     xf = x if x.dtype == torch.float32 else x.float()
     rows = xf.numel() // in_features
     mode = _mode[0]
     int8 = mode == "int8" or (mode == "auto" and int8_auto)
     if rows <= (INT8_MAX_ROWS if int8 else DIRECT_MAX_ROWS):
-        if int8 or wide is None:
-            ys = k.matmul(xf, blocks, type_id, in_features, int8)
-        else:
-            ys = k.matmul(xf, wide, type_id + WIDE, in_features, False)
+        ys = k.matmul(xf, blocks, type_id, in_features, int8)
     else:   # dequantize into one scratch matrix (all siblings), one BLAS call
         n = sum(b.shape[0] for b in blocks)
         w = _scratch(n * in_features)
@@ -221,10 +197,8 @@ class _Siblings:
             if all(p is None for p in self._pending):   # all handed out: hold no activations
                 self._x, self._pending = None, []
             return y
-        wide = [m.wide for m in self.members]
         parts: list[torch.Tensor | None] = list(_matmul(self.k, x, [m.blocks for m in self.members], self.type_id,
-                                                        self.in_features, self.members[0].int8_auto,
-                                                        None if any(w is None for w in wide) else wide))
+                                                        self.in_features, self.members[0].int8_auto))
         mine, parts[i] = parts[i], None
         self._x, self._pending = x, parts
         return mine
@@ -241,6 +215,49 @@ def fuse_siblings(model: nn.Module) -> int:
                 _Siblings(mods)
                 groups += 1
     return groups
+
+
+def fuse_blocks(model: nn.Module) -> int:
+    """Give each block whose seven projections are GGMLLinears a one-call decode path (the native
+    `block_decode`: the block's own kernels and torch operations in C++, bit-identical to its
+    module path) for one token of one sequence; everything else (prompts, batches, training, LoRA
+    or other modules swapped in later) takes the block's own forward. Returns the count."""
+    n = 0
+    for layer in model.layers:
+        if all(type(m) is GGMLLinear for m in _projections(layer)) and "forward" not in vars(layer):
+            layer.forward = _FusedDecode(layer, layer.forward)
+            n += 1
+    return n
+
+
+def _projections(layer: nn.Module) -> list:
+    a, f = layer.attention, layer.feed_forward
+    return [a.wq, a.wk, a.wv, a.wo, f.w1, f.w3, f.w2]
+
+
+class _FusedDecode:
+    """A block's forward: one native call for a single-token, single-sequence step, else `module_forward`."""
+
+    def __init__(self, layer: nn.Module, module_forward):
+        self.layer, self.module_forward = layer, module_forward
+        self.mods = _projections(layer)
+        self.norms = (layer.attention_norm, layer.ffn_norm)
+        self.blocks, self.types = [m.blocks for m in self.mods], [m._type_id for m in self.mods]
+
+    def __call__(self, x, rot, mask, cache, pos, slots):
+        layer = self.layer
+        if (x.shape[0] != 1 or x.shape[1] != 1 or cache is None or cache._row is None or mask is not None
+                or x.dtype != torch.float32 or not torch.is_inference_mode_enabled()
+                or _projections(layer) != self.mods):   # a module swapped in since (LoRA): its own path
+            return self.module_forward(x, rot, mask, cache, pos, slots)
+        m0 = self.mods[0]
+        mode = _mode[0]
+        int8 = mode == "int8" or (mode == "auto" and m0.int8_auto)
+        new_k, new_v, seen_k, seen_v = cache._views
+        i = layer.attention.layer_id
+        a, f = self.norms
+        return m0._k.block_decode(x, self.blocks, self.types, int8, a.weight, f.weight, a.eps, rot[0], rot[1],
+                                  [new_k[i], new_v[i], seen_k[i], seen_v[i]])
 
 
 class GGMLEmbedding(nn.Module):

@@ -156,7 +156,11 @@ def load_packed(args: ModelArgs, tensors: dict[str, Any], device: str | torch.de
             model.output.weight = nn.Parameter(torch.as_tensor(out).to(device=device, dtype=dtype), requires_grad=False)
     if native:
         ggml.fuse_siblings(model)   # q/k/v and gate/up: one kernel call each
-        ggml.choose_activations(model)
+        ggml.fuse_blocks(model)     # a decode step of one sequence: one native call per block
+        if ggml.choose_activations(model):
+            # a model big enough to stream its weights also streams its cache: float16, as
+            # llama.cpp's default (same WikiText-2 perplexity as float32; docs/inference.md)
+            model.kv_dtype = torch.float16
     left = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
     if left:
         raise ValueError(f"checkpoint does not match the model: missing {left[:5]}")

@@ -128,7 +128,7 @@ def serve(*, model: str | None = None, host: str = "127.0.0.1", port: int = 8000
     quantize: int8/int4 repack the weights for PyTorch's packed kernels; none keeps them (auto: deprecated spelling of --weights blocks)
     max_body: largest request body in bytes; larger ones get 413
     threads: CPU threads for the model (default: torch's, i.e. the cores or OMP_NUM_THREADS)
-    kv_type: KV cache element type (f16 halves its memory, q8_0 keeps 34/128 of it: more tokens fit); default: the model's dtype
+    kv_type: KV cache element type (f16 halves its memory, q8_0 keeps 34/128 of it: more tokens fit); default: f16 for GGUF models of 256 MiB or more (as llama.cpp), else the model's dtype
     """
     if not 0 < port < 65536:
         raise ValueError(f"port {port} is not in 1..65535")

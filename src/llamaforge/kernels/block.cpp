@@ -1,0 +1,72 @@
+// One transformer block for one new token of one sequence, in one call from Python.
+//
+// A decode step of a small model is bound by per-operation overhead, not arithmetic: the bundled
+// 135M model spent about as long in the Python and dispatch around its 30 blocks (a dozen module
+// calls and some thirty torch operations each) as in their matrix products. This is the same
+// block as model.py's TransformerBlock, made of the same kernels and torch operations in the same
+// order, so its output is bit-identical to the module path (tests/test_native.py checks it):
+//
+//   x = rms_norm(h) ; q, k, v = x Wq, x Wk, x Wv ; rope(q), rope(k) ; cache <- k, v
+//   h = h + attention(q, cache) Wo ; x = rms_norm(h) ; h = h + (silu(x W1) * x W3) W2
+#include <torch/extension.h>
+
+#include <vector>
+
+namespace lf {
+std::vector<torch::Tensor> ggml_matmul(torch::Tensor x, std::vector<torch::Tensor> ws, int64_t type, int64_t K,
+                                       bool int8);
+torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, c10::optional<torch::Tensor> mask,
+                               c10::optional<torch::Tensor> rows);
+torch::Tensor quantize_q8_0(torch::Tensor x);
+torch::Tensor rope(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps);
+
+namespace {
+// x times each of the matrices ws[i] (GGML type types[i]); matrices of one type in one call, as
+// GGMLLinear's sibling groups do (q/k/v, gate/up), so the products are the module path's
+std::vector<torch::Tensor> products(const torch::Tensor& x, const std::vector<torch::Tensor>& ws,
+                                    const std::vector<int64_t>& types, bool int8) {
+  bool same = true;
+  for (size_t i = 1; i < ws.size(); ++i) same = same && types[i] == types[0];
+  const int64_t K = x.size(-1);
+  if (same) return ggml_matmul(x, ws, types[0], K, int8);
+  std::vector<torch::Tensor> out;
+  for (size_t i = 0; i < ws.size(); ++i) out.push_back(ggml_matmul(x, {ws[i]}, types[i], K, int8)[0]);
+  return out;
+}
+
+// k [1, 1, Kh, Hd] float32 into the cache window [1, Kh, 1, Hd | row bytes] of the cache's type
+void store(const torch::Tensor& window, const torch::Tensor& k) {
+  const auto t = window.scalar_type();
+  auto rows = k.view({1, k.size(2), 1, k.size(3)});
+  if (t == torch::kByte) window.copy_(quantize_q8_0(rows));
+  else window.copy_(rows.to(t));
+}
+}  // namespace
+
+// h [1, 1, D] float32; w: the blocks of wq, wk, wv, wo, w1, w3, w2 with their GGML types;
+// cos, sin [1, 1, Hd / 2]; kv: this layer's cache windows (new k, new v [1, Kh, 1, .], then the
+// attended k, v [1, Kh, L, .]). Returns the block's output h' [1, 1, D].
+torch::Tensor block_decode(torch::Tensor h, std::vector<torch::Tensor> w, std::vector<int64_t> types, bool int8,
+                           torch::Tensor attn_norm, torch::Tensor ffn_norm, double eps, torch::Tensor cos,
+                           torch::Tensor sin, std::vector<torch::Tensor> kv) {
+  TORCH_CHECK(h.dim() == 3 && h.size(0) == 1 && h.size(1) == 1 && h.scalar_type() == torch::kFloat32,
+              "block_decode takes one token of one sequence: float32 h [1, 1, D]");
+  TORCH_CHECK(w.size() == 7 && types.size() == 7 && kv.size() == 4, "block_decode: 7 matrices and 4 cache windows");
+  const int64_t Kh = kv[0].size(1), Hd = cos.size(-1) * 2;
+  const int64_t H = w[0].size(0) / Hd;
+  TORCH_CHECK(H * Hd == w[0].size(0) && Kh * Hd == w[1].size(0), "block_decode: head sizes do not match");
+
+  auto qkv = products(rms_norm(h, attn_norm, eps), {w[0], w[1], w[2]}, {types[0], types[1], types[2]}, int8);
+  auto q = rope(qkv[0].view({1, 1, H, Hd}), cos, sin);           // [1, 1, H, Hd]
+  auto k = rope(qkv[1].view({1, 1, Kh, Hd}), cos, sin);
+  store(kv[0], k);
+  store(kv[1], qkv[2].view({1, 1, Kh, Hd}));
+  auto att = decode_attention(q.view({1, H, 1, Hd}), kv[2], kv[3], c10::nullopt, c10::nullopt);   // [1, H, 1, Hd]
+  h = h + ggml_matmul(att.view({1, 1, H * Hd}), {w[3]}, types[3], H * Hd, int8)[0];
+
+  auto gu = products(rms_norm(h, ffn_norm, eps), {w[4], w[5]}, {types[4], types[5]}, int8);
+  auto a = at::silu(gu[0]) * gu[1];
+  return h + ggml_matmul(a, {w[6]}, types[6], a.size(-1), int8)[0];
+}
+}  // namespace lf
