@@ -241,23 +241,32 @@ class _FusedDecode:
     def __init__(self, layer: nn.Module, module_forward):
         self.layer, self.module_forward = layer, module_forward
         self.mods = _projections(layer)
-        self.norms = (layer.attention_norm, layer.ffn_norm)
         self.blocks, self.types = [m.blocks for m in self.mods], [m._type_id for m in self.mods]
+        self.layer_id, self.eps = layer.attention.layer_id, layer.attention_norm.eps
+        # the dicts the submodules live in, read directly: nn.Module attribute lookups cost ~1 us each,
+        # and this runs once per block per generated token
+        self.parts = (layer._modules, layer.attention, layer.feed_forward)
+        self.params = (layer.attention_norm._parameters, layer.ffn_norm._parameters)
+
+    def _unchanged(self) -> bool:
+        """Whether the block still holds the projections it was fused with (LoRA swaps modules in)."""
+        top, a, f = self.parts
+        am, fm = a._modules, f._modules
+        q, k, v, o, w1, w3, w2 = self.mods
+        return (top["attention"] is a and top["feed_forward"] is f and am["wq"] is q and am["wk"] is k
+                and am["wv"] is v and am["wo"] is o and fm["w1"] is w1 and fm["w3"] is w3 and fm["w2"] is w2)
 
     def __call__(self, x, rot, mask, cache, pos, slots):
-        layer = self.layer
         if (x.shape[0] != 1 or x.shape[1] != 1 or cache is None or cache._row is None or mask is not None
-                or x.dtype != torch.float32 or not torch.is_inference_mode_enabled()
-                or _projections(layer) != self.mods):   # a module swapped in since (LoRA): its own path
+                or x.dtype != torch.float32 or not torch.is_inference_mode_enabled() or not self._unchanged()):
             return self.module_forward(x, rot, mask, cache, pos, slots)
         m0 = self.mods[0]
         mode = _mode[0]
         int8 = mode == "int8" or (mode == "auto" and m0.int8_auto)
         new_k, new_v, seen_k, seen_v = cache._views
-        i = layer.attention.layer_id
-        a, f = self.norms
-        return m0._k.block_decode(x, self.blocks, self.types, int8, a.weight, f.weight, a.eps, rot[0], rot[1],
-                                  [new_k[i], new_v[i], seen_k[i], seen_v[i]])
+        i = self.layer_id
+        return m0._k.block_decode(x, self.blocks, self.types, int8, self.params[0]["weight"], self.params[1]["weight"],
+                                  self.eps, rot[0], rot[1], [new_k[i], new_v[i], seen_k[i], seen_v[i]])
 
 
 class GGMLEmbedding(nn.Module):
