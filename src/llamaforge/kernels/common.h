@@ -58,8 +58,9 @@ int64_t act_row_bytes(int64_t type, int64_t K);
 void quantize_act_row(int64_t type, const float* x, uint8_t* out, int64_t K);
 // whether this build has the integer dot products (AVX2 or better)
 bool has_int8_path();
-// out[r] = w . x_r for R <= 4 quantized activation rows at xq + r * xq_stride
-void qdot_rows(int64_t type, const uint8_t* w, const uint8_t* xq, int64_t xq_stride, int R, int64_t K, float* out);
+// y[r * ldy + n] = w_n . x_r for the N weight rows at w + n * ws and R <= 4 quantized rows of x
+void qdot_range(int64_t type, const uint8_t* w, int64_t ws, int64_t N, const uint8_t* xq, int64_t xs, int R,
+                int64_t K, float* y, int64_t ldy);
 // out[r] = w . x_r with float32 x (rows at x + r * ldx), R <= 4; buf: scratch of >= 256 floats
 // (dequantize 256 weights at a time, then multiply): every type but the has_fast_f32 ones
 void fdot_rows(int64_t type, const uint8_t* w, const float* x, int64_t ldx, int R, int64_t K, float* out, float* buf);

@@ -102,9 +102,9 @@ std::vector<torch::Tensor> ggml_matmul(torch::Tensor x, std::vector<torch::Tenso
     auto rows4 = [&](int64_t j, int64_t row, int64_t m) {
       const int R = int(std::min<int64_t>(4, M - m));
       const uint8_t* wr = W[j] + row * stride[j];
-      if (int8) qdot_rows(type, wr, xq.data() + m * xs, xs, R, K, out);
-      else fdot_rows(type, wr, X + m * K, K, R, K, out, buf);
       const int64_t N = start[j + 1] - start[j];
+      if (int8) return qdot_range(type, wr, stride[j], 1, xq.data() + m * xs, xs, R, K, Y[j] + m * N + row, N);
+      fdot_rows(type, wr, X + m * K, K, R, K, out, buf);
       for (int r = 0; r < R; ++r) Y[j][(m + r) * N + row] = out[r];
     };
     // units fixed by the matrices' shapes (whole tiles, and each matrix's tail of N % 16 rows on
@@ -133,11 +133,28 @@ std::vector<torch::Tensor> ggml_matmul(torch::Tensor x, std::vector<torch::Tenso
       }
       return;
     }
-    // Tiles of NT weight rows: each group of 4 x rows is read for every row of the tile while it
+    // Groups of NT weight rows: each group of 4 x rows is read for every row of the group while it
     // is in L1 (a 4-row q8 group of K = 4096 is 20 KiB), instead of streaming all of x from L2
-    // once per weight row. Measured 4096x4096, one thread, 8-bit path: Q4_0 1.21x at 16 rows,
-    // 1.10x at 128; Q8_0/Q4_K/Q6_K within +-6% (the dot products, not x's traffic, bound them)
+    // once per weight row (measured 4096x4096, one thread, 8-bit path: Q4_0 1.21x at 16 rows, 1.10x
+    // at 128)
     constexpr int64_t NT = 8;
+    if (int8) {
+      for (int64_t n = n0; n < n1; n = std::min(n1, start[++i])) {
+        const int64_t row = n - start[i], N = start[i + 1] - start[i], count = std::min(n1, start[i + 1]) - n;
+        const uint8_t* w = W[i] + row * stride[i];
+        if (M <= 4) {   // decode: one call per matrix's share of the range
+          qdot_range(type, w, stride[i], count, xq.data(), xs, int(M), K, Y[i] + row, N);
+          continue;
+        }
+        for (int64_t t = 0; t < count; t += NT) {
+          for (int64_t m = 0; m < M; m += 4) {
+            qdot_range(type, w + t * stride[i], stride[i], std::min(NT, count - t), xq.data() + m * xs, xs,
+                       int(std::min<int64_t>(4, M - m)), K, Y[i] + m * N + row + t, N);
+          }
+        }
+      }
+      return;
+    }
     for (int64_t t0 = n0; t0 < n1; t0 += NT) {
       const int64_t t1 = std::min(n1, t0 + NT);
       for (int64_t m = 0; m < M; m += 4) {
