@@ -40,6 +40,8 @@ COMMANDS: dict[str, str] = {
     "pretokenize": "llamaforge.train.commands:pretokenize",
     "train-tokenizer": "llamaforge.train.commands:train_tokenizer",
     "train-guard": "llamaforge.safety.training.command:train_guard",
+    "align": "llamaforge.train.align:align",
+    "score": "llamaforge.train.reward:score",
     "merge": "llamaforge.train.commands:merge",
     "evaluate": "llamaforge.eval.harness:evaluate",
     "guard": "llamaforge.safety.guard:guard",

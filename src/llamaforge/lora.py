@@ -11,6 +11,7 @@ wq/wk produces rows of the q/k projection, so its rows are permuted on save and 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -102,10 +103,13 @@ class LoraLinear(nn.Module):
         # PEFT's default init: A Kaiming-uniform, B zero, so training starts from the base model exactly
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.enabled = True  # False: the base module alone (DPO's reference model; see adapters_disabled)
         for p in self.base.parameters():
             p.requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return self.base(x)
         # x @ A^T first: the [.., r] intermediate keeps the update cheap
         update = self.dropout(x) @ self.lora_A.to(x.dtype).t() @ self.lora_B.to(x.dtype).t()
         return self.base(x) + update * self.scaling
@@ -190,6 +194,19 @@ def apply_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
 
 def lora_modules(model: nn.Module) -> dict[str, LoraLinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoraLinear)}
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module):
+    """Run ``model`` as its base (every LoRA update off) inside the block, e.g. as DPO's reference."""
+    mods = list(lora_modules(model).values())
+    for m in mods:
+        m.enabled = False
+    try:
+        yield model
+    finally:
+        for m in mods:
+            m.enabled = True
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -382,5 +399,6 @@ def copy_adapter(src: str | Path, dst: str | Path) -> None:
 
 
 __all__ = ["LoraConfig", "LoraLinear", "FrozenQuantized", "apply_lora", "lora_modules", "lora_state_dict", "save_adapter",
+           "adapters_disabled",
            "save_adapter_tensors",
            "read_adapter", "load_adapter", "merge_lora", "to_peft_tensors", "peft_config"]

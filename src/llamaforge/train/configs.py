@@ -1,4 +1,4 @@
-"""The options of `llamaforge pretrain` and `llamaforge finetune`: one dataclass per command, the one
+"""The options of `llamaforge pretrain`, `finetune` and `align`: one dataclass per command, the one
 home of every default. The CLI expands them into flags (`--seq-len 128`, `--train.lr 3e-4`) and
 reads `--config FILE.yaml` onto the same fields (`options.build`)."""
 from __future__ import annotations
@@ -76,3 +76,47 @@ class FinetuneConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         max_steps=200, micro_batch_size=4, grad_accum=2, lr=2e-4, warmup_steps=10, eval_every=50, eval_batches=4,
         save_every=100))
+
+
+@dataclass
+class AlignConfig:
+    """Aligning a checkpoint on preference pairs: a reward model (`reward`) or DPO (`dpo`).
+
+    method: reward (a scalar-head reward model) or dpo; rejection-sampling and ppo are not implemented yet
+    model: base checkpoint (Meta/HF folder or .gguf, dequantized to float32); bundled SmolLM2 when omitted
+    data: preference JSONL(.gz): {"prompt" or "messages", "chosen", "rejected", optional "margin"}, or HH-RLHF transcripts
+    output: run folder; holds the final model (reward: HF LlamaForSequenceClassification; dpo: adapter or HF model)
+    reward: reward model folder (for methods that need one: rejection-sampling, ppo)
+    max_steps: optimiser steps (a shortcut for train.max_steps)
+    held_out: share of the pairs held out by a fixed-seed split (never trained on; validation)
+    split_seed: seed of the held-out split (independent of train.seed)
+    limit: use only the first N records of data
+    seq_len: longest conversation in tokens (longer pairs are left out)
+    tune: lora (adapters on a frozen base; the reward head is trained too) or full
+    beta: DPO's β (strength of the pull towards the reference)
+    loss_type: DPO loss: sigmoid (DPO) or ipo
+    label_smoothing: DPO label smoothing ε (conservative DPO; 0 = plain)
+    precompute_ref: DPO: compute the reference log-probs once before training (else per step)
+    """
+    method: Literal["reward", "dpo", "rejection-sampling", "ppo"] = "dpo"
+    model: str | None = path_field()
+    data: str | None = path_field()
+    output: str | None = path_field()
+    reward: str | None = path_field()
+    max_steps: int | None = None
+    held_out: float = 0.1
+    split_seed: int = 0
+    limit: int | None = None
+    seq_len: int = 512
+    tune: Literal["lora", "full"] = "lora"
+    lora_r: int = 16
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.0
+    lora_targets: list[str] = field(default_factory=lambda: ["q", "k", "v", "o", "gate", "up", "down"])
+    beta: float = 0.1
+    loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
+    label_smoothing: float = 0.0
+    precompute_ref: bool = False
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        max_steps=200, micro_batch_size=4, grad_accum=2, lr=5e-5, warmup_steps=10, weight_decay=0.0,
+        eval_every=50, eval_batches=64, save_every=100))

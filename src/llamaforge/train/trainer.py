@@ -2,7 +2,8 @@
 
 It knows nothing about where its data comes from (pretraining windows, rendered SFT examples or
 preference pairs all arrive as a ``BatchSource``) nor what the model is (full, LoRA or QLoRA:
-whatever parameters have ``requires_grad`` are trained).
+whatever parameters have ``requires_grad`` are trained). What is optimised is an ``Objective``:
+next-token cross-entropy (``LossModule``, the default) or a preference loss (``preference.py``).
 
 Determinism: the samples of step s are the global sample indices [s*G, (s+1)*G) for global batch G;
 each rank takes its slice of each micro-batch. So the data position is the step number, the same
@@ -39,14 +40,37 @@ CURVE_FILE = "loss_curve.png"
 
 
 class BatchSource(Protocol):
-    """Maps global sample indices to a batch: tokens [B, T+1] int64 and a loss mask [B, T+1].
+    """Maps global sample indices to a batch: a tuple of tensors the objective reads.
 
-    mask[b, t] says whether token t is a training target (predicted from tokens[:t]).
+    For language modelling: tokens [B, T+1] int64 and a loss mask [B, T+1], where mask[b, t] says
+    whether token t is a training target (predicted from tokens[:t]).
     """
 
-    def batch(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def batch(self, indices: Sequence[int]) -> tuple[torch.Tensor, ...]: ...
 
     def __len__(self) -> int: ...
+
+
+class Objective(Protocol):
+    """What the trainer optimises: an nn.Module holding the model as its one child ``model``.
+
+    forward(*batch) returns the loss summed over the batch's units, optionally with a dict of
+    metric sums (same units); the trainer divides both by the global unit count, so accumulation
+    and processes do not change the mean. units: targets (LM) or pairs (preferences). blank(batch):
+    the batch made to contribute nothing (keeps collective forwards in step). curves: extra plot
+    panels {title: [metric keys]} beside the loss.
+    """
+
+    model: nn.Module
+    curves: dict[str, list[str]]
+
+    def __call__(self, *batch: torch.Tensor) -> Any: ...
+
+    def units(self, batch: tuple[torch.Tensor, ...]) -> float: ...
+
+    def n_tokens(self, batch: tuple[torch.Tensor, ...]) -> int: ...
+
+    def blank(self, batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]: ...
 
 
 @dataclass
@@ -122,6 +146,16 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * progress))
 
 
+def _split(out: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """An objective's output: the loss sum alone, or (loss sum, {metric: sum})."""
+    return (out[0], out[1]) if isinstance(out, tuple) else (out, {})
+
+
+def _accumulate(sums: dict[str, torch.Tensor], metrics: dict[str, torch.Tensor]) -> None:
+    for k, v in metrics.items():
+        sums[k] = sums.get(k, 0) + v.detach().double()
+
+
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """bf16 autocast where the hardware does bf16 natively; None means plain float32."""
     if precision == "fp32":
@@ -143,6 +177,8 @@ class LossModule(nn.Module):
     most of that cost for SFT, where prompts are not trained.
     """
 
+    curves: dict[str, list[str]] = {}
+
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
@@ -153,18 +189,29 @@ class LossModule(nn.Module):
         logits = self.model.output(h[tmask])
         return F.cross_entropy(logits.float(), targets[tmask], reduction="sum")
 
+    def units(self, batch) -> float:
+        return float(batch[1][:, 1:].sum())
+
+    def n_tokens(self, batch) -> int:
+        return int(batch[0][:, :-1].numel())
+
+    def blank(self, batch):
+        return batch[0], torch.zeros_like(batch[1])
+
 
 class Trainer:
     """Runs the optimisation loop with checkpoints, validation, logs and exact resume.
 
     export(state_dict, directory) writes the model files of a checkpoint (HF folder, PEFT adapter);
     card holds write_model_card's descriptive keywords (produced_by, base_model, args, ...);
-    started (time.time()) is when the run began, for max_minutes (default: now).
+    started (time.time()) is when the run began, for max_minutes (default: now);
+    objective: what is optimised (an Objective wrapping ``model``; default: next-token cross-entropy).
     """
 
     def __init__(self, model: nn.Module, config: TrainConfig, train: BatchSource, val: BatchSource | None = None, *,
                  export: Callable[[dict[str, torch.Tensor], Path], None] | None = None,
-                 card: dict[str, Any] | None = None, ctx: DistContext | None = None, started: float | None = None):
+                 card: dict[str, Any] | None = None, ctx: DistContext | None = None, started: float | None = None,
+                 objective: nn.Module | None = None):
         config.validate()
         self.started = started if started is not None else time.time()  # max_minutes counts from here
         self.cfg, self.train_data, self.val_data = config, train, val
@@ -174,7 +221,9 @@ class Trainer:
         self.model = model.to(self.ctx.device)
         self.model.gradient_checkpointing = config.gradient_checkpointing
         self.amp = autocast_dtype(config.precision, self.ctx.device)
-        self.loss_module = LossModule(self.model)
+        if objective is not None and objective.model is not model:
+            raise ValueError("the objective must wrap the model being trained (as its `model`)")
+        self.loss_module = (objective or LossModule(self.model)).to(self.ctx.device)
         self.trainable = [n for n, p in self.loss_module.named_parameters() if p.requires_grad]
         if not self.trainable:
             raise ValueError("the model has no trainable parameters")
@@ -230,7 +279,8 @@ class Trainer:
             self.step += 1
             rec["elapsed_s"] = round(time.perf_counter() - t0, 3)
             if cfg.eval_every and self.val_data is not None and (self.step % cfg.eval_every == 0 or self.step == cfg.max_steps):
-                rec["val_loss"] = last_val = self.evaluate()
+                rec.update(self._val_record())
+                last_val = rec["val_loss"]
             self._log(rec)
             if bar is not None:
                 bar.update(1)
@@ -244,8 +294,9 @@ class Trainer:
         if bar is not None:
             bar.close()
         if self.val_data is not None and cfg.eval_every and (not self.history or "val_loss" not in self.history[-1]):
-            last_val = self.evaluate()
-            self._log({"step": self.step, "val_loss": last_val})
+            rec = {"step": self.step, **self._val_record()}
+            last_val = rec["val_loss"]
+            self._log(rec)
         final = self.save_checkpoint()
         self.save_final(final)
         return {"step": self.step, "loss": self._last("loss"), "val_loss": last_val, "checkpoint": str(final),
@@ -260,19 +311,22 @@ class Trainer:
         cfg, ctx = self.cfg, self.ctx
         for g in self.optimizer.param_groups:
             g["lr"] = lr_at(self.step, cfg)
+        obj = self.loss_module
         micro = [self.train_data.batch(self._micro_indices(self.step, m)) for m in range(cfg.grad_accum)]
-        n_targets = torch.tensor([float(sum(int(mask[:, 1:].sum()) for _, mask in micro))], device=ctx.device)
+        n_targets = torch.tensor([float(sum(obj.units(b) for b in micro))], device=ctx.device)
         ctx.all_reduce_sum(n_targets)
         denom = max(1.0, float(n_targets.item()))
         loss_sum = torch.zeros((), device=ctx.device)
-        for m, (tokens, mask) in enumerate(micro):
-            tokens, mask = tokens.to(ctx.device), mask.to(ctx.device)
+        sums: dict[str, torch.Tensor] = {}
+        for m, batch in enumerate(micro):
+            batch = tuple(t.to(ctx.device) for t in batch)
             with no_sync(self.wrapped, ctx, last=m == len(micro) - 1), self._autocast():
-                loss = self.wrapped(tokens, mask)
-            # DDP averages gradients over ranks: scale so the result is the global token mean
+                loss, metrics = _split(self.wrapped(*batch))
+            # DDP averages gradients over ranks: scale so the result is the global unit (token, pair) mean
             (loss * (ctx.world_size / denom)).backward()
             loss_sum += loss.detach().float()
-            self.tokens_seen += int(tokens[:, :-1].numel()) * ctx.world_size
+            _accumulate(sums, metrics)
+            self.tokens_seen += obj.n_tokens(batch) * ctx.world_size
         ctx.all_reduce_sum(loss_sum)
         params = [p for p in self.wrapped.parameters() if p.requires_grad]
         norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0 else torch.zeros(())
@@ -280,33 +334,54 @@ class Trainer:
             norm = norm.full_tensor()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return {"step": self.step + 1, "loss": float(loss_sum.item()) / denom, "lr": self.optimizer.param_groups[0]["lr"],
-                "grad_norm": float(norm), "targets": int(denom), "tokens": self.tokens_seen}
+        return {"step": self.step + 1, "loss": float(loss_sum.item()) / denom, **self._means(sums, denom),
+                "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": float(norm), "targets": int(denom),
+                "tokens": self.tokens_seen}
+
+    def _means(self, sums: dict[str, torch.Tensor], denom: float) -> dict[str, float]:
+        """Global means of metric sums (every rank has the same keys: same objective, same batch shape)."""
+        out = {}
+        for k in sorted(sums):
+            out[k] = float(self.ctx.all_reduce_sum(sums[k].detach().double()).item()) / denom
+        return out
+
+    def evaluate(self) -> float:
+        """Mean validation loss (per target token for LM, per pair for preferences)."""
+        return self.evaluate_metrics()["loss"]
+
+    def _val_record(self) -> dict[str, float]:
+        return {f"val_{k}": v for k, v in self.evaluate_metrics().items()}
 
     @torch.no_grad()
-    def evaluate(self) -> float:
-        """Mean target cross-entropy over the first eval_batches * micro_batch_size validation samples.
+    def evaluate_metrics(self) -> dict[str, float]:
+        """Mean loss (and the objective's metrics) over the first eval_batches * micro_batch_size
+        validation samples.
 
         The samples are the same whatever the number of processes; each rank scores every world_size-th.
         """
-        cfg, ctx = self.cfg, self.ctx
+        cfg, ctx, obj = self.cfg, self.ctx, self.loss_module
         self.wrapped.eval()
         n = min(len(self.val_data), cfg.eval_batches * cfg.micro_batch_size)
         mine = list(range(ctx.rank, n, ctx.world_size))
         rounds = -(-len(range(0, n, ctx.world_size)) // cfg.micro_batch_size)  # the same on every rank
         total = torch.zeros(2, device=ctx.device, dtype=torch.float64)
+        sums: dict[str, torch.Tensor] = {}
         for r in range(rounds):
             idx = mine[r * cfg.micro_batch_size:(r + 1) * cfg.micro_batch_size]
-            tokens, mask = self.val_data.batch(idx or [0])
+            batch = self.val_data.batch(idx or [0])
             if not idx:  # keep collective forwards (FSDP) in step; contributes nothing
-                mask = torch.zeros_like(mask)
+                batch = obj.blank(batch)
+            batch = tuple(t.to(ctx.device) for t in batch)
             with self._autocast():
-                loss = self.wrapped(tokens.to(ctx.device), mask.to(ctx.device))
+                loss, metrics = _split(self.wrapped(*batch))
             total[0] += loss.double()
-            total[1] += float(mask[:, 1:].sum())
+            total[1] += obj.units(batch)
+            _accumulate(sums, metrics)
         ctx.all_reduce_sum(total)
         self.wrapped.train()
-        return float(total[0] / total[1]) if total[1] > 0 else float("nan")
+        if total[1] <= 0:
+            return {"loss": float("nan")}
+        return {"loss": float(total[0] / total[1]), **self._means(sums, float(total[1]))}
 
     # ------------------------------------------------------------------ logging
     def _log(self, rec: dict[str, Any]) -> None:
@@ -339,7 +414,7 @@ class Trainer:
         self.history = keep
 
     def plot(self, path: Path) -> Path | None:
-        """Train (and validation) loss against step as a PNG."""
+        """Train (and validation) loss against step as a PNG; one more panel per objective curve."""
         try:
             import matplotlib
             matplotlib.use("Agg")
@@ -347,17 +422,20 @@ class Trainer:
         except ImportError:
             log.warning("matplotlib is not installed: no loss-curve plot")
             return None
-        train = [(r["step"], r["loss"]) for r in self.history if "loss" in r]
-        val = [(r["step"], r["val_loss"]) for r in self.history if "val_loss" in r]
-        fig, ax = plt.subplots(figsize=(7, 4))
-        if train:
-            ax.plot(*zip(*train), label="train", lw=1)
-        if val:
-            ax.plot(*zip(*val), "o-", label="validation", lw=1.5)
-        ax.set_xlabel("step")
-        ax.set_ylabel("loss (nats/token)")
-        ax.grid(alpha=0.3)
-        ax.legend()
+        panels = {"loss": ["loss"], **getattr(self.loss_module, "curves", {})}
+        fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4), squeeze=False)
+        for ax, (title, keys) in zip(axes[0], panels.items()):
+            for key in keys:
+                train = [(r["step"], r[key]) for r in self.history if key in r]
+                val = [(r["step"], r["val_" + key]) for r in self.history if "val_" + key in r]
+                if train:
+                    ax.plot(*zip(*train), label=f"train {key}" if len(keys) > 1 else "train", lw=1)
+                if val:
+                    ax.plot(*zip(*val), "o-", label=f"validation {key}" if len(keys) > 1 else "validation", lw=1.5)
+            ax.set_xlabel("step")
+            ax.set_ylabel(getattr(self.loss_module, "loss_label", "loss (nats/token)") if title == "loss" else title)
+            ax.grid(alpha=0.3)
+            ax.legend()
         fig.tight_layout()
         atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
         plt.close(fig)

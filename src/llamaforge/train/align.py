@@ -1,0 +1,155 @@
+"""`llamaforge align`: preference training on the one trainer — a reward model or DPO.
+
+The pairs are split once by a fixed seed into train and held-out parts (the held-out part is the
+validation set and is never trained on); both sides of each pair are rendered with the model's chat
+format; the objective (``preference.py``) is handed to the same ``Trainer`` as pretraining and
+fine-tuning, so checkpoints, exact resume, logs, curves and model cards come from there.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from ..fileio import atomic_write, load_torch_file
+from ..formats import hf
+from ..lora import LoraConfig, apply_lora, save_adapter_tensors
+from .commands import load_base
+from .configs import AlignConfig
+from .distributed import setup
+from .pairs import PairSource, read_preference_jsonl, render_pairs, split_held_out
+from .preference import DPOObjective, RewardModel, RewardObjective, reference_table
+from .reward import merged_state, write_reward_model
+from .trainer import Trainer
+
+log = logging.getLogger(__name__)
+
+METHODS = ("reward", "dpo")
+NOT_YET = ("rejection-sampling", "ppo")
+REF_FILE = "reference_logps.pt"
+
+
+def align(options: AlignConfig) -> int:
+    """Align a checkpoint on preference pairs: train a reward model (--method reward) or DPO (--method dpo)."""
+    s = run_align(options)
+    acc = s.get("val_accuracy")
+    print(f"step {s['step']}: train loss {s['loss']:.4f}, held-out loss "
+          f"{s['val_loss'] if s['val_loss'] is None else round(s['val_loss'], 4)}, held-out pairwise accuracy "
+          f"{acc if acc is None else round(acc, 4)} -> {s['output']}", file=sys.stderr)
+    return 0
+
+
+def _method_name(opts: AlignConfig) -> str:
+    tune = {"lora": f"LoRA r={opts.lora_r}", "full": "full"}[opts.tune]
+    if opts.method == "reward":
+        return f"align: reward model, pairwise loss -log sigmoid(r_c - r_r - m) ({tune})"
+    extra = f", label smoothing {opts.label_smoothing}" if opts.label_smoothing else ""
+    return f"align: DPO ({opts.loss_type}, beta={opts.beta}{extra}) ({tune})"
+
+
+def run_align(opts: AlignConfig) -> dict:
+    """The align command as a library call; returns the trainer's summary (+ held-out accuracy)."""
+    if opts.method in NOT_YET:
+        raise ValueError(f"--method {opts.method} is not implemented yet (issue #16); available: {', '.join(METHODS)}")
+    if opts.method not in METHODS:
+        raise ValueError(f"method {opts.method!r} is not one of {', '.join(METHODS + NOT_YET)}")
+    if opts.tune not in ("lora", "full"):
+        raise ValueError(f"tune {opts.tune!r} is not one of lora, full")
+    if not opts.data:
+        raise ValueError("no preference data: pass --data FILE.jsonl (or `data:` in the config)")
+    if not opts.output:
+        raise ValueError("no output folder: pass --output DIR (or `output:` in the config)")
+    if opts.reward:
+        log.warning("--reward is not used by --method %s", opts.method)
+    started = time.time()
+    cfg = replace(opts.train, output=str(opts.output),
+                  max_steps=int(opts.max_steps) if opts.max_steps is not None else opts.train.max_steps)
+    ctx = setup(cfg.strategy)
+    pairs = read_preference_jsonl(opts.data, limit=opts.limit)
+    train_p, held_p = split_held_out(pairs, float(opts.held_out), int(opts.split_seed))
+
+    model, ckpt = load_base(opts.model)
+    tok, template = ckpt.tokenizer, ckpt.chat_template or getattr(ckpt.tokenizer, "chat_template", None)
+    seq_len = int(opts.seq_len)
+    if seq_len > model.args.max_seq_len:
+        raise ValueError(f"seq_len {seq_len} exceeds the model's context window {model.args.max_seq_len}")
+    progress = cfg.progress and ctx.is_main
+    rows = render_pairs(train_p, tok, template, seq_len, progress=progress, source=str(opts.data))
+    pad = tok.pad_id if tok.pad_id is not None else (tok.eos_id or 0)
+    train = PairSource(rows, seed=cfg.seed, pad_id=pad)
+    vrows = render_pairs(held_p, tok, template, seq_len, source=f"{opts.data} (held out)") if held_p else None
+    val = PairSource(vrows, shuffle=False, pad_id=pad) if vrows else None
+
+    lora_cfg = None
+    if opts.tune == "lora":
+        lora_cfg = LoraConfig(r=int(opts.lora_r), alpha=float(opts.lora_alpha), dropout=float(opts.lora_dropout),
+                              targets=tuple(opts.lora_targets))
+        torch.manual_seed(cfg.seed)  # LoRA's A init draws from the global RNG: same seed, same run
+        apply_lora(model, lora_cfg)
+    base_name = str(ckpt.path) if ckpt.path else str(opts.model)
+    license = ckpt.license
+
+    if opts.method == "reward":
+        trained = RewardModel(model, seed=cfg.seed)   # the head stays trainable under LoRA (as PEFT's modules_to_save)
+        objective = RewardObjective(trained)
+
+        def export(state: dict[str, torch.Tensor], directory: Path) -> None:
+            inner = {k.removeprefix("model."): v for k, v in state.items()}
+            write_reward_model(directory, model.args, merged_state(inner, lora_cfg.scaling if lora_cfg else None),
+                               tokenizer=tok, chat_template=template, license=license)
+    else:
+        reference = "table" if opts.precompute_ref else ("adapters" if lora_cfg else "copy")
+        trained = model
+        objective = DPOObjective(model, beta=float(opts.beta), loss_type=opts.loss_type,
+                                 label_smoothing=float(opts.label_smoothing), reference=reference)
+        if reference == "table":
+            objective.set_reference_table(_reference(objective, train, Path(opts.output), cfg, progress))
+
+        def export(state: dict[str, torch.Tensor], directory: Path) -> None:
+            if lora_cfg is not None:
+                save_adapter_tensors(state, model.args, lora_cfg, directory, base_model=base_name)
+            else:
+                hf.write(directory, model.args, state, tokenizer=tok, chat_template=template,
+                         metadata={"license": license} if license else None)
+
+    settings = {"method": opts.method, "tune": opts.tune, "seq_len": seq_len, "held_out": opts.held_out,
+                "split_seed": opts.split_seed, "train_pairs": len(train_p), "held_out_pairs": len(held_p),
+                "train_pairs_used": len(rows.rows), "held_out_pairs_used": len(vrows.rows) if vrows else 0,
+                "pairs_left_out_too_long": rows.dropped + (vrows.dropped if vrows else 0)}
+    if opts.method == "dpo":
+        settings.update(beta=opts.beta, loss_type=opts.loss_type, label_smoothing=opts.label_smoothing,
+                        reference={"adapters": "base model (LoRA adapters disabled)", "copy": "frozen copy of the base",
+                                   "table": "base model log-probs computed once"}[objective.reference])
+    if lora_cfg:
+        settings.update(lora_r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
+                        lora_targets=list(lora_cfg.targets))
+    card = dict(produced_by=f"llamaforge align --method {opts.method}", base_model=base_name, args=model.args,
+                method=_method_name(opts), license=license, training_config=settings,
+                data_files=[{"path": str(opts.data), "role": "tune",
+                             "split": f"{1 - opts.held_out:.0%} train / {opts.held_out:.0%} held out "
+                                      f"(seed {opts.split_seed})"}])
+    trainer = Trainer(trained, cfg, train, val, export=export, card=card, ctx=ctx, started=started,
+                      objective=objective)
+    summary = trainer.fit()
+    summary["val_accuracy"] = trainer._last("val_accuracy")
+    ctx.close()
+    return summary
+
+
+def _reference(objective: DPOObjective, source: PairSource, out: Path, cfg, progress: bool) -> torch.Tensor:
+    """The reference log-probs of every training pair: read from output/ when a run saved them, else
+    computed (before any training step, so from the starting model) and saved for a resumed run."""
+    path = out / REF_FILE
+    if path.is_file():
+        table = load_torch_file(path, "reference log-probs")
+        if isinstance(table, torch.Tensor) and tuple(table.shape) == (len(source), 2):
+            return table
+        log.warning("%s does not fit these pairs: computing the reference log-probs again", path)
+    table = reference_table(objective, source, batch_size=cfg.micro_batch_size, progress=progress)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda p: torch.save(table, p))
+    return table
