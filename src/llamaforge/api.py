@@ -1,4 +1,4 @@
-"""The Python entry point: `Llama.load(path)` then `complete`, `chat`, `logits`."""
+"""The Python entry point: `Llama.load(path)` then `complete`, `chat`, `logits`, `embed`."""
 from __future__ import annotations
 
 import logging
@@ -13,6 +13,7 @@ from . import ops
 from .cache import kv_dtype, row_width
 from .chat import encode_chat
 from .config import ModelArgs, torch_dtype
+from .embedding import check_inputs, embed_ids
 from .formats import Checkpoint, load_checkpoint
 from .generate import ContextOverflow, generate, generate_batch
 from .lora import load_adapter
@@ -141,6 +142,22 @@ class Llama:
             raise ContextOverflow(f"{len(ids)} tokens exceed the context window of {self.args.max_seq_len}")
         x = torch.tensor([list(ids)], device=self.model.rope_cos.device)
         return self.model(x)[0].float()
+
+    def embed(self, inputs: str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]], *,
+              budget: int = 2048) -> torch.Tensor:
+        """Float32 [n, D] embeddings: per input, the mean over its tokens of the final normed hidden
+        states, L2-normalised (llamaforge.embedding). A text is tokenized as a prompt is (a BOS
+        only if the tokenizer adds one); a list of ints is one input of token ids. Inputs run
+        together, at most `budget` padded tokens per forward."""
+        seqs = self.embedding_ids(inputs)
+        check_inputs(seqs, self.args.max_seq_len, self.args.vocab_size)
+        return embed_ids(self.model, seqs, budget)
+
+    def embedding_ids(self, inputs: str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]]) -> list[list[int]]:
+        """Token ids of each input of `embed` (a string, strings, a list of ids, or lists of ids)."""
+        if isinstance(inputs, str) or (inputs and isinstance(inputs[0], int)):
+            inputs = [inputs]      # type: ignore[list-item]
+        return [self.encode_prompt(x) for x in inputs]
 
     # -- generation ----------------------------------------------------------------------------
     def encode_prompt(self, prompt: str | Sequence[int], bos: bool | None = None) -> list[int]:

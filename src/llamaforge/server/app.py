@@ -1,9 +1,9 @@
 """`llamaforge serve`: an OpenAI-compatible HTTP server with continuous batching and a web chat page.
 
 Routes (routes.py): GET /v1/models, POST /v1/completions, POST /v1/chat/completions (JSON or SSE
-streaming), GET /health, POST /tokenize, POST /detokenize, GET /metrics (Prometheus text), GET /
-(chat page). Every generation goes through one `Scheduler`, so concurrent requests decode in one
-batched forward. Errors use OpenAI's shape: {"error": {"message", "type", "code", "param"}}.
+streaming), POST /v1/embeddings, GET /health, POST /tokenize, POST /detokenize, GET /metrics
+(Prometheus text), GET / (chat page). Every generation goes through one `Scheduler`, so concurrent
+requests decode in one batched forward; embeddings run on its thread between decode steps. Errors use OpenAI's shape: {"error": {"message", "type", "code", "param"}}.
 """
 from __future__ import annotations
 

@@ -44,6 +44,12 @@ def prometheus(srv: Server) -> str:
            [("", round(st.queue_wait_seconds_total, 6))])
     metric("llamaforge_time_to_first_token_seconds", "summary", "Submission to first generated token.",
            [("_sum", round(st.ttft_seconds_total, 6)), ("_count", st.ttft_count)])
+    metric("llamaforge_embedding_requests_total", "counter", "Embeddings requests answered.",
+           [("", st.embed_requests_total)])
+    metric("llamaforge_embedding_inputs_total", "counter", "Inputs embedded.", [("", st.embed_inputs_total)])
+    metric("llamaforge_embedding_tokens_total", "counter", "Tokens of embedded inputs.", [("", st.embed_tokens_total)])
+    metric("llamaforge_embedding_seconds_total", "counter", "Time in embedding forwards (between decode steps).",
+           [("", round(st.embed_seconds_total, 6))])
     metric("llamaforge_http_errors_total", "counter", "Error responses, by status.",
            [(f'{{status="{k}"}}', v) for k, v in sorted(srv.http_errors.items())] or [('{status="400"}', 0)])
     return "\n".join(lines) + "\n"

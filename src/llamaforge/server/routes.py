@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 from pathlib import Path
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import FileResponse, PlainTextResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 
 from .metrics import prometheus
 from .responses import ChatShape, CompletionShape, EventStream, collect, given, sse_chunks
-from .schemas import APIError, ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, message_text
+from .schemas import (APIError, ChatRequest, CompletionRequest, DetokenizeRequest, EmbeddingRequest, TokenizeRequest,
+                      message_text)
 from .service import Piece, Server, TopLogprobs, generated
 from .structured import StructuredOutputError, grammar_for
 
@@ -161,6 +163,27 @@ async def chat(body: ChatRequest, request: Request, srv: Server = Depends(server
                            lambda: srv.cancel_all(jobs))
     outs = await _collect_all(srv, request, jobs, answers)
     return shape.response([shape.whole(i, *out) for i, out in enumerate(outs)], usage())
+
+
+@router.post("/v1/embeddings")
+async def embeddings(body: EmbeddingRequest, request: Request, srv: Server = Depends(server)):
+    srv.check_model(body.model)
+    dim = srv.llm.args.dim
+    if body.dimensions is not None and body.dimensions != dim:
+        # truncating would only suit models trained for it (Matryoshka): refused, not approximated
+        raise APIError(400, f"dimensions={body.dimensions} is not supported: this model's embeddings have {dim} "
+                            "dimensions (leave dimensions out or set it to that)", param="dimensions")
+    seqs = await srv.embedding_ids(body.input)
+    vecs = await srv.embed(request, seqs)
+    if body.encoding_format == "base64":      # little-endian float32, as OpenAI sends it
+        rows = [base64.b64encode(v.astype("<f4").tobytes()).decode() for v in vecs.numpy()]
+    else:
+        rows = vecs.tolist()
+    n = sum(len(s) for s in seqs)
+    # JSONResponse as is: FastAPI's encoder would walk every float of a large answer in Python
+    return JSONResponse({"object": "list", "model": srv.model_id,
+                         "data": [{"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(rows)],
+                         "usage": {"prompt_tokens": n, "total_tokens": n}})
 
 
 # -- helpers -----------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Continuous batching: one background thread drives a `generate.Batch` for all requests.
 
 Requests wait in a bounded queue; between two decode steps the thread prefills waiting requests
-into free slots, drops the ones whose client went away, then runs one batched step for every
+into free slots, drops the ones whose client went away, runs one bounded chunk of embedding work
+(prefill-only forwards without a KV cache, see `EmbedJob`), then runs one batched step for every
 active sequence. Events go back to each request's asyncio queue on the server's event loop.
 This is the batched form of `llamaforge.generate`, not a second decode loop: `Batch` does the
 prefill, sampling, stop rules and detokenization.
@@ -18,6 +19,7 @@ from typing import AsyncIterator, Callable, Sequence as Seq
 
 import torch
 
+from ..embedding import pool
 from ..generate import Batch, Sequence, TokenEvent, check_prompt
 from ..sampling import SamplingParams
 
@@ -44,6 +46,19 @@ class Job:
     first_token: float | None = None
 
 
+@dataclass(eq=False)
+class EmbedJob:
+    """One embeddings request: inputs pooled a chunk of rows at a time, between decode steps."""
+    seqs: list[list[int]]
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+    order: list[int] = field(default_factory=list)    # input indices, longest first (rows of a chunk pad little)
+    done: int = 0                                     # inputs of `order` already pooled
+    out: torch.Tensor | None = None                   # [n, D], filled chunk by chunk
+    cancelled: bool = False
+    submitted: float = field(default_factory=time.perf_counter)
+
+
 @dataclass
 class Stats:
     """Counters for /metrics (written by the scheduler thread, read by the event loop)."""
@@ -62,13 +77,24 @@ class Stats:
     queue_wait_seconds_total: float = 0.0
     ttft_seconds_total: float = 0.0
     ttft_count: int = 0
+    embed_requests_total: int = 0
+    embed_inputs_total: int = 0
+    embed_tokens_total: int = 0
+    embed_seconds_total: float = 0.0
 
 
 class Scheduler:
-    """Runs every request through one shared `Batch` on a background thread."""
+    """Runs every request through one shared `Batch` on a background thread.
+
+    Embedding chunks hold at most `embed_busy` padded tokens while sequences are decoding (a
+    decode step waits for at most one such forward) and `embed_idle` when none is (bigger
+    forwards, better throughput); an input is never split, so one longer than the budget runs whole,
+    as a generation prompt's prefill does.
+    """
 
     def __init__(self, model, tokenizer, *, max_batch: int = 8, max_seq: int | None = None, max_queue: int = 64,
-                 prefix_reuse: bool = True, threads: int | None = None):
+                 prefix_reuse: bool = True, threads: int | None = None, embed_busy: int = 256,
+                 embed_idle: int = 2048):
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
         if max_queue < 0:
@@ -84,6 +110,9 @@ class Scheduler:
         self.max_batch, self.max_queue = max_batch, max_queue
         self.stats = Stats()
         self._waiting: collections.deque[Job] = collections.deque()
+        self._model = model
+        self._embeds: collections.deque[EmbedJob] = collections.deque()
+        self.embed_busy, self.embed_idle = embed_busy, embed_idle
         self._running: dict[int, Job] = {}    # id(seq) -> job
         self._admitting = 0                   # taken off the queue, being prefilled
         self._cv = threading.Condition()
@@ -176,6 +205,21 @@ class Scheduler:
             self._cv.notify()
         return jobs
 
+    def submit_embed(self, seqs: Seq[Seq[int]]) -> EmbedJob:
+        """Queue an embeddings request (inputs already checked); QueueFull past max_queue waiting ones.
+        Its future gets the [n, D] float32 embeddings."""
+        loop = asyncio.get_running_loop()
+        seqs = [[int(t) for t in s] for s in seqs]
+        job = EmbedJob(seqs, loop, loop.create_future(), sorted(range(len(seqs)), key=lambda i: -len(seqs[i])))
+        with self._cv:
+            if len(self._embeds) >= max(self.max_queue, 1):
+                self.stats.rejected_total += 1
+                raise QueueFull(f"the server is busy: {len(self._embeds)} embeddings requests waiting "
+                                f"(max_queue={self.max_queue}); retry later")
+            self._embeds.append(job)
+            self._cv.notify()
+        return job
+
     def cancel(self, job: Job) -> None:
         """The client went away: a waiting job leaves the queue now, a running one frees its slot
         before the next step."""
@@ -210,7 +254,7 @@ class Scheduler:
             self._drop_cancelled()   # first, so their slots can take waiting requests right away
             self._snapshot()
             with self._cv:
-                while not self._stop and not self._waiting and not self._running:
+                while not self._stop and not self._waiting and not self._running and not self._embeds:
                     self._cv.wait()
                 if self._stop:
                     break
@@ -225,6 +269,8 @@ class Scheduler:
                     self._admit(job)
                     with self._cv:
                         self._admitting -= 1
+                if self._embeds:
+                    self._embed_chunk()
                 if self._running:
                     self._step()
             except Exception as e:  # noqa: BLE001 - one bad step must not kill the server
@@ -269,6 +315,43 @@ class Scheduler:
             return
         self._running[id(seq)] = job
 
+    def _embed_chunk(self) -> None:
+        """Pool the next rows of the oldest embeddings request: as many of its remaining inputs (longest
+        first) as fit the token budget, at least one."""
+        job = self._embeds[0]
+        if job.cancelled or job.future.done():
+            with self._cv:
+                self._embeds.popleft()
+            return
+        t0 = time.perf_counter()
+        budget = self.embed_busy if self._running else self.embed_idle
+        rest = job.order[job.done:]
+        take = rest[:max(1, budget // len(job.seqs[rest[0]]))]
+        try:
+            vecs = pool(self._model, [job.seqs[i] for i in take])
+        except Exception as e:  # noqa: BLE001 - that request fails, the server goes on
+            log.exception("embedding failed")
+            with self._cv:
+                self._embeds.popleft()
+            self.stats.failed_total += 1
+            job.loop.call_soon_threadsafe(_settle, job.future, e)
+            return
+        if job.out is None:
+            job.out = torch.empty(len(job.seqs), vecs.shape[-1])
+        job.out[take] = vecs.cpu()
+        job.done += len(take)
+        self.stats.embed_tokens_total += sum(len(job.seqs[i]) for i in take)
+        self.stats.embed_seconds_total += time.perf_counter() - t0
+        if job.done == len(job.seqs):
+            with self._cv:
+                self._embeds.popleft()
+            self.stats.embed_requests_total += 1
+            self.stats.embed_inputs_total += len(job.seqs)
+            try:
+                job.loop.call_soon_threadsafe(_settle, job.future, job.out)
+            except RuntimeError:   # the event loop is closed: nobody is listening any more
+                pass
+
     def _step(self) -> None:
         t0 = time.perf_counter()
         self.batch.step(emit=self._emit)   # tokens go out before the forward that follows them
@@ -309,8 +392,14 @@ class Scheduler:
         if self._stop:
             with self._cv:
                 waiting, self._waiting = list(self._waiting), collections.deque()
+                embeds, self._embeds = list(self._embeds), collections.deque()
             for job in waiting:
                 self._send(job, err)
+            for e in embeds:
+                try:
+                    e.loop.call_soon_threadsafe(_settle, e.future, err)
+                except RuntimeError:
+                    pass
 
     @staticmethod
     def _send(job: Job, item) -> None:
@@ -336,3 +425,12 @@ class Scheduler:
 def _deliver(items: list[tuple[Job, object]]) -> None:
     for job, item in items:
         job.events.put_nowait(item)
+
+
+def _settle(future: asyncio.Future, result) -> None:
+    """Resolve an embeddings future on its event loop (unless its request was cancelled meanwhile)."""
+    if not future.done():
+        if isinstance(result, BaseException):
+            future.set_exception(result)
+        else:
+            future.set_result(result)

@@ -4,7 +4,7 @@ Errors always take OpenAI's shape, {"error": {"message", "type", "code", "param"
 """
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, PlainValidator, field_validator, model_validator
@@ -135,9 +135,10 @@ class Sampling(_Body):
         return tuple(stop)
 
 
-def _prompt(v: Any) -> Any:
-    """A completions prompt: a string, a list of strings, a list of token ids, or a list of lists of
-    ids. Checked in one pass (pydantic's union would list an error per element of a million ids)."""
+def _prompt(v: Any, name: str = "prompt") -> Any:
+    """A completions prompt (or embeddings input): a string, a list of strings, a list of token ids, or a
+    list of lists of ids. Checked in one pass (pydantic's union would list an error per element of a
+    million ids)."""
     if isinstance(v, str):
         return v
     if isinstance(v, list):
@@ -148,7 +149,7 @@ def _prompt(v: Any) -> Any:
             return v
         if isinstance(first, list) and all(isinstance(x, list) and all(type(t) is int for t in x) for x in v):
             return v
-    raise ValueError("prompt must be a string, a list of strings, a list of token ids or a list of lists of token ids")
+    raise ValueError(f"{name} must be a string, a list of strings, a list of token ids or a list of lists of token ids")
 
 
 class CompletionRequest(Sampling):
@@ -166,6 +167,14 @@ class CompletionRequest(Sampling):
             raise APIError(400, "best_of > n cannot be streamed (the best answers are known only at the end)",
                            param="best_of")
         return self.best_of or self.n
+
+
+class EmbeddingRequest(_Body):
+    input: Annotated[Any, PlainValidator(lambda v: _prompt(v, "input"))]
+    model: str | None = None
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(default=None, ge=1)
+    user: str | None = None           # accepted, not used
 
 
 class ChatRequest(Sampling):

@@ -10,11 +10,16 @@ from typing import Any, AsyncIterator, Sequence
 import torch
 from fastapi import Request
 
+from ..embedding import check_inputs
 from ..generate import ContextOverflow, TokenEvent
 from ..sampling import SamplingParams, choice_seed
 from .scheduler import Job, QueueFull, Scheduler
 from .schemas import APIError, ClientGone, Sampling
 from .structured import Constrainer
+
+
+MAX_EMBED_INPUTS = 2048        # inputs per embeddings request (OpenAI's limit)
+MAX_EMBED_TOKENS = 300_000     # tokens per embeddings request, all inputs together (OpenAI's limit)
 
 
 @dataclass
@@ -219,6 +224,58 @@ class Server:
                     self.scheduler.cancel(job)
                     job.events.put_nowait(ClientGone())
                 return
+
+    # -- embeddings ----------------------------------------------------------------------------
+    async def embedding_ids(self, inputs: Any) -> list[list[int]]:
+        """Token ids of each input of an embeddings request, checked: count, sizes (before tokenizing),
+        context window, vocabulary, total tokens."""
+        if isinstance(inputs, str) or (inputs and type(inputs[0]) is int):
+            inputs = [inputs]
+        if not inputs:
+            raise APIError(400, "input is empty: give a string, a list of strings or token ids", param="input")
+        if len(inputs) > MAX_EMBED_INPUTS:
+            raise APIError(400, f"at most {MAX_EMBED_INPUTS} inputs per request (got {len(inputs)})", param="input")
+        ctx = self.scheduler.max_seq
+        for i, x in enumerate(inputs):
+            if isinstance(x, str):
+                self.check_size(len(x), "input")
+            elif len(x) > ctx:       # before looking at a million ids
+                raise APIError(400, f"input {i} has {len(x)} tokens but the context window is {ctx}",
+                               code="context_length_exceeded", param="input")
+        if sum(len(x) for x in inputs if isinstance(x, str)) > MAX_EMBED_TOKENS * self.max_prompt_chars // ctx:
+            raise APIError(400, f"the inputs hold more text than {MAX_EMBED_TOKENS} tokens can", param="input")
+        seqs = await asyncio.to_thread(self.llm.embedding_ids, inputs)
+        try:
+            check_inputs(seqs, ctx, self.llm.args.vocab_size)
+        except ContextOverflow as e:
+            raise APIError(400, str(e), code="context_length_exceeded", param="input") from e
+        except ValueError as e:
+            raise APIError(400, str(e), param="input") from e
+        total = sum(len(s) for s in seqs)
+        if total > MAX_EMBED_TOKENS:
+            raise APIError(400, f"the inputs have {total} tokens; at most {MAX_EMBED_TOKENS} per request",
+                           param="input")
+        return seqs
+
+    async def embed(self, request: Request, seqs: list[list[int]]) -> torch.Tensor:
+        """[n, D] embeddings computed by the scheduler thread between decode steps; a client that leaves
+        cancels the rest of the work."""
+        try:
+            job = self.scheduler.submit_embed(seqs)
+        except QueueFull as e:
+            raise APIError(429, str(e), type="server_overloaded", code="queue_full",
+                           headers={"Retry-After": "1"}) from e
+
+        async def watch() -> None:
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            job.cancelled = True
+        watcher = asyncio.create_task(watch())
+        try:
+            return await job.future
+        finally:
+            watcher.cancel()
+            job.cancelled = True    # a no-op once done; else the scheduler drops it
 
     def usage(self, prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
