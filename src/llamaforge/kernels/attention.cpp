@@ -64,6 +64,17 @@ inline float value_at(const uint8_t* row, int64_t i) {
 // place: dot with q, or y += a * row. Each computes exactly what dot / axpy compute on the row
 // dequantized to float32 (same products, same order), without writing the float32 row anywhere:
 // a float16 cache then streams half the bytes of a float32 one, a Q8_0 cache 34/128
+#ifdef LF_AVX512
+// values i .. i + 15 of a float16 / Q8_0 row as float32 (d * code for Q8_0, as dequant_row)
+template <int64_t P>
+inline __m512 values16(const uint8_t* row, int64_t i) {
+  if constexpr (P == F16) return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 2 * i)));
+  const uint8_t* b = row + i / 32 * 34;
+  const __m128i c = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 2 + i % 32));
+  return _mm512_mul_ps(_mm512_set1_ps(half_at(b)), _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(c)));
+}
+#endif
+
 template <int64_t P>
 inline float dot_row(const float* q, const uint8_t* row, int64_t Hd) {
   if constexpr (P == 0) {
@@ -73,14 +84,7 @@ inline float dot_row(const float* q, const uint8_t* row, int64_t Hd) {
     __m512 acc = _mm512_setzero_ps();
     int64_t i = 0;
     for (; i + 16 <= Hd; i += 16) {   // Q8_0 rows hold whole blocks (Hd % 32 == 0)
-      __m512 w;
-      if constexpr (P == F16) {
-        w = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 2 * i)));
-      } else {
-        const uint8_t* b = row + i / 32 * 34;
-        const __m128i c = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 2 + i % 32));
-        w = _mm512_mul_ps(_mm512_set1_ps(half_at(b)), _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(c)));
-      }
+      const __m512 w = values16<P>(row, i);
       acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + i), w, acc);
     }
     float s = _mm512_reduce_add_ps(acc);
@@ -103,14 +107,7 @@ inline void axpy_row(float a, const uint8_t* row, float* y, int64_t Hd) {
     const __m512 va = _mm512_set1_ps(a);
     int64_t i = 0;
     for (; i + 16 <= Hd; i += 16) {
-      __m512 w;
-      if constexpr (P == F16) {
-        w = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 2 * i)));
-      } else {
-        const uint8_t* b = row + i / 32 * 34;
-        const __m128i c = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 2 + i % 32));
-        w = _mm512_mul_ps(_mm512_set1_ps(half_at(b)), _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(c)));
-      }
+      const __m512 w = values16<P>(row, i);
       _mm512_storeu_ps(y + i, _mm512_fmadd_ps(va, w, _mm512_loadu_ps(y + i)));
     }
     for (; i < Hd; ++i) y[i] += a * value_at<P>(row, i);
