@@ -125,3 +125,18 @@ def test_embeddings_run_between_the_decode_steps_of_a_stream(server, client, llm
     assert (torch.tensor([d.embedding for d in r.data]) - expected).abs().max() < 1e-5
     assert pieces_then < len(pieces)              # answered while the stream was still going
     assert "".join(pieces) == reference
+
+
+def test_threads_option_sets_the_model_threads(server, llm):  # noqa: F811
+    """`serve --threads N` reaches torch.set_num_threads on the scheduler thread (the one running the
+    model), and /health says what it runs with."""
+    from llamaforge.server.app import serve
+    from llamaforge.server.scheduler import Scheduler
+    assert "threads" in serve.__doc__
+    s = Scheduler(llm.model, llm.tokenizer, max_batch=1, max_seq=16, threads=3)
+    s.start()
+    try:
+        assert s.threads_in_use == 3
+    finally:
+        s.close()
+    assert httpx.get(server.url + "/health").json()["threads"] >= 1

@@ -31,7 +31,7 @@ router = APIRouter()         # /v1/*, /tokenize, /detokenize: behind the API key
 async def health(srv: Server = Depends(server)):
     s = srv.scheduler
     return {"status": "ok", "model": srv.model_id, "running": s.running, "waiting": s.waiting,
-            "max_batch": s.max_batch, "slots": s.slots}
+            "max_batch": s.max_batch, "slots": s.slots, "threads": s.threads_in_use}
 
 
 @open_routes.get("/metrics")

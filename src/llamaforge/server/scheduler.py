@@ -93,7 +93,7 @@ class Scheduler:
     """
 
     def __init__(self, model, tokenizer, *, max_batch: int = 8, max_seq: int | None = None, max_queue: int = 64,
-                 prefix_reuse: bool = True, threads: int | None = None, embed_busy: int = 256,
+                 prefix_reuse: bool = True, threads: int | None = None, embed_busy: int = 128,
                  embed_idle: int = 2048):
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
@@ -102,6 +102,7 @@ class Scheduler:
         if threads is not None and threads < 1:
             raise ValueError("threads must be >= 1")
         self.threads = threads
+        self.threads_in_use: int | None = None
         # the Batch (its KV cache) is made on the scheduler thread, the only one that runs the model
         self._make_batch = lambda: Batch(model, tokenizer, max_batch=max_batch, max_seq=max_seq,
                                          prefix_reuse=prefix_reuse)
@@ -162,6 +163,7 @@ class Scheduler:
         try:
             if self.threads is not None:   # OpenMP's thread count is per thread: set it on this one
                 torch.set_num_threads(self.threads)
+            self.threads_in_use = torch.get_num_threads()   # what the model runs with (/health)
             if self.batch is None:
                 self.batch = self._make_batch()
             ready.append(None)
