@@ -182,7 +182,8 @@ def score(reward: str, data: str, *, output: str | None = None, batch_size: int 
         raise FileNotFoundError(f"{p}: data file not found")
     from .pairs import read_preference_jsonl
     lines = []
-    first = next((ln for ln in _open(p) if ln.strip()), None)
+    with _open(p) as f:
+        first = next((ln for ln in f if ln.strip()), None)
     if first is None:
         raise ValueError(f"{p}: no records")
     try:
@@ -201,13 +202,14 @@ def score(reward: str, data: str, *, output: str | None = None, batch_size: int 
                 lines.append({"chosen": c, "rejected": r, "correct": c > r})
     else:
         convs = []
-        for lineno, line in enumerate(_open(p), 1):
-            if not line.strip():
-                continue
-            try:
-                convs.append(record_to_messages(json.loads(line)))
-            except ValueError as e:
-                raise ValueError(f"{p}:{lineno}: {e}") from None
+        with _open(p) as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    convs.append(record_to_messages(json.loads(line)))
+                except ValueError as e:
+                    raise ValueError(f"{p}:{lineno}: {e}") from None
         lines = [{"score": s} for s in rm.score(convs, batch_size=batch_size)]
     text = "".join(json.dumps(x) + "\n" for x in lines)
     if output:
