@@ -272,3 +272,27 @@ def test_align_cli_refuses_bad_input(tmp_path, capsys):
             code = e.code
         err = capsys.readouterr().err
         assert code == 2 and message in err and "Traceback" not in err, err
+
+
+def test_precomputed_reference_equals_adapters_off(tiny_tokenizer):
+    """--precompute-ref: the table computed once equals the per-step reference (LoRA adapters off),
+    and a full model's table is the model itself before training."""
+    from llamaforge.lora import LoraConfig, apply_lora, lora_modules
+    from llamaforge.train.preference import reference_table
+    rows = render_pairs([record_to_pair(r) for r in _records(5)], tiny_tokenizer, None, 120)
+    src = PairSource(rows, seed=0, pad_id=0)
+    torch.manual_seed(0)
+    model = apply_lora(tiny_model("tiny", 1), LoraConfig(r=4, alpha=8))
+    for m in lora_modules(model).values():
+        torch.nn.init.normal_(m.lora_B, std=0.1)   # adapters that change the output
+    obj = DPOObjective(model, reference="adapters")
+    table = reference_table(obj, src, batch_size=2)
+    tokens, mask, lengths, margin, weight, index = src.batch(list(range(5)))
+    per_step = obj.reference_logps(tokens, mask, index)
+    torch.testing.assert_close(torch.cat([table[index, 0], table[index, 1]]), per_step, atol=1e-5, rtol=0)
+    with torch.no_grad():
+        assert (sequence_logps(model, tokens, mask) - per_step).abs().max() > 1e-3
+    full = tiny_model("tiny", 2)
+    t2 = reference_table(DPOObjective(full, reference="copy"), src, batch_size=5)
+    with torch.no_grad():
+        torch.testing.assert_close(t2[index, 0], sequence_logps(full, tokens, mask)[:5], atol=1e-5, rtol=0)
