@@ -178,7 +178,7 @@ def main() -> int:
         f"Command: `{cmd}`", "",
         f"Model: `{Path(a.model).name}` (its own quantized blocks in both), {a.threads} threads for each "
         f"(`torch.set_num_threads`, `serve --threads`, llama.cpp's `n_threads`/`n_threads_batch`). A batch is "
-        f"{a.batch} different texts of exactly {a.tokens} tokens (the same ids in both tokenizers), embedded in one "
+        f"{a.batch} different texts of exactly {a.tokens} tokens (in both tokenizers, checked), embedded in one "
         "call (llama.cpp: one `create_embedding` with `n_batch` = `n_ubatch` above the batch's tokens, so one decode); "
         "both mean-pool the final normed hidden states (llama.cpp with `pooling_type` MEAN, as its default for "
         "this model is none). The HTTP figure includes the request, base64 answer (the `openai` client's default) "

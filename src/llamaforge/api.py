@@ -144,14 +144,15 @@ class Llama:
         return self.model(x)[0].float()
 
     def embed(self, inputs: str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]], *,
-              budget: int = 2048) -> torch.Tensor:
+              budget: int = 2048, activations: str | None = None) -> torch.Tensor:
         """Float32 [n, D] embeddings: per input, the mean over its tokens of the final normed hidden
         states, L2-normalised (llamaforge.embedding). A text is tokenized as a prompt is (a BOS
         only if the tokenizer adds one); a list of ints is one input of token ids. Inputs run
-        together, at most `budget` padded tokens per forward."""
+        together, at most `budget` padded tokens per forward. activations="int8": a GGUF model's
+        matmuls with 8-bit activations, as llama.cpp (faster; cosine >= 0.999 to the default)."""
         seqs = self.embedding_ids(inputs)
         check_inputs(seqs, self.args.max_seq_len, self.args.vocab_size)
-        return embed_ids(self.model, seqs, budget)
+        return embed_ids(self.model, seqs, budget, activations)
 
     def embedding_ids(self, inputs: str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]]) -> list[list[int]]:
         """Token ids of each input of `embed` (a string, strings, a list of ids, or lists of ids)."""

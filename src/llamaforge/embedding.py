@@ -5,9 +5,15 @@ Shorter rows are padded on the right: attention is causal, so a token never sees
 after it, and the padding's own states are left out of the mean. Rows are grouped by length
 (longest first) so little is padded, and a forward holds at most `budget` row x length tokens
 (a single input longer than that still runs whole: an input is never split).
+
+`activations="int8"` computes a GGUF model's block matmuls with 8-bit activation blocks, as
+llama.cpp does, instead of the model's own choice (float32 for small models such as the bundled
+one, whose prompts then go through dequantize + BLAS): about 2x the inputs/s on the bundled model
+with AVX-512 VNNI, at a cosine of 0.999-0.9999 to the float32 vectors (short inputs move most).
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Sequence
 
 import torch
@@ -43,8 +49,16 @@ def plan(lengths: Sequence[int], budget: int) -> list[list[int]]:
     return chunks
 
 
+def _activations(kind: str | None):
+    """A with-block computing GGUF block matmuls with `kind` activations (None: as the model does)."""
+    if kind is None:
+        return contextlib.nullcontext()
+    from .quant.ggml import using_activations
+    return using_activations(kind)
+
+
 @torch.inference_mode()
-def pool(model, seqs: Sequence[Sequence[int]]) -> torch.Tensor:
+def pool(model, seqs: Sequence[Sequence[int]], activations: str | None = None) -> torch.Tensor:
     """Float32 [len(seqs), D]: one forward over the right-padded rows, mean over each row's tokens, L2-normalised."""
     device = model.rope_cos.device
     lengths = torch.tensor([len(s) for s in seqs], device=device)
@@ -52,7 +66,8 @@ def pool(model, seqs: Sequence[Sequence[int]]) -> torch.Tensor:
     rows = torch.full((len(seqs), width), PAD_ID, dtype=torch.long, device=device)
     for r, s in enumerate(seqs):
         rows[r, :len(s)] = torch.as_tensor(list(s), dtype=torch.long)
-    h = model.hidden(rows).float()                                      # [B, T, D]
+    with _activations(activations):
+        h = model.hidden(rows).float()                                  # [B, T, D]
     if width > int(lengths.min()):
         keep = torch.arange(width, device=device)[None, :] < lengths[:, None]
         h = h * keep[..., None]
@@ -60,9 +75,9 @@ def pool(model, seqs: Sequence[Sequence[int]]) -> torch.Tensor:
     return torch.nn.functional.normalize(mean, dim=-1)
 
 
-def embed_ids(model, seqs: Sequence[Sequence[int]], budget: int = 2048) -> torch.Tensor:
+def embed_ids(model, seqs: Sequence[Sequence[int]], budget: int = 2048, activations: str | None = None) -> torch.Tensor:
     """Float32 [len(seqs), D] embeddings of token-id inputs, in the inputs' order."""
     out = torch.empty(len(seqs), model.args.dim)
     for chunk in plan([len(s) for s in seqs], budget):
-        out[chunk] = pool(model, [seqs[i] for i in chunk]).cpu()
+        out[chunk] = pool(model, [seqs[i] for i in chunk], activations).cpu()
     return out
