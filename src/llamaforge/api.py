@@ -149,7 +149,9 @@ class Llama:
         states, L2-normalised (llamaforge.embedding). A text is tokenized as a prompt is (a BOS
         only if the tokenizer adds one); a list of ints is one input of token ids. Inputs run
         together, at most `budget` padded tokens per forward. activations="int8": a GGUF model's
-        matmuls with 8-bit activations, as llama.cpp (faster; cosine >= 0.999 to the default)."""
+        matmuls with 8-bit activations, as llama.cpp (faster; cosine >= 0.999 to the default). That
+        setting is process-wide for the duration of the call (quant.ggml.using_activations), so do
+        not use it while another thread computes with a GGUF model; the server never does."""
         seqs = self.embedding_ids(inputs)
         check_inputs(seqs, self.args.max_seq_len, self.args.vocab_size)
         return embed_ids(self.model, seqs, budget, activations)
