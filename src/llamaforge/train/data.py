@@ -6,6 +6,7 @@ samples are rendered chat examples (one per row, or packed several to a row).
 """
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 import os
@@ -228,29 +229,39 @@ def record_to_messages(rec: Any) -> list[dict[str, str]]:
                      "'instruction'/'output', 'prompt'/'completion' or 'question'/'answer'")
 
 
-def read_sft_jsonl(path: str | Path, limit: int | None = None) -> list[list[dict[str, str]]]:
-    """All dialogues of a JSONL file; a bad record raises ValueError naming file and line."""
+def read_jsonl(path: str | Path, convert, limit: int | None = None, what: str = "data") -> list:
+    """convert(record) for each record of a JSONL (or .jsonl.gz) file, up to `limit`; a bad record
+    (invalid JSON, or convert's ValueError) raises ValueError naming the file and line."""
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"{p}: data file not found")
-    out = []
-    with open(p, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except ValueError as e:
-                raise ValueError(f"{p}:{lineno}: invalid JSON: {e}") from None
-            try:
-                out.append(record_to_messages(rec))
-            except ValueError as e:
-                raise ValueError(f"{p}:{lineno}: {e}") from None
-            if limit is not None and len(out) >= limit:
-                break
+        raise FileNotFoundError(f"{p}: {what} file not found")
+    opener = gzip.open if p.name.endswith(".gz") else open
+    out: list = []
+    try:
+        with opener(p, "rt", encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except ValueError as e:
+                    raise ValueError(f"{p}:{lineno}: invalid JSON: {e}") from None
+                try:
+                    out.append(convert(rec))
+                except ValueError as e:
+                    raise ValueError(f"{p}:{lineno}: {e}") from None
+                if limit is not None and len(out) >= limit:
+                    break
+    except (OSError, EOFError, UnicodeDecodeError) as e:
+        raise ValueError(f"{p}: cannot read: {e}") from None
     if not out:
         raise ValueError(f"{p}: no records")
     return out
+
+
+def read_sft_jsonl(path: str | Path, limit: int | None = None) -> list[list[dict[str, str]]]:
+    """All dialogues of a JSONL file; a bad record raises ValueError naming file and line."""
+    return read_jsonl(path, record_to_messages, limit)
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:

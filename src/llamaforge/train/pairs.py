@@ -11,8 +11,6 @@ A pair is two conversations that share a prompt and differ in the last assistant
 """
 from __future__ import annotations
 
-import gzip
-import json
 import logging
 import re
 from dataclasses import dataclass
@@ -24,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..chat import ChatFormatError
-from .data import render_example
+from .data import read_jsonl, render_example
 
 log = logging.getLogger(__name__)
 
@@ -105,31 +103,7 @@ def record_to_pair(rec: Any) -> Pair:
 
 def read_preference_jsonl(path: str | Path, limit: int | None = None) -> list[Pair]:
     """All pairs of a JSONL (or .jsonl.gz) file; a bad record raises ValueError naming file and line."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"{p}: preference data file not found")
-    opener = gzip.open if p.name.endswith(".gz") else open
-    out: list[Pair] = []
-    try:
-        with opener(p, "rt", encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except ValueError as e:
-                    raise ValueError(f"{p}:{lineno}: invalid JSON: {e}") from None
-                try:
-                    out.append(record_to_pair(rec))
-                except ValueError as e:
-                    raise ValueError(f"{p}:{lineno}: {e}") from None
-                if limit is not None and len(out) >= limit:
-                    break
-    except (OSError, EOFError, UnicodeDecodeError) as e:
-        raise ValueError(f"{p}: cannot read: {e}") from None
-    if not out:
-        raise ValueError(f"{p}: no records")
-    return out
+    return read_jsonl(path, record_to_pair, limit, what="preference data")
 
 
 def split_held_out(items: Sequence, fraction: float = 0.1, seed: int = 0) -> tuple[list, list]:
