@@ -122,7 +122,7 @@ class Llama:
             tensors = {k: t.to(target) for k, t in ckpt.tensors.items()}
             model = Transformer.empty(args, device=device).load_tensors(tensors).to(device).eval()
         ckpt.tensors = {}  # the model owns the weights now
-        if kv is not None or not hasattr(model, "kv_dtype"):   # else load_packed's choice (float16 for big models)
+        if kv is not None:   # else the loader's default (load_packed: float16 for big models)
             model.kv_dtype = kv   # every cache the model makes (generation, server, evaluation)
         if adapter is not None:
             load_adapter(model, adapter)

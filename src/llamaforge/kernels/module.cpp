@@ -98,15 +98,6 @@ std::vector<torch::Tensor> ggml_matmul(torch::Tensor x, std::vector<torch::Tenso
   const int64_t grain = std::max<int64_t>(tiled ? 1 : 4, (int64_t(1) << 17) / std::max<int64_t>(1, K * M * (tiled ? 16 : 1)));
   at::parallel_for(0, tiled ? unit_start[T] : start[T], grain, [&](int64_t n0, int64_t n1) {
     float buf[256], out[4];
-    // rows m .. m + 3 (or fewer) of y at weight row `row` of matrix j, one weight row at a time
-    auto rows4 = [&](int64_t j, int64_t row, int64_t m) {
-      const int R = int(std::min<int64_t>(4, M - m));
-      const uint8_t* wr = W[j] + row * stride[j];
-      const int64_t N = start[j + 1] - start[j];
-      if (int8) return qdot_range(type, wr, stride[j], 1, xq.data() + m * xs, xs, R, K, Y[j] + m * N + row, N);
-      fdot_rows(type, wr, X + m * K, K, R, K, out, buf);
-      for (int r = 0; r < R; ++r) Y[j][(m + r) * N + row] = out[r];
-    };
     // units fixed by the matrices' shapes (whole tiles, and each matrix's tail of N % 16 rows on
     // the one-row kernel): which kernel computes an output never depends on the thread split
     if (tiled) {
@@ -118,8 +109,9 @@ std::vector<torch::Tensor> ggml_matmul(torch::Tensor x, std::vector<torch::Tenso
           tile16_matmul(type, W[j] + row * stride[j], stride[j], K, xq.data(), xs, M, Y[j] + row, N, scratch.data());
           continue;
         }
-        for (int64_t n = row; n < N; ++n) {
-          for (int64_t m = 0; m < M; m += 4) rows4(j, n, m);
+        for (int64_t m = 0; m < M; m += 4) {
+          qdot_range(type, W[j] + row * stride[j], stride[j], N - row, xq.data() + m * xs, xs,
+                     int(std::min<int64_t>(4, M - m)), K, Y[j] + m * N + row, N);
         }
       }
       return;
@@ -142,13 +134,10 @@ std::vector<torch::Tensor> ggml_matmul(torch::Tensor x, std::vector<torch::Tenso
       for (int64_t n = n0; n < n1; n = std::min(n1, start[++i])) {
         const int64_t row = n - start[i], N = start[i + 1] - start[i], count = std::min(n1, start[i + 1]) - n;
         const uint8_t* w = W[i] + row * stride[i];
-        if (M <= 4) {   // decode: one call per matrix's share of the range
-          qdot_range(type, w, stride[i], count, xq.data(), xs, int(M), K, Y[i] + row, N);
-          continue;
-        }
-        for (int64_t t = 0; t < count; t += NT) {
+        const int64_t group = M <= 4 ? count : NT;   // decode (one group of x rows): one call per share
+        for (int64_t t = 0; t < count; t += group) {
           for (int64_t m = 0; m < M; m += 4) {
-            qdot_range(type, w + t * stride[i], stride[i], std::min(NT, count - t), xq.data() + m * xs, xs,
+            qdot_range(type, w + t * stride[i], stride[i], std::min(group, count - t), xq.data() + m * xs, xs,
                        int(std::min<int64_t>(4, M - m)), K, Y[i] + m * N + row + t, N);
           }
         }
@@ -161,7 +150,10 @@ std::vector<torch::Tensor> ggml_matmul(torch::Tensor x, std::vector<torch::Tenso
         int64_t j = i;
         for (int64_t n = t0; n < t1; ++n) {
           while (n >= start[j + 1]) ++j;
-          rows4(j, n - start[j], m);
+          const int R = int(std::min<int64_t>(4, M - m));
+          const int64_t row = n - start[j], N = start[j + 1] - start[j];
+          fdot_rows(type, W[j] + row * stride[j], X + m * K, K, R, K, out, buf);
+          for (int r = 0; r < R; ++r) Y[j][(m + r) * N + row] = out[r];
         }
       }
       while (t1 < n1 && t1 >= start[i + 1]) ++i;

@@ -135,13 +135,18 @@ class GGMLLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.qtype} blocks{fused}"
 
 
+def _int8(int8_auto: bool) -> bool:
+    """Whether matmuls take 8-bit activations now: the set_activations mode, "auto" per model."""
+    mode = _mode[0]
+    return mode == "int8" or (mode == "auto" and int8_auto)
+
+
 def _matmul(k, x: torch.Tensor, blocks: list[torch.Tensor], type_id: int, in_features: int,
             int8_auto: bool) -> list[torch.Tensor]:
     """x @ W_i^T for each matrix's blocks."""
     xf = x if x.dtype == torch.float32 else x.float()
     rows = xf.numel() // in_features
-    mode = _mode[0]
-    int8 = mode == "int8" or (mode == "auto" and int8_auto)
+    int8 = _int8(int8_auto)
     if rows <= (INT8_MAX_ROWS if int8 else DIRECT_MAX_ROWS):
         ys = k.matmul(xf, blocks, type_id, in_features, int8)
     else:   # dequantize into one scratch matrix (all siblings), one BLAS call
@@ -261,11 +266,10 @@ class _FusedDecode:
                 or x.dtype != torch.float32 or not torch.is_inference_mode_enabled() or not self._unchanged()):
             return self.module_forward(x, rot, mask, cache, pos, slots)
         m0 = self.mods[0]
-        mode = _mode[0]
-        int8 = mode == "int8" or (mode == "auto" and m0.int8_auto)
         new_k, new_v, seen_k, seen_v = cache._views
         i = self.layer_id
-        return m0._k.block_decode(x, self.blocks, self.types, int8, self.params[0]["weight"], self.params[1]["weight"],
+        return m0._k.block_decode(x, self.blocks, self.types, _int8(m0.int8_auto), self.params[0]["weight"],
+                                  self.params[1]["weight"],
                                   self.eps, rot[0], rot[1], [new_k[i], new_v[i], seen_k[i], seen_v[i]])
 
 
