@@ -383,33 +383,41 @@ def build_sft_rows(dialogues: Sequence[list[dict[str, str]]], tokenizer, templat
 class RowSource:
     """A fixed list of (ids, mask) rows, shuffled per epoch (seeded); batches right-padded with mask 0."""
 
-    def __init__(self, rows: Sequence[tuple[np.ndarray, np.ndarray]], *, seed: int = 0, shuffle: bool = True,
-                 pad_id: int = 0):
+    def __init__(self, rows: Sequence, *, seed: int = 0, shuffle: bool = True, pad_id: int = 0,
+                 what: str = "training rows"):
         if not rows:
-            raise ValueError("no training rows")
+            raise ValueError(f"no {what}")
         self.rows, self.seed, self.shuffle, self.pad_id = list(rows), seed, shuffle, pad_id
         self._perm: dict[int, np.ndarray] = {}
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def _row(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def _index(self, k: int) -> int:
+        """The row behind batch position k (k runs on across epochs; each epoch its own permutation)."""
         epoch, i = divmod(k, len(self.rows))
         if not self.shuffle:
-            return self.rows[i]
+            return i
         if epoch not in self._perm:
             self._perm = {epoch: np.random.default_rng([self.seed, epoch]).permutation(len(self.rows))}
-        return self.rows[int(self._perm[epoch][i])]
+        return int(self._perm[epoch][i])
+
+    def _row(self, k: int):
+        return self.rows[self._index(k)]
 
     def batch(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = [self._row(k) for k in indices]
-        width = max(len(ids) for ids, _ in rows)
-        tokens = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.bool)
-        for j, (ids, m) in enumerate(rows):
-            tokens[j, :len(ids)] = torch.from_numpy(ids)
-            mask[j, :len(m)] = torch.from_numpy(m)
-        return tokens, mask
+        return pad_rows([self._row(k) for k in indices], self.pad_id)
+
+
+def pad_rows(rows: Sequence[tuple[np.ndarray, np.ndarray]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens [n, W], mask [n, W]) of (ids, mask) rows, right-padded with pad_id and mask 0."""
+    width = max(len(ids) for ids, _ in rows)
+    tokens = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.bool)
+    for j, (ids, m) in enumerate(rows):
+        tokens[j, :len(ids)] = torch.from_numpy(ids)
+        mask[j, :len(m)] = torch.from_numpy(m)
+    return tokens, mask
 
 
 def split_validation(items: Sequence, val_fraction: float, val_max: int | None, seed: int) -> tuple[list, list]:
@@ -426,5 +434,5 @@ def split_validation(items: Sequence, val_fraction: float, val_max: int | None, 
 
 
 __all__ = ["train_sentencepiece", "load_tokenizer", "pretokenize_files", "TokenShards", "PretrainSource",
-           "record_to_messages", "read_sft_jsonl", "render_example", "build_sft_rows", "RowSource",
+           "record_to_messages", "read_sft_jsonl", "render_example", "build_sft_rows", "RowSource", "pad_rows",
            "split_validation", "SFTExamples"]

@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..chat import ChatFormatError
-from .data import read_jsonl, render_example
+from .data import RowSource, pad_rows, read_jsonl, render_example
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +166,7 @@ def render_pairs(pairs: Sequence[Pair], tokenizer, template: str | None, seq_len
     return PairRows(rows, dropped)
 
 
-class PairSource:
+class PairSource(RowSource):
     """Pairs as batches: (tokens [2B, W], mask [2B, W], lengths [2B], margin [B], weight [B], index [B]).
 
     Rows 0..B-1 are the chosen sides, B..2B-1 the rejected ones (one forward for both, as TRL does);
@@ -175,32 +175,13 @@ class PairSource:
     """
 
     def __init__(self, rows: PairRows | Sequence, *, seed: int = 0, shuffle: bool = True, pad_id: int = 0):
-        self.rows = list(rows.rows if isinstance(rows, PairRows) else rows)
-        if not self.rows:
-            raise ValueError("no preference pairs")
-        self.seed, self.shuffle, self.pad_id = seed, shuffle, pad_id
-        self._perm: dict[int, np.ndarray] = {}
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def _index(self, k: int) -> int:
-        epoch, i = divmod(k, len(self.rows))
-        if not self.shuffle:
-            return i
-        if epoch not in self._perm:
-            self._perm = {epoch: np.random.default_rng([self.seed, epoch]).permutation(len(self.rows))}
-        return int(self._perm[epoch][i])
+        super().__init__(rows.rows if isinstance(rows, PairRows) else rows, seed=seed, shuffle=shuffle,
+                         pad_id=pad_id, what="preference pairs")
 
     def batch(self, indices: Sequence[int]) -> tuple[torch.Tensor, ...]:
         picked = [self._index(k) for k in indices]
         sides = [(self.rows[j][0], self.rows[j][1]) for j in picked] + [(self.rows[j][2], self.rows[j][3]) for j in picked]
-        width = max(len(ids) for ids, _ in sides)
-        tokens = torch.full((len(sides), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(sides), width), dtype=torch.bool)
-        for r, (ids, m) in enumerate(sides):
-            tokens[r, :len(ids)] = torch.from_numpy(ids)
-            mask[r, :len(m)] = torch.from_numpy(m)
+        tokens, mask = pad_rows(sides, self.pad_id)
         lengths = torch.tensor([len(ids) for ids, _ in sides], dtype=torch.long)
         margin = torch.tensor([self.rows[j][4] for j in picked], dtype=torch.float32)
         return tokens, mask, lengths, margin, torch.ones(len(picked)), torch.tensor(picked, dtype=torch.long)
