@@ -12,6 +12,13 @@
    tokens of the batch.
 
     .venv/bin/python bench/bench_align.py [--threads 1 --steps 30 --batch 8 --lr 2e-4 --seq 256 --dpo-batch 4 --reps 5]
+
+3. Rejection sampling (`--rejection`, on its own): a reward model (`--reward DIR`, else one trained here for
+   --steps steps), then `align --method rejection-sampling --sample-only` on the first --rs-prompts train
+   prompts with --k answers each: mean reward of the best of K vs the policy's single sample, and the
+   sampling time. Printed only (docs/alignment.md records the figures by hand).
+
+    .venv/bin/python bench/bench_align.py --rejection [--steps 4 --batch 4 --rs-prompts 8 --k 4 --max-new 48]
 """
 from __future__ import annotations
 
@@ -147,6 +154,44 @@ def _rendered_len(pair, ck) -> int:
     return max(len(render_example(ck.tokenizer, m, ck.chat_template)[0]) for m in (pair.chosen, pair.rejected))
 
 
+def rejection(base: Path, tmp: Path, a) -> int:
+    """Best-of-K vs one sample on the bundled policy (sample only), with a reward model trained here or given."""
+    from llamaforge.options import build
+    from llamaforge.train.align import run_align
+    from llamaforge.train.configs import AlignConfig
+    rm = Path(a.reward) if a.reward else tmp / "rm"
+    rm_line = f"reward model {a.reward}"
+    if not a.reward:
+        r = reward_ours(base, rm, a)
+        rm_line = (f"reward model trained here: {a.steps} steps of {a.batch} pairs, lr {a.lr:g}, LoRA r=16 "
+                   f"(held-out pairwise accuracy {r['accuracy']:.3f}, {r['total_s']:.0f} s)")
+        print(rm_line, flush=True)
+    opts = build(AlignConfig, None, {
+        "method": "rejection-sampling", "model": str(base), "data": str(HH), "output": str(tmp / "rs"),
+        "reward": str(rm), "seq_len": a.seq + a.max_new, "k": a.k, "temperature": a.temperature,
+        "max_new_tokens": a.max_new, "gen_batch": a.gen_batch, "num_prompts": a.rs_prompts, "sample_only": True,
+        "train.progress": False})
+    t = time.perf_counter()
+    s = run_align(opts)
+    secs = time.perf_counter() - t
+    body = ["## Rejection sampling (`bench/bench_align.py --rejection`)", "",
+            f"SmolLM2-135M-Instruct (bundled GGUF dequantized to float32) as the policy; {rm_line}; the first "
+            f"{s['records']} HH-RLHF harmless-base train-split prompts (up to {a.seq} tokens), {a.k} answers each "
+            f"(temperature {a.temperature:g}, up to {a.max_new} new tokens, {a.gen_batch} sequences per batch), "
+            f"{a.threads} torch thread(s).", "",
+            "| answer kept | mean reward |", "|---|---|",
+            f"| best of {a.k} | **{s['mean_reward_best_of_k']:.4f}** |",
+            f"| single sample (the first of each {a.k}) | {s['mean_reward_single_sample']:.4f} |",
+            f"| mean over all samples | {s['mean_reward_all_samples']:.4f} |", "",
+            f"Gain of best-of-{a.k} over one sample: {s['gain_over_single_sample']:+.4f}; sampling and scoring took "
+            f"{secs:.0f} s ({secs / max(1, s['records']):.1f} s per prompt, {a.k} answers each).", "", machine_line(), "",
+            f"Command: `.venv/bin/python bench/bench_align.py --rejection --threads {a.threads} --steps {a.steps} "
+            f"--batch {a.batch} --lr {a.lr:g} --seq {a.seq} --rs-prompts {a.rs_prompts} --k {a.k} --max-new {a.max_new}"
+            f"{' --reward ' + a.reward if a.reward else ''}`"]
+    print("\n".join(body))
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=30)
@@ -160,6 +205,13 @@ def main() -> int:
     ap.add_argument("--skip-reward", action="store_true")
     ap.add_argument("--held-limit", type=int, default=None, help="score only the first N held-out pairs with TRL (smoke runs)")
     ap.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
+    ap.add_argument("--rejection", action="store_true", help="run the rejection-sampling benchmark (only)")
+    ap.add_argument("--reward", default=None, help="--rejection: reward model folder (default: train one for --steps)")
+    ap.add_argument("--rs-prompts", type=int, default=8, help="--rejection: train prompts to sample for")
+    ap.add_argument("--k", type=int, default=4, help="--rejection: answers per prompt")
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--max-new", type=int, default=48, help="--rejection: longest answer in tokens")
+    ap.add_argument("--gen-batch", type=int, default=16, help="--rejection: sequences decoded together")
     a = ap.parse_args()
     if not HH.is_file():
         sys.exit(f"{HH} not found")
@@ -174,6 +226,8 @@ def main() -> int:
         model, ck = load_base(None)
         hf.write(tmp / "base", model.args, dict(model.state_dict()), tokenizer=ck.tokenizer, chat_template=ck.chat_template)
         del model
+        if a.rejection:
+            return rejection(tmp / "base", tmp, a)
         rm = None
         if not a.skip_reward:
             ours = reward_ours(tmp / "base", tmp / "ours_rm", a)

@@ -28,14 +28,22 @@ from .trainer import Trainer
 
 log = logging.getLogger(__name__)
 
-METHODS = ("reward", "dpo")
-NOT_YET = ("rejection-sampling", "ppo")
+METHODS = ("reward", "dpo", "rejection-sampling")
+NOT_YET = ("ppo",)
 REF_FILE = "reference_logps.pt"
 
 
 def align(options: AlignConfig) -> int:
-    """Align a checkpoint on preference pairs: train a reward model (--method reward) or DPO (--method dpo)."""
+    """Align a checkpoint: a reward model (--method reward), DPO (--method dpo) or rejection sampling
+    (--method rejection-sampling: best of K by --reward, then fine-tuning on the kept answers)."""
     s = run_align(options)
+    if options.method == "rejection-sampling":   # its best-of-K report line is printed already
+        if s.get("loss") is not None:
+            val = s["val_loss"]
+            print(f"step {s['step']}: fine-tuning loss {s['loss']:.4f}, validation loss (held-out samples) "
+                  f"{val if val is None else round(val, 4)} -> {s['output']}", file=sys.stderr)
+        print(f"samples -> {s['samples']}", file=sys.stderr)
+        return 0
     acc = s.get("val_accuracy")
     print(f"step {s['step']}: train loss {s['loss']:.4f}, held-out loss "
           f"{s['val_loss'] if s['val_loss'] is None else round(s['val_loss'], 4)}, held-out pairwise accuracy "
@@ -63,6 +71,9 @@ def run_align(opts: AlignConfig) -> dict:
         raise ValueError("no preference data: pass --data FILE.jsonl (or `data:` in the config)")
     if not opts.output:
         raise ValueError("no output folder: pass --output DIR (or `output:` in the config)")
+    if opts.method == "rejection-sampling":
+        from .rejection import run_rejection
+        return run_rejection(opts)
     if opts.reward:
         log.warning("--reward is not used by --method %s", opts.method)
     started = time.time()

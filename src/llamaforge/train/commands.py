@@ -157,8 +157,12 @@ def load_base(path: str | None, *, dtype: str = "float32"):
     return model, ckpt
 
 
-def run_finetune(opts: FinetuneConfig) -> dict:
-    """The finetune command as a library call; returns the trainer's summary."""
+def run_finetune(opts: FinetuneConfig, *, card_update: dict | None = None) -> dict:
+    """The finetune command as a library call; returns the trainer's summary.
+
+    card_update: model-card keys set by a caller that made the data (rejection sampling);
+    its training_config is added to the fine-tuning settings.
+    """
     if not opts.data:
         raise ValueError("no training data: pass --data FILE.jsonl (or `data:` in the config)")
     if not opts.output:
@@ -216,6 +220,8 @@ def run_finetune(opts: FinetuneConfig) -> dict:
                                  **({"lora_r": lora_cfg.r, "lora_alpha": lora_cfg.alpha,
                                      "lora_dropout": lora_cfg.dropout, "lora_targets": list(lora_cfg.targets)}
                                     if lora_cfg else {})})
+    for key, value in (card_update or {}).items():
+        card[key] = {**card[key], **value} if key == "training_config" else value
     trainer = Trainer(model, cfg, train, val, export=export, card=card, ctx=ctx, started=started)
     summary = trainer.fit()
     ctx.close()

@@ -80,9 +80,9 @@ class FinetuneConfig:
 
 @dataclass
 class AlignConfig:
-    """Aligning a checkpoint on preference pairs: a reward model (`reward`) or DPO (`dpo`).
+    """Aligning a checkpoint: a reward model (`reward`), DPO (`dpo`) or rejection-sampling fine-tuning.
 
-    method: reward (a scalar-head reward model) or dpo; rejection-sampling and ppo are not implemented yet
+    method: reward (a scalar-head reward model), dpo, or rejection-sampling (best of K by --reward, then SFT); ppo is not implemented yet
     model: base checkpoint (Meta/HF folder or .gguf, dequantized to float32); bundled SmolLM2 when omitted
     data: preference JSONL(.gz): {"prompt" or "messages", "chosen", "rejected", optional "margin"}, or HH-RLHF transcripts
     output: run folder; holds the final model (reward: HF LlamaForSequenceClassification; dpo: adapter or HF model)
@@ -97,6 +97,17 @@ class AlignConfig:
     loss_type: DPO loss: sigmoid (DPO) or ipo
     label_smoothing: DPO label smoothing ε (conservative DPO; 0 = plain)
     precompute_ref: DPO: compute the reference log-probs once before training (else per step)
+    k: rejection sampling: answers sampled per prompt (per turn with ghost_attention); the reward model keeps the best
+    temperature: rejection sampling: sampling temperature
+    top_p: rejection sampling: nucleus sampling threshold (1: off)
+    max_new_tokens: rejection sampling: longest sampled answer in tokens
+    sample_seed: rejection sampling: seed of every answer's sampler (with the prompt and sample number)
+    gen_batch: rejection sampling: sequences decoded together (prompts per batch = gen_batch // k)
+    num_prompts: rejection sampling: use only the first N prompts of the train split
+    sample_only: rejection sampling: write OUTPUT/samples.jsonl and stop (no fine-tuning)
+    ghost_attention: rejection sampling: build Ghost Attention multi-turn data (instruction on every user turn while sampling, kept on the first only; loss on the last reply only)
+    gatt_turns: ghost attention: user turns per dialogue (dialogues with fewer than 2 are left out)
+    gatt_instructions: ghost attention: instructions to attach (default: rejection.GATT_INSTRUCTIONS)
     """
     method: Literal["reward", "dpo", "rejection-sampling", "ppo"] = "dpo"
     model: str | None = path_field()
@@ -117,6 +128,17 @@ class AlignConfig:
     loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
     label_smoothing: float = 0.0
     precompute_ref: bool = False
+    k: int = 4
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 128
+    sample_seed: int = 0
+    gen_batch: int = 16
+    num_prompts: int | None = None
+    sample_only: bool = False
+    ghost_attention: bool = False
+    gatt_turns: int = 3
+    gatt_instructions: list[str] | None = None
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         max_steps=200, micro_batch_size=4, grad_accum=2, lr=5e-5, warmup_steps=10, weight_decay=0.0,
         eval_every=50, eval_batches=64, save_every=100))

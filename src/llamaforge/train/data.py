@@ -216,7 +216,14 @@ def record_to_messages(rec: Any) -> list[dict[str, str]]:
                 raise ValueError(f"messages[{i}] must be {{'role': str, 'content': str}}")
         if not any(m["role"] == "assistant" for m in msgs):
             raise ValueError("the dialogue has no assistant message to learn from")
-        return [{"role": m["role"], "content": m["content"]} for m in msgs]
+        out = []
+        for i, m in enumerate(msgs):
+            out.append({"role": m["role"], "content": m["content"]})
+            if "weight" in m:  # OpenAI's fine-tuning convention: weight 0 = no loss on this reply
+                if m["role"] != "assistant" or m["weight"] not in (0, 1) or isinstance(m["weight"], float):
+                    raise ValueError(f"messages[{i}]: 'weight' must be 0 or 1 and only on assistant messages")
+                out[-1]["weight"] = int(m["weight"])
+        return out
     if "instruction" in rec:
         inp = text("input", required=False)
         user = text("instruction") + (f"\n\n{inp}" if inp.strip() else "")
@@ -277,8 +284,11 @@ def render_example(tokenizer, messages: list[dict[str, str]], template: str | No
     """Token ids of a dialogue in the model's chat format and a mask that is 1 on assistant tokens.
 
     Templates are rendered per turn: the text before each assistant reply (with the generation
-    prompt) is context, the reply up to the template's end-of-turn marker is a target.
+    prompt) is context, the reply up to the template's end-of-turn marker is a target. An assistant
+    message with ``"weight": 0`` is context too (Ghost Attention's earlier turns).
     """
+    # per assistant reply, in order: is it a target (validate_messages drops the extra key)
+    targets = [int(m.get("weight", 1)) for m in messages if isinstance(m, dict) and m.get("role") == "assistant"]
     if template is None:
         template = getattr(tokenizer, "chat_template", None)
     llama2 = template is None or is_llama2_template(template)
@@ -292,13 +302,13 @@ def render_example(tokenizer, messages: list[dict[str, str]], template: str | No
         if msgs[0]["role"] == "system":
             msgs = [{"role": "user", "content": B_SYS + msgs[0]["content"] + E_SYS + msgs[1]["content"]}] + msgs[2:]
         ids, mask = [], []
-        for user, answer in zip(msgs[::2], msgs[1::2]):
+        for user, answer, target in zip(msgs[::2], msgs[1::2], targets):
             prompt = tokenizer.encode(f"{B_INST} {user['content'].strip()} {E_INST}", bos=True)
             full = tokenizer.encode(f"{B_INST} {user['content'].strip()} {E_INST} {answer['content'].strip()} ",
                                     bos=True, eos=True)
             n = _common_prefix(prompt, full)
             ids += full
-            mask += [0] * n + [1] * (len(full) - n)
+            mask += [0] * n + [target] * (len(full) - n)
         return ids, mask
 
     control = [t for t in _control_texts(tokenizer) if any(t in m["content"] for m in msgs)]
@@ -328,8 +338,8 @@ def render_example(tokenizer, messages: list[dict[str, str]], template: str | No
     if add_bos:
         ids.append(tokenizer.bos_id)
         mask.append(0)
-    for start, end in cuts:
-        for text, target in ((full[pos:start], 0), (full[start:end], 1)):
+    for (start, end), reply in zip(cuts, targets):
+        for text, target in ((full[pos:start], 0), (full[start:end], reply)):
             if text:
                 piece = tokenizer.encode(text, special=True)
                 ids += piece
