@@ -167,7 +167,7 @@ def test_invalid_sampling_values_are_refused(server, client):
                         ({"logit_bias": {"99999999": 1}}, ["logit_bias", "99999999"]),
                         ({"logit_bias": {"5": 101}}, ["logit_bias", "100"]),
                         ({"logit_bias": {str(i): 1 for i in range(301)}}, ["logit_bias", "300"]),
-                        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, ["tools"]),
+                        ({"functions": [{"name": "f"}]}, ["functions", "tools"]),
                         ({"user": 5}, ["user"])):
         _error(httpx.post(chat, json={**m, **body}, headers=auth), *words)
     for body, words in (({"n": 2, "best_of": 1}, ["best_of", "n"]),

@@ -16,6 +16,7 @@ from typing import Mapping, Sequence
 
 import jinja2
 import jinja2.ext
+import jinja2.meta
 from jinja2.runtime import markup_join, str_join
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -26,6 +27,7 @@ __all__ = [
     "render_template",
     "LLAMA2_TEMPLATE",
     "is_llama2_template",
+    "supports_tools",
     "B_INST",
     "E_INST",
     "B_SYS",
@@ -36,6 +38,7 @@ B_INST, E_INST = "[INST]", "[/INST]"
 B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
 SPECIAL_TAGS = (B_INST, E_INST, "<<SYS>>", "<</SYS>>")
 ROLES = ("system", "user", "assistant")
+TOOL_KEYS = ("tool_calls", "tool_call_id", "name")   # message fields a tool-calling template may read
 
 # The chat template of Meta's Llama-2-*-chat-hf tokenizer_config.json, byte for byte.
 LLAMA2_TEMPLATE = (
@@ -286,7 +289,7 @@ _ENV: ImmutableSandboxedEnvironment | None = None
 _CACHE: dict[str, jinja2.Template] = {}
 
 
-def _compile(template: str) -> jinja2.Template:
+def _env() -> ImmutableSandboxedEnvironment:
     global _ENV
     if _ENV is None:
         env = _StrictSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
@@ -294,9 +297,13 @@ def _compile(template: str) -> jinja2.Template:
         env.filters = {name: _bounded_filter(name, f) for name, f in env.filters.items()}
         env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now, namespace=_Namespace)
         _ENV = env
+    return _ENV
+
+
+def _compile(template: str) -> jinja2.Template:
     compiled = _CACHE.get(template)
     if compiled is None:
-        compiled = _ENV.from_string(template)
+        compiled = _env().from_string(template)
         names = compiled.root_render_func.__globals__  # the namespace the template's code runs in
         names["str_join"], names["markup_join"] = _bounded_join(str_join), _bounded_join(markup_join)
         if len(_CACHE) > 32:
@@ -352,11 +359,47 @@ def _token_text(tokenizer, i) -> str | None:
     return None if i is None else tokenizer.id_to_piece(i)
 
 
-def encode_chat(tokenizer, messages, template: str | None = None, add_generation_prompt: bool = True) -> list[int]:
+@functools.lru_cache(maxsize=8)
+def supports_tools(template: str | None) -> bool:
+    """Whether a Jinja chat template renders tools: it reads the `tools` variable (Llama 2's does not)."""
+    if not isinstance(template, str) or not template or len(template) > MAX_TEMPLATE_CHARS \
+            or is_llama2_template(template):
+        return False
+    try:
+        return "tools" in jinja2.meta.find_undeclared_variables(_env().parse(template))
+    except jinja2.exceptions.TemplateError:
+        return False
+
+
+def _tool_messages(messages) -> list[dict]:
+    """A dialogue for a tool-calling template: the roles of validate_messages and "tool"; tool_calls,
+    tool_call_id and name kept (the caller checked their shape); an assistant turn with tool calls
+    may have no content."""
+    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence) or not messages:
+        return validate_messages(messages, llama2=False)     # its error
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, Mapping):
+            raise ChatFormatError(f"message {i} must be a dict with 'role' and 'content', got {type(m).__name__}")
+        plain = {k: v for k, v in m.items() if k not in TOOL_KEYS and k != "role"}
+        if m.get("role") == "tool" or (m.get("role") == "assistant" and m.get("tool_calls")):
+            plain["content"] = plain.get("content") or ""
+            plain["role"] = "user"                      # checked as a user turn would be
+        else:
+            plain["role"] = m.get("role")
+        checked = validate_messages([plain], llama2=False)[0]
+        out.append({**checked, "role": m["role"], **{k: m[k] for k in TOOL_KEYS if k in m}})
+    return out
+
+
+def encode_chat(tokenizer, messages, template: str | None = None, add_generation_prompt: bool = True,
+                tools: list | None = None) -> list[int]:
     """Token ids of a dialogue, ready for generation (or, with add_generation_prompt=False, for training).
 
     Llama 2 (a sentencepiece tokenizer without another template, or the Llama 2 template) goes through
     Meta's reference encoding; any other template is rendered and encoded with its control tokens parsed.
+    A template that supports tools (`supports_tools`) also takes "tool" turns, assistant turns with
+    tool_calls, and `tools` (OpenAI's list of {"type": "function", "function": {...}}).
     """
     if template is None:
         template = getattr(tokenizer, "chat_template", None)
@@ -367,15 +410,24 @@ def encode_chat(tokenizer, messages, template: str | None = None, add_generation
     if is_llama2_template(template):
         return _encode_llama2(tokenizer, messages, add_generation_prompt)
 
-    msgs = validate_messages(messages, llama2=False)
+    with_tools = supports_tools(template)
+    if tools and not with_tools:
+        raise ChatFormatError("this chat template does not render tools")
+    msgs = _tool_messages(messages) if with_tools else validate_messages(messages, llama2=False)
     # The rendered text is encoded with special=True, so control-token text inside a message would
-    # become a real control token (e.g. a user closing their own turn with <|im_end|>).
-    control = [t for t in _control_texts(tokenizer) if any(t in m["content"] for m in msgs)]
+    # become a real control token (e.g. a user closing their own turn with <|im_end|>); tool
+    # definitions and calls are rendered too
+    texts = [m["content"] for m in msgs] + [json.dumps([m.get(k) for k in TOOL_KEYS], ensure_ascii=False)
+                                            for m in msgs if any(k in m for k in TOOL_KEYS)]
+    if tools:
+        texts.append(json.dumps(tools, ensure_ascii=False))
+    control = [t for t in _control_texts(tokenizer) if any(t in x for x in texts)]
     if control:
         raise ChatFormatError(f"message content contains control token text {', '.join(map(repr, control))}")
     bos_text = _token_text(tokenizer, tokenizer.bos_id)
     eos_text = _token_text(tokenizer, tokenizer.eos_id)
-    text = render_template(template, msgs, bos_text, eos_text, add_generation_prompt=add_generation_prompt)
+    extra = {"tools": tools} if tools else {}
+    text = render_template(template, msgs, bos_text, eos_text, add_generation_prompt=add_generation_prompt, **extra)
     add_bos = bool(tokenizer.add_bos and tokenizer.bos_id is not None
                    and not (bos_text and text.startswith(bos_text)))
     return tokenizer.encode(text, bos=add_bos, eos=False, special=True)

@@ -15,6 +15,7 @@ from typing import Any, AsyncIterator, Callable
 from fastapi.responses import StreamingResponse
 
 from .service import Piece
+from .tools import ToolCallParser, merge_calls
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,21 @@ async def given(*pieces: Piece) -> AsyncIterator[Piece]:
         yield p
 
 
+async def tool_pieces(pieces: AsyncIterator[Piece]) -> AsyncIterator[Piece]:
+    """An answer's Pieces with its tool calls split out (Piece.tool_calls); a finished answer that
+    made calls ends with finish_reason "tool_calls"."""
+    parser = ToolCallParser()
+    async for p in pieces:
+        text, calls = parser.feed(p.text)
+        reason = p.finish_reason
+        if reason:
+            text += parser.finish()
+            if reason == "stop" and parser.called:
+                reason = "tool_calls"
+        if text or calls or p.token or reason:
+            yield Piece(text, reason, p.token, calls or None)
+
+
 class Shape:
     """How one endpoint words an answer: the response head, a streamed choice, a whole choice."""
     prefix = object_name = chunk_name = ""
@@ -70,7 +86,8 @@ class Shape:
     def delta(self, index: int, piece: Piece) -> dict[str, Any]:
         raise NotImplementedError
 
-    def whole(self, index: int, text: str, tokens: list[dict[str, Any]], reason: str) -> dict[str, Any]:
+    def whole(self, index: int, text: str, tokens: list[dict[str, Any]], reason: str,
+              calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         raise NotImplementedError
 
 
@@ -82,12 +99,19 @@ class ChatShape(Shape):
                  "finish_reason": None}]
 
     def delta(self, index: int, piece: Piece) -> dict[str, Any]:
-        return {"index": index, "delta": {"content": piece.text} if piece.text else {},
-                "logprobs": {"content": [piece.token]} if piece.token else None, "finish_reason": piece.finish_reason}
+        delta: dict[str, Any] = {"content": piece.text} if piece.text else {}
+        if piece.tool_calls:
+            delta["tool_calls"] = piece.tool_calls
+        return {"index": index, "delta": delta, "logprobs": {"content": [piece.token]} if piece.token else None,
+                "finish_reason": piece.finish_reason}
 
-    def whole(self, index: int, text: str, tokens: list[dict[str, Any]], reason: str) -> dict[str, Any]:
-        return {"index": index, "message": {"role": "assistant", "content": text},
-                "logprobs": {"content": tokens} if self.logprobs else None, "finish_reason": reason}
+    def whole(self, index: int, text: str, tokens: list[dict[str, Any]], reason: str,
+              calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": "assistant", "content": text}
+        if calls:                           # OpenAI: content null when the answer is only calls
+            message = {"role": "assistant", "content": text or None, "tool_calls": calls}
+        return {"index": index, "message": message, "logprobs": {"content": tokens} if self.logprobs else None,
+                "finish_reason": reason}
 
 
 class CompletionShape(Shape):
@@ -109,7 +133,8 @@ class CompletionShape(Shape):
             self._offset[index] = self._offset.get(index, 0) + len(piece.token["token"])
         return {"index": index, "text": piece.text, "logprobs": lp, "finish_reason": piece.finish_reason}
 
-    def whole(self, index: int, text: str, tokens: list[dict[str, Any]], reason: str) -> dict[str, Any]:
+    def whole(self, index: int, text: str, tokens: list[dict[str, Any]], reason: str,
+              calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         return {"index": index, "text": (self.echo[index] if self.echo else "") + text,
                 "logprobs": self._logprobs(tokens, 0) if self.logprobs else None, "finish_reason": reason}
 
@@ -177,12 +202,13 @@ async def sse_chunks(shape: Shape, answers: list[AsyncIterator[Piece]],
     yield DONE
 
 
-async def collect(pieces: AsyncIterator[Piece]) -> tuple[str, list[dict[str, Any]], str]:
-    """A whole answer: its text, its tokens' logprob entries, its finish reason."""
-    texts, tokens, reason = [], [], "length"
+async def collect(pieces: AsyncIterator[Piece]) -> tuple[str, list[dict[str, Any]], str, list[dict[str, Any]]]:
+    """A whole answer: its text, its tokens' logprob entries, its finish reason, its tool calls."""
+    texts, tokens, reason, deltas = [], [], "length", []
     async for piece in pieces:
         texts.append(piece.text)
         if piece.token is not None:
             tokens.append(piece.token)
+        deltas += piece.tool_calls or ()
         reason = piece.finish_reason or reason
-    return "".join(texts), tokens, reason
+    return "".join(texts), tokens, reason, merge_calls(deltas)

@@ -9,11 +9,12 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 
 from .metrics import prometheus
-from .responses import ChatShape, CompletionShape, EventStream, collect, given, sse_chunks
+from .responses import ChatShape, CompletionShape, EventStream, collect, given, sse_chunks, tool_pieces
 from .schemas import (APIError, ChatRequest, CompletionRequest, DetokenizeRequest, EmbeddingRequest, TokenizeRequest,
                       message_text)
 from .service import Piece, Server, TopLogprobs, generated
-from .structured import StructuredOutputError, grammar_for
+from .structured import StructuredOutputError, response_schema, schema_grammar
+from .tools import check_history, grammar as tool_grammar, plan
 
 WEB = Path(__file__).parent / "web"
 
@@ -125,20 +126,22 @@ async def completions(body: CompletionRequest, request: Request, srv: Server = D
 async def chat(body: ChatRequest, request: Request, srv: Server = Depends(server)):
     srv.check_model(body.model)
     srv.check_choices(body, body.n)
+    tools = await asyncio.to_thread(plan, body.tools, body.tool_choice, body.parallel_tool_calls)
+    calling = tools is not None and tools.active       # the answer may hold tool calls
+    check_history(body.messages)
     messages = [message_text(m) for m in body.messages]
-    ids = await srv.encode_chat(messages)
-    processor = None
+    ids = await srv.encode_chat(messages, tools)
     try:
-        grammar = await asyncio.to_thread(grammar_for, body.response_format)
-        if grammar is not None:
-            processor = await asyncio.to_thread(srv.constrainer.processor, grammar)
+        schema = response_schema(body.response_format)
+        if calling:
+            grammar = await asyncio.to_thread(tool_grammar, tools, schema)
+        else:
+            grammar = None if schema is None else await asyncio.to_thread(schema_grammar, schema)
+        # a grammar's matcher follows one answer: one per choice
+        processors = [None if grammar is None else await asyncio.to_thread(srv.constrainer.processor, grammar)
+                      for _ in range(body.n)]
     except StructuredOutputError as e:
         raise APIError(400, str(e), param="response_format") from e
-    if processor is not None:     # a grammar's matcher follows one answer: one per choice
-        processors = [processor] + [await asyncio.to_thread(srv.constrainer.processor, grammar)
-                                    for _ in range(body.n - 1)]
-    else:
-        processors = [None] * body.n
     tops = [TopLogprobs(body.top_logprobs, srv.tok, p) if body.logprobs and body.top_logprobs else None
             for p in processors]
     params = srv.sampling(body, body.max_completion_tokens if body.max_completion_tokens is not None
@@ -155,6 +158,8 @@ async def chat(body: ChatRequest, request: Request, srv: Server = Depends(server
         jobs = srv.submit_all([(ids, p, top or proc)
                                for p, top, proc in zip(srv.per_choice(params, body.n), tops, processors)])
         answers = [srv.pieces(job, top, body.logprobs, messages) for job, top in zip(jobs, tops)]
+        if calling:
+            answers = [tool_pieces(a) for a in answers]
 
     def usage() -> dict[str, int]:    # the prompt once, every choice's answer
         return srv.usage(len(ids), sum(generated(j) for j in jobs))

@@ -17,9 +17,9 @@ MAX_N = 16                  # choices per request (n, best_of); the server's --m
 MAX_LOGIT_BIAS = 300        # logit_bias entries (OpenAI's limit)
 # OpenAI fields that would change the answer and that this server does not implement: refused when
 # set rather than ignored like other unknown fields (a client would take the answer for what it asked)
-UNSUPPORTED = {"suffix": "insertion (suffix) is not supported",
-               "tools": "tool calling (tools) is not supported",
-               "functions": "function calling (functions) is not supported"}
+UNSUPPORTED = {"suffix": "insertion (suffix) is not supported by this server",
+               "functions": "the legacy functions field is not supported: send tools instead",
+               "function_call": "the legacy function_call field is not supported: send tool_choice instead"}
 
 
 class APIError(Exception):
@@ -124,7 +124,7 @@ class Sampling(_Body):
         """Refuse the UNSUPPORTED fields when set (other unknown fields are ignored)."""
         for name, why in UNSUPPORTED.items():
             if (self.model_extra or {}).get(name) not in (None, "", [], {}):
-                raise APIError(400, f"{why} by this server; leave {name} out", param=name)
+                raise APIError(400, f"{why}; leave {name} out", param=name)
 
     def stop_strings(self) -> tuple[str, ...]:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -183,6 +183,9 @@ class ChatRequest(Sampling):
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     response_format: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None          # checked by tools.plan
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool = True
 
     @model_validator(mode="after")
     def _top_needs_logprobs(self):
@@ -207,6 +210,8 @@ class DetokenizeRequest(_Body):
 def message_text(m: dict[str, Any]) -> dict[str, Any]:
     """A chat message with list-of-parts content flattened to text (only text parts are understood)."""
     content = m.get("content")
+    if content is None and m.get("role") == "assistant" and m.get("tool_calls"):
+        return {**m, "content": ""}         # a turn of tool calls only
     if isinstance(content, list):
         texts = []
         for part in content:

@@ -3,6 +3,7 @@ answer as a sequence of `Piece`s (the same for both endpoints, streamed or not).
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from dataclasses import dataclass, replace
 from typing import Any, AsyncIterator, Sequence
@@ -16,6 +17,7 @@ from ..sampling import SamplingParams, choice_seed
 from .scheduler import Job, QueueFull, Scheduler
 from .schemas import APIError, ClientGone, Sampling
 from .structured import Constrainer
+from .tools import ToolPlan, encode as encode_tools
 
 
 MAX_EMBED_INPUTS = 2048        # inputs per embeddings request (OpenAI's limit)
@@ -28,6 +30,7 @@ class Piece:
     text: str
     finish_reason: str | None = None
     token: dict[str, Any] | None = None   # {"token", "logprob", "bytes", "top_logprobs": [...]}
+    tool_calls: list[dict[str, Any]] | None = None   # OpenAI's tool-call deltas (tools.py)
 
 
 class TopLogprobs:
@@ -94,11 +97,14 @@ class Server:
         self.check_size(len(text), param)
         return await asyncio.to_thread(self.tok.encode, text, bos=bos)
 
-    async def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
-        """Token ids of a conversation through the model's template, rendered on a worker thread."""
-        self.check_size(sum(len(m["content"]) for m in messages), "messages")
+    async def encode_chat(self, messages: list[dict[str, Any]], tools: ToolPlan | None = None) -> list[int]:
+        """Token ids of a conversation (with its tools) through the model's template, rendered on a
+        worker thread."""
+        calls = [json.dumps(m.get("tool_calls")) for m in messages if m.get("tool_calls")]
+        self.check_size(sum(len(m["content"]) for m in messages) + sum(map(len, calls))
+                        + (len(json.dumps(tools.tools)) if tools is not None else 0), "messages")
         try:
-            return await asyncio.to_thread(self.llm.encode_chat, messages)
+            return await asyncio.to_thread(encode_tools, self.llm, messages, tools)
         except ContextOverflow as e:
             raise APIError(400, str(e), code="context_length_exceeded", param="messages") from e
         except (ValueError, TypeError, KeyError, RecursionError) as e:   # ChatFormatError is a ValueError

@@ -31,8 +31,8 @@ def _llguidance():
     return llguidance
 
 
-def grammar_for(response_format: dict[str, Any] | None) -> str | None:
-    """The llguidance grammar for an OpenAI response_format, or None for plain text."""
+def response_schema(response_format: dict[str, Any] | None) -> Any:
+    """The JSON schema an OpenAI response_format asks for, or None for plain text."""
     if not response_format:
         return None
     if not isinstance(response_format, dict):
@@ -41,29 +41,52 @@ def grammar_for(response_format: dict[str, Any] | None) -> str | None:
     if kind in (None, "text"):
         return None
     if kind == "json_object":
-        schema: Any = {"type": "object"}
-    elif kind == "json_schema":
+        return {"type": "object"}
+    if kind == "json_schema":
         spec = response_format.get("json_schema")
         if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), (dict, bool)):
             raise StructuredOutputError("response_format json_schema needs {\"json_schema\": {\"name\": ..., \"schema\": {...}}}")
-        schema = spec.get("schema", {})
-    else:
-        raise StructuredOutputError(f"response_format type {kind!r} is not one of text, json_object, json_schema")
+        return spec.get("schema", {})
+    raise StructuredOutputError(f"response_format type {kind!r} is not one of text, json_object, json_schema")
+
+
+def grammar_for(response_format: dict[str, Any] | None) -> str | None:
+    """The llguidance grammar for an OpenAI response_format, or None for plain text."""
+    schema = response_schema(response_format)
+    return None if schema is None else schema_grammar(schema)
+
+
+def schema_grammar(schema: Any, what: str = "the JSON schema") -> str:
+    """The llguidance grammar of a JSON schema (checked: size, syntax, what llguidance supports)."""
     try:
         text = json.dumps(schema)
-    except (RecursionError, ValueError) as e:
-        raise StructuredOutputError(f"the JSON schema cannot be read: {e}") from e
+    except (RecursionError, ValueError, TypeError) as e:
+        raise StructuredOutputError(f"{what} cannot be read: {e}") from e
     if len(text) > MAX_SCHEMA_CHARS:
-        raise StructuredOutputError(f"the JSON schema has {len(text)} characters; at most {MAX_SCHEMA_CHARS}")
+        raise StructuredOutputError(f"{what} has {len(text)} characters; at most {MAX_SCHEMA_CHARS}")
     ll = _llguidance()
     try:
         # compact separators: a small model given free whitespace tends to emit newlines forever
         grammar = ll.LLMatcher.grammar_from_json_schema(text, defaults={"whitespace_flexible": False})
     except Exception as e:  # noqa: BLE001 - the library's message names the problem
-        raise StructuredOutputError(f"invalid JSON schema: {e}") from e
-    err = ll.LLMatcher.validate_grammar(grammar)
+        raise StructuredOutputError(f"{what} is not a valid JSON schema: {e}") from e
+    return check_grammar(grammar, f"{what} is not a valid JSON schema")
+
+
+def lark_grammar(lark: str, what: str) -> str:
+    """An llguidance grammar from Lark text (checked)."""
+    try:
+        grammar = _llguidance().LLMatcher.grammar_from_lark(lark)
+    except Exception as e:  # noqa: BLE001 - the library's message names the problem
+        raise StructuredOutputError(f"{what} is not valid: {e}") from e
+    return check_grammar(grammar, f"{what} is not valid")
+
+
+def check_grammar(grammar: str, failure: str) -> str:
+    """The grammar, if llguidance accepts it; else StructuredOutputError(failure: why)."""
+    err = _llguidance().LLMatcher.validate_grammar(grammar)
     if err and not err.startswith("WARNING"):
-        raise StructuredOutputError(f"invalid JSON schema: {err}")
+        raise StructuredOutputError(f"{failure}: {err}")
     return grammar
 
 
