@@ -261,7 +261,7 @@ def _reward_folder_round_trip(folder: Path):
 def test_align_cli_refuses_bad_input(tmp_path, capsys):
     bad = _jsonl(tmp_path / "bad.jsonl", [{"prompt": "a", "chosen": "b"}])
     out = ["--output", str(tmp_path / "o")]
-    cases = [(["--method", "ppo", "--data", str(bad)], "--method ppo is not implemented yet"),
+    cases = [(["--method", "ppo", "--data", str(bad)], "--method ppo needs a reward model"),
              (["--method", "dpo", "--data", str(bad)], "bad.jsonl:1: missing field(s) 'rejected'"),
              (["--data", str(tmp_path / "none.jsonl")], "none.jsonl: preference data file not found"),
              (["--data", str(bad), "--beta", "x"], "invalid float value")]

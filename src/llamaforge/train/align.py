@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -18,18 +17,17 @@ import torch
 from ..fileio import atomic_write, load_torch_file
 from ..formats import hf
 from ..lora import LoraConfig, apply_lora, save_adapter_tensors
-from .commands import load_base
+from .align_inputs import split_and_base, train_config
 from .configs import AlignConfig
 from .distributed import setup
-from .pairs import PairSource, read_preference_jsonl, render_pairs, split_held_out
+from .pairs import PairSource, render_pairs
 from .preference import DPOObjective, RewardModel, RewardObjective, reference_table
 from .reward import merged_state, write_reward_model
 from .trainer import Trainer
 
 log = logging.getLogger(__name__)
 
-METHODS = ("reward", "dpo", "rejection-sampling")
-NOT_YET = ("ppo",)
+METHODS = ("reward", "dpo", "rejection-sampling", "ppo")
 REF_FILE = "reference_logps.pt"
 
 
@@ -43,6 +41,10 @@ def align(options: AlignConfig) -> int:
             print(f"step {s['step']}: fine-tuning loss {s['loss']:.4f}, validation loss (held-out samples) "
                   f"{val if val is None else round(val, 4)} -> {s['output']}", file=sys.stderr)
         print(f"samples -> {s['samples']}", file=sys.stderr)
+        return 0
+    if options.method == "ppo":
+        print(f"step {s['step']}: loss {s['loss']:.4f}, mean reward of the last rollout {s['score']:.4f}, "
+              f"KL(policy || reference) per answer {s['kl']:.4f} -> {s['output']}", file=sys.stderr)
         return 0
     acc = s.get("val_accuracy")
     print(f"step {s['step']}: train loss {s['loss']:.4f}, held-out loss "
@@ -61,10 +63,8 @@ def _method_name(opts: AlignConfig) -> str:
 
 def run_align(opts: AlignConfig) -> dict:
     """The align command as a library call; returns the trainer's summary (+ held-out accuracy)."""
-    if opts.method in NOT_YET:
-        raise ValueError(f"--method {opts.method} is not implemented yet (issue #16); available: {', '.join(METHODS)}")
     if opts.method not in METHODS:
-        raise ValueError(f"method {opts.method!r} is not one of {', '.join(METHODS + NOT_YET)}")
+        raise ValueError(f"method {opts.method!r} is not one of {', '.join(METHODS)}")
     if opts.tune not in ("lora", "full"):
         raise ValueError(f"tune {opts.tune!r} is not one of lora, full")
     if not opts.data:
@@ -74,20 +74,16 @@ def run_align(opts: AlignConfig) -> dict:
     if opts.method == "rejection-sampling":
         from .rejection import run_rejection
         return run_rejection(opts)
+    if opts.method == "ppo":
+        from .ppo import run_ppo
+        return run_ppo(opts)
     if opts.reward:
         log.warning("--reward is not used by --method %s", opts.method)
     started = time.time()
-    cfg = replace(opts.train, output=str(opts.output),
-                  max_steps=int(opts.max_steps) if opts.max_steps is not None else opts.train.max_steps)
+    cfg = train_config(opts)
     ctx = setup(cfg.strategy)
-    pairs = read_preference_jsonl(opts.data, limit=opts.limit)
-    train_p, held_p = split_held_out(pairs, float(opts.held_out), int(opts.split_seed))
-
-    model, ckpt = load_base(opts.model)
-    tok, template = ckpt.tokenizer, ckpt.chat_template or getattr(ckpt.tokenizer, "chat_template", None)
-    seq_len = int(opts.seq_len)
-    if seq_len > model.args.max_seq_len:
-        raise ValueError(f"seq_len {seq_len} exceeds the model's context window {model.args.max_seq_len}")
+    train_p, held_p, model, ckpt, template, seq_len = split_and_base(opts)
+    tok = ckpt.tokenizer
     progress = cfg.progress and ctx.is_main
     rows = render_pairs(train_p, tok, template, seq_len, progress=progress, source=str(opts.data))
     pad = tok.pad_id if tok.pad_id is not None else (tok.eos_id or 0)

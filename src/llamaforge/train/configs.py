@@ -80,9 +80,9 @@ class FinetuneConfig:
 
 @dataclass
 class AlignConfig:
-    """Aligning a checkpoint: a reward model (`reward`), DPO (`dpo`) or rejection-sampling fine-tuning.
+    """Aligning a checkpoint: a reward model (`reward`), DPO (`dpo`), rejection-sampling fine-tuning or PPO.
 
-    method: reward (a scalar-head reward model), dpo, or rejection-sampling (best of K by --reward, then SFT); ppo is not implemented yet
+    method: reward (a scalar-head reward model), dpo, rejection-sampling (best of K by --reward, then SFT) or ppo (LoRA policy against --reward)
     model: base checkpoint (Meta/HF folder or .gguf, dequantized to float32); bundled SmolLM2 when omitted
     data: preference JSONL(.gz): {"prompt" or "messages", "chosen", "rejected", optional "margin"}, or HH-RLHF transcripts
     output: run folder; holds the final model (reward: HF LlamaForSequenceClassification; dpo: adapter or HF model)
@@ -98,16 +98,22 @@ class AlignConfig:
     label_smoothing: DPO label smoothing ε (conservative DPO; 0 = plain)
     precompute_ref: DPO: compute the reference log-probs once before training (else per step)
     k: rejection sampling: answers sampled per prompt (per turn with ghost_attention); the reward model keeps the best
-    temperature: rejection sampling: sampling temperature
+    temperature: rejection sampling and ppo: sampling temperature
     top_p: rejection sampling: nucleus sampling threshold (1: off)
-    max_new_tokens: rejection sampling: longest sampled answer in tokens
+    max_new_tokens: rejection sampling and ppo: longest sampled answer in tokens
     sample_seed: rejection sampling: seed of every answer's sampler (with the prompt and sample number)
     gen_batch: rejection sampling: sequences decoded together (prompts per batch = gen_batch // k)
-    num_prompts: rejection sampling: use only the first N prompts of the train split
+    num_prompts: rejection sampling and ppo: use only the first N prompts of the train split
     sample_only: rejection sampling: write OUTPUT/samples.jsonl and stop (no fine-tuning)
     ghost_attention: rejection sampling: build Ghost Attention multi-turn data (instruction on every user turn while sampling, kept on the first only; loss on the last reply only)
     gatt_turns: ghost attention: user turns per dialogue (dialogues with fewer than 2 are left out)
     gatt_instructions: ghost attention: instructions to attach (default: rejection.GATT_INSTRUCTIONS)
+    kl_coef: ppo: β of the reward's KL penalty, score - β·(log π - log π_ref) per token
+    ppo_epochs: ppo: optimiser steps on each rollout (a rollout is one global batch of prompts)
+    gamma: ppo: GAE discount
+    lam: ppo: GAE λ
+    cliprange: ppo: ε of the clipped ratio (and of the value clipping)
+    vf_coef: ppo: weight of the value loss
     """
     method: Literal["reward", "dpo", "rejection-sampling", "ppo"] = "dpo"
     model: str | None = path_field()
@@ -139,6 +145,12 @@ class AlignConfig:
     ghost_attention: bool = False
     gatt_turns: int = 3
     gatt_instructions: list[str] | None = None
+    kl_coef: float = 0.05
+    ppo_epochs: int = 2
+    gamma: float = 1.0
+    lam: float = 0.95
+    cliprange: float = 0.2
+    vf_coef: float = 0.1
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         max_steps=200, micro_batch_size=4, grad_accum=2, lr=5e-5, warmup_steps=10, weight_decay=0.0,
         eval_every=50, eval_batches=64, save_every=100))

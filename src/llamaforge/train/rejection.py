@@ -22,7 +22,7 @@ import hashlib
 import json
 import logging
 import os
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -102,26 +102,28 @@ class Policy:
             return False
 
     @torch.inference_mode()
-    def answers(self, contexts: Sequence[list[dict[str, str]]], keys: Sequence[tuple[int, ...]]) -> list[list[str]]:
-        """K sampled answers for each context (a conversation ending with a user turn); keys[i]
-        seeds context i's samples. One Batch with prefix reuse: a prompt's K copies share its prefill."""
+    def generate(self, ids: Sequence[list[int]], seeds: Sequence[int]) -> list:
+        """One sampled generation.Sequence per (prompt ids, seed), all decoded in one Batch with prefix
+        reuse (copies of one prompt share its prefill)."""
         s = self.s
-        ids = [self.prompt_ids(c) for c in contexts]
         need = max(len(p) for p in ids) + s.max_new_tokens
-        batch = Batch(self.model, self.tok, max_batch=len(ids) * s.k, max_seq=min(need, self.max_seq),
-                      prefix_reuse=True)
-        seqs = []
-        for p, key in zip(ids, keys):
-            for j in range(s.k):
-                params = SamplingParams(max_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
-                                        seed=sample_seed(s.seed, *key, j))
-                seqs.append(batch.add(p, params))
+        batch = Batch(self.model, self.tok, max_batch=len(ids), max_seq=min(need, self.max_seq), prefix_reuse=True)
+        seqs = [batch.add(p, SamplingParams(max_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
+                                            seed=seed)) for p, seed in zip(ids, seeds)]
         while any(not q.finish_reason for q in seqs):
             for _, ev in batch.step():
                 if ev.error is not None:
                     raise ev.error
-        texts = [q.stream.text.strip() for q in seqs]
-        return [texts[i * s.k:(i + 1) * s.k] for i in range(len(ids))]
+        return seqs
+
+    def answers(self, contexts: Sequence[list[dict[str, str]]], keys: Sequence[tuple[int, ...]]) -> list[list[str]]:
+        """K sampled answers for each context (a conversation ending with a user turn); keys[i]
+        seeds context i's samples."""
+        k = self.s.k
+        ids = [self.prompt_ids(c) for c in contexts for _ in range(k)]
+        seeds = [sample_seed(self.s.seed, *key, j) for key in keys for j in range(k)]
+        texts = [q.stream.text.strip() for q in self.generate(ids, seeds)]
+        return [texts[i * k:(i + 1) * k] for i in range(len(contexts))]
 
 
 Scorer = Callable[[list[list[dict[str, str]]]], list[float]]
@@ -263,10 +265,6 @@ def summarise(records: Sequence[dict], ghost: bool) -> dict:
             "best_is_first_sample": float(np.mean([int(np.argmax(rec["rewards"])) == 0 for rec in records]))}
 
 
-def settings_dict(s: SampleSettings) -> dict:
-    return asdict(s)
-
-
 # ---------------------------------------------------------------- the align method
 
 def train_prompts(pairs, policy: Policy) -> tuple[list[tuple[int, list[dict[str, str]]]], int]:
@@ -318,9 +316,9 @@ def run_rejection(opts) -> dict:
     split's prompts into OUTPUT/samples.jsonl, then fine-tune on it with `finetune` (unless sample_only)."""
     import gc
     from ..cards import sha256_file, write_model_card
-    from .commands import load_base, run_finetune
+    from .align_inputs import split_and_base, train_config
+    from .commands import run_finetune
     from .configs import FinetuneConfig
-    from .pairs import read_preference_jsonl, split_held_out
     from .reward import Reward
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -336,13 +334,7 @@ def run_rejection(opts) -> dict:
     if opts.reward and not Path(opts.reward).is_dir():
         raise FileNotFoundError(f"{opts.reward}: reward model folder not found")
     out = Path(opts.output)
-    pairs = read_preference_jsonl(opts.data, limit=opts.limit)
-    train_p, held_p = split_held_out(pairs, float(opts.held_out), int(opts.split_seed))
-    model, ckpt = load_base(opts.model)
-    template = ckpt.chat_template or getattr(ckpt.tokenizer, "chat_template", None)
-    seq_len = int(opts.seq_len)
-    if seq_len > model.args.max_seq_len:
-        raise ValueError(f"seq_len {seq_len} exceeds the model's context window {model.args.max_seq_len}")
+    train_p, held_p, model, ckpt, template, seq_len = split_and_base(opts)
     policy = Policy(model, ckpt.tokenizer, template, settings, max_seq=seq_len)
     if opts.ghost_attention:
         items, too_long = gatt_dialogues(train_p, policy, int(opts.gatt_turns), instructions)
@@ -393,9 +385,7 @@ def run_rejection(opts) -> dict:
     gc.collect()
     ft = FinetuneConfig(model=opts.model, data=str(samples), method=opts.tune, output=str(out), seq_len=seq_len,
                         lora_r=opts.lora_r, lora_alpha=opts.lora_alpha, lora_dropout=opts.lora_dropout,
-                        lora_targets=list(opts.lora_targets),
-                        train=replace(opts.train, max_steps=int(opts.max_steps) if opts.max_steps is not None
-                                      else opts.train.max_steps))
+                        lora_targets=list(opts.lora_targets), train=train_config(opts))
     summary = run_finetune(ft, card_update={**card, "data_files": data_files + [{"path": str(samples), "role": "tune"}],
                                             "training_config": {"rejection_sampling": run}})
     return {**summary, **stats, "samples": str(samples)}
