@@ -23,6 +23,7 @@ from .quant import KINDS, quantize_model
 from .quant.repack import load_packed
 from .safety.license import notice_once
 from .sampling import SamplingParams
+from .speculative import PromptLookup, as_lookup
 
 log = logging.getLogger(__name__)
 
@@ -173,16 +174,22 @@ class Llama:
         return encode_chat(self.tokenizer, messages, self.chat_template)
 
     def complete(self, prompt: str | Sequence[int], *, stream: bool = False, echo: bool = False,
-                 **sampling: Any) -> Completion | Iterator[str]:
-        """Continue a prompt. Sampling options are SamplingParams fields (max_tokens, temperature, ...)."""
+                 lookup: int | PromptLookup | None = None, **sampling: Any) -> Completion | Iterator[str]:
+        """Continue a prompt. Sampling options are SamplingParams fields (max_tokens, temperature, ...).
+
+        lookup: speculative decoding by prompt lookup, k draft tokens per forward (or a PromptLookup,
+        whose stats count drafts); the output is the same, faster when it repeats the prompt.
+        """
         ids = self.encode_prompt(prompt)
         params = SamplingParams(**sampling)
         prefix = (prompt if isinstance(prompt, str) else self.tokenizer.decode(ids)) if echo else ""
-        return self._run(ids, params, stream, prefix)
+        return self._run(ids, params, stream, prefix, lookup)
 
-    def chat(self, messages: Sequence[dict[str, Any]], *, stream: bool = False, **sampling: Any) -> Completion | Iterator[str]:
-        """Answer the last user message with the model's chat format (Llama 2 [INST], or its Jinja template)."""
-        return self._run(self.encode_chat(messages), SamplingParams(**sampling), stream, "")
+    def chat(self, messages: Sequence[dict[str, Any]], *, stream: bool = False,
+             lookup: int | PromptLookup | None = None, **sampling: Any) -> Completion | Iterator[str]:
+        """Answer the last user message with the model's chat format (Llama 2 [INST], or its Jinja
+        template); lookup as in `complete`."""
+        return self._run(self.encode_chat(messages), SamplingParams(**sampling), stream, "", lookup)
 
     def complete_batch(self, prompts: Sequence[str | Sequence[int]], **sampling: Any) -> list[Completion]:
         """Several prompts decoded together in one batch."""
@@ -192,10 +199,12 @@ class Llama:
         return [Completion(s.stream.text if s.stream else "", list(s.out), s.finish_reason or "length", len(s.prompt),
                            s.logprobs if params.logprobs else None) for s in seqs]
 
-    def _run(self, ids: list[int], params: SamplingParams, stream: bool, prefix: str):
+    def _run(self, ids: list[int], params: SamplingParams, stream: bool, prefix: str,
+             lookup: int | PromptLookup | None = None):
+        lookup = as_lookup(lookup)   # a bad value fails here, not at the first streamed piece
         if len(ids) >= self.args.max_seq_len:
             raise ContextOverflow(f"the prompt has {len(ids)} tokens but the context window is {self.args.max_seq_len}")
-        events = generate(self.model, ids, params, self.tokenizer)
+        events = generate(self.model, ids, params, self.tokenizer, lookup=lookup)
         if stream:
             return self._stream(events, prefix)
         out, lps, pieces, reason = [], [], [prefix], "length"

@@ -13,6 +13,7 @@ from typing import Callable, Iterator, Sequence as Seq
 import torch
 
 from .sampling import SamplingParams, make_generator, sample
+from .speculative import PromptLookup, as_lookup, decode_with_lookup
 
 
 class ContextOverflow(ValueError):
@@ -294,7 +295,7 @@ class Batch:
         events = []
         for seq, tid in zip(live, self._greedy_ids(live)):
             try:
-                ev = self._advance(seq, tid)
+                ev = self.advance(seq, tid)
             except Exception as e:  # noqa: BLE001 - a row's failure ends that row only
                 seq.finish_reason, seq.next_logits = "error", None
                 ev = TokenEvent(-1, "", None, "error", e)
@@ -335,7 +336,36 @@ class Batch:
                 ids[i] = int(torch.argmax(live[i].next_logits))
         return ids
 
-    def _advance(self, seq: Sequence, tid: int | None = None) -> TokenEvent:
+    @torch.inference_mode()
+    def forward_rows(self, seq: Sequence, ids: list[int]) -> torch.Tensor:
+        """Feed ids at seq's next positions; float32 logits [len(ids), V], row i for the token after ids[i].
+
+        Each id is a one-token row of its own over seq's slot (rows see their own earlier keys through
+        the mask), so every row computes what a one-token decode step at its position computes; one
+        row is a plain decode step. Speculative decoding's verify forward; see `rollback`.
+        """
+        T = len(ids)
+        toks = torch.tensor(ids, device=self.device).view(T, 1)
+        pos = torch.arange(seq.fed, seq.fed + T, device=self.device).view(T, 1)
+        slots = torch.full((T,), seq.slot, device=self.device)
+        logits = self.model(toks, pos, self.cache, slots, last_only=True)[:, -1]
+        seq.fed += T
+        self._last = None     # these rows are not a batch step's: _greedy_ids must not read them
+        return logits
+
+    def rollback(self, seq: Sequence, fed: int) -> None:
+        """Keep only seq's first `fed` cached positions (drop a rejected draft's keys and values).
+
+        A slot's valid length is seq.fed alone: the cache attends positions up to each row's own, and
+        the next forward writes over the dropped ones, so nothing in the cache needs erasing.
+        """
+        if not 0 <= fed <= seq.fed:
+            raise ValueError(f"cannot roll back to {fed} cached positions: {seq.fed} are cached")
+        seq.fed = fed
+
+    def advance(self, seq: Sequence, tid: int | None = None) -> TokenEvent:
+        """Choose seq's next token from seq.next_logits (tid: already chosen by a greedy argmax),
+        append it and apply the stop rules; the token's keys are not computed here."""
         p = seq.params
         lp = None
         if tid is None:
@@ -374,13 +404,22 @@ class Batch:
 
 
 def generate(model, prompt: Seq[int], params: SamplingParams = SamplingParams(), tokenizer=None,
-             stop_ids: Seq[int] | None = None, max_seq: int | None = None) -> Iterator[TokenEvent]:
-    """Yield one TokenEvent per generated token; the last carries finish_reason."""
+             stop_ids: Seq[int] | None = None, max_seq: int | None = None,
+             lookup: int | PromptLookup | None = None) -> Iterator[TokenEvent]:
+    """Yield one TokenEvent per generated token; the last carries finish_reason.
+
+    lookup: speculative decoding by prompt lookup (llamaforge.speculative), a draft length k or a
+    PromptLookup (whose stats then count the drafts); the same tokens, fewer forwards.
+    """
+    lookup = as_lookup(lookup)
     n = len(prompt)
     need = min(n + max(params.max_tokens, 1), model.args.max_seq_len)
     batch = Batch(model, tokenizer, max_batch=1, max_seq=max(need, min(max_seq or need, model.args.max_seq_len)))
     seq = batch.add(prompt, params, stop_ids)
     if seq.finish_reason:
+        return
+    if lookup is not None:
+        yield from decode_with_lookup(batch, seq, lookup)
         return
     while not seq.finish_reason:
         for _, ev in batch.step():

@@ -1,0 +1,220 @@
+"""Speculative decoding without a second model: prompt-lookup (n-gram) drafting.
+
+When the text being written repeats the context (a summary quoting its source, an edited copy,
+an answer citing a passage, code), the tokens that followed the latest n-gram's earlier occurrence
+are a good guess for what comes next. `PromptLookup` proposes up to k such tokens; one forward over
+[last token + draft] scores them all, and the longest prefix the model itself would have produced
+is kept, plus the model's own token after it. Rejected positions are rolled back by bookkeeping:
+a slot's cache holds `seq.fed` valid positions and the next forward overwrites the rest.
+
+Exactness. Every emitted token is chosen by the ordinary sampler (`Batch.advance`: penalties,
+logit bias, logits processors, stop rules) from the logits row of its own position, in order, and
+a draft token is accepted only when that choice equals it. The verify forward runs each token as a
+row of its own (a batch of one-token rows over the same slot), so every row takes the arithmetic of
+a one-token decode step; on GGUF block models with the native kernels those logits are bitwise the
+ones plain decoding computes (see `_ATTN_GROUP` for the one condition). Hence greedy output, and
+seeded sampled output, is token for token that of plain decoding. For temperature > 0 the rule
+"sample x ~ p; accept the draft d if x == d, else emit x" is exact speculative sampling for a
+deterministic draft: d is kept with probability p(d), and on rejection x follows p with d removed
+and renormalised. Float (BLAS) models may differ from plain decoding in the last bits of a logit,
+which matters only at an exact near-tie.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Iterator
+
+import torch
+
+if TYPE_CHECKING:
+    from .generate import Batch, Sequence, TokenEvent
+
+# The native decode attention sums a row's softmax terms 16 keys at a time (vector exp) and the
+# keys past the last full group one by one (scalar exp). A verify row at position p attends to
+# p + 1 keys in both plain decoding and the verify forward, but the forward's key count is that of
+# its last row; masked keys add exact zeros, so a row's sums are bitwise the same only while every
+# row's key count lies in the same group of 16 as the last row's. Drafts are cut to stay inside it.
+_ATTN_GROUP = 16
+
+
+@dataclass
+class LookupStats:
+    """Counters over every sequence decoded with one PromptLookup (read them after generating)."""
+    verifies: int = 0      # forwards that scored a draft
+    drafted: int = 0       # draft tokens scored
+    accepted: int = 0      # draft tokens kept (each saved one decode step)
+    plain_steps: int = 0   # one-token forwards (no n-gram hit, or drafting paused)
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+
+@dataclass
+class PromptLookup:
+    """Prompt-lookup drafting settings; its `stats` count drafts and acceptances.
+
+    k: most draft tokens per verify forward (>= 1)
+    ngram_max, ngram_min: the n-gram sizes tried, longest first
+    adaptive: size each draft by the measured acceptance and forward costs (see `_Budget`), so text
+        that does not repeat its context is decoded at plain speed; False drafts k tokens on every hit
+    """
+    k: int = 8
+    ngram_max: int = 3
+    ngram_min: int = 1
+    adaptive: bool = True
+    stats: LookupStats = field(default_factory=LookupStats)
+
+    def __post_init__(self):
+        for name in ("k", "ngram_max", "ngram_min"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise ValueError(f"lookup {name} must be an integer (got {v!r})")
+        if self.k < 1:
+            raise ValueError(f"lookup k (draft tokens per step) must be >= 1 (got {self.k})")
+        if not 1 <= self.ngram_min <= self.ngram_max:
+            raise ValueError(f"lookup n-gram sizes need 1 <= ngram_min <= ngram_max "
+                             f"(got {self.ngram_min}, {self.ngram_max})")
+
+
+def as_lookup(lookup: int | PromptLookup | None) -> PromptLookup | None:
+    """A PromptLookup from an int k (None or 0: no speculative decoding)."""
+    if lookup is None or isinstance(lookup, PromptLookup):
+        return lookup
+    if isinstance(lookup, bool) or not isinstance(lookup, int) or lookup < 0:
+        raise ValueError(f"lookup must be a number of draft tokens >= 1, 0 for none, or a PromptLookup "
+                         f"(got {lookup!r})")
+    return PromptLookup(k=lookup) if lookup else None
+
+
+class NgramIndex:
+    """Where each n-gram of a growing id list last occurred with a token after it.
+
+    `draft` looks up the list's final n-gram (n from ngram_max down): that suffix itself has no
+    continuation yet, so only earlier occurrences are found. Appending costs O(ngram sizes).
+    """
+
+    def __init__(self, ids: list[int], ngram_min: int, ngram_max: int):
+        self.ids: list[int] = []
+        self.sizes = range(ngram_max, ngram_min - 1, -1)
+        self.last: dict[tuple[int, ...], int] = {}   # n-gram -> index of the token that followed it
+        self.extend(ids)
+
+    def extend(self, new: list[int]) -> None:
+        ids = self.ids
+        for t in new:
+            end = len(ids)          # the n-grams ending here now get `t` as their continuation
+            for n in self.sizes:
+                if n <= end:
+                    self.last[tuple(ids[end - n:end])] = end
+            ids.append(t)
+
+    def draft(self, k: int) -> tuple[list[int], int]:
+        """Up to k ids that followed the latest earlier occurrence of the longest matching suffix
+        n-gram, and that n (([], 0) when no suffix occurred before)."""
+        ids = self.ids
+        for n in self.sizes:
+            if n <= len(ids):
+                at = self.last.get(tuple(ids[-n:]))
+                if at is not None:
+                    return ids[at:at + k], n
+        return [], 0
+
+
+class _Budget:
+    """How many draft tokens pay for themselves, from what this sequence has measured.
+
+    A draft token is kept with probability a (a running mean per n-gram size), so a draft of d
+    tokens yields 1 + a + ... + a^d tokens; a forward of 1 + d rows costs cost[1 + d] decode steps
+    (a running mean of measured wall times over the one-row step's, from a prior: the bundled model
+    on 2 cores pays ~0.45 of a step per extra row and ~0.25 for leaving the fused one-token path; a
+    big model whose weights stream from memory pays far less per row). The length maximising
+    tokens per cost is used, 0 (a plain step) unless it beats a plain step by 2%. A size whose
+    estimate fell too low creeps back towards the prior on every hit it skips, so it is probed again
+    now and then (one short draft every few dozen tokens at worst).
+    """
+
+    PRIOR = 0.8         # acceptance assumed before any draft of an n-gram size (hopeful: probe first)
+    WEIGHT = 0.3        # running-mean weight of the newest draft's acceptance
+    RECOVER = 0.02      # pull towards PRIOR per skipped hit
+    COST_WEIGHT = 0.2   # running-mean weight of the newest timing
+    ROW, SWITCH = 0.45, 0.25   # prior cost of an extra row, and of a multi-row forward, in steps
+
+    def __init__(self, k: int, sizes: range, adaptive: bool):
+        self.k, self.adaptive = k, adaptive
+        self.rate = {n: self.PRIOR for n in sizes}
+        self.step: float | None = None     # seconds of a one-row forward (running mean)
+        self.cost = [1.0] + [1.0 + self.SWITCH + self.ROW * d for d in range(1, k + 1)]   # [d]: 1 + d rows
+
+    def length(self, n: int, room: int) -> int:
+        """Draft tokens to use after a hit of size n, with room for at most `room`."""
+        room = min(room, self.k)
+        if not self.adaptive or room <= 0:
+            return max(room, 0)
+        a = self.rate[n]
+        best, best_gain, tokens = 0, 1.02, 1.0
+        for d in range(1, room + 1):
+            tokens += a ** d
+            gain = tokens / self.cost[d]
+            if gain > best_gain:
+                best, best_gain = d, gain
+        if best == 0:
+            self.rate[n] += (self.PRIOR - a) * self.RECOVER
+        return best
+
+    def record(self, n: int, drafted: int, accepted: int) -> None:
+        """One verify's outcome; the first rejection ends a draft, so it is a run of successes and
+        its per-token rate is accepted / (accepted + 1) (1 for a draft kept whole)."""
+        a = 1.0 if accepted == drafted else accepted / (accepted + 1)
+        self.rate[n] += (a - self.rate[n]) * self.WEIGHT
+
+    def timed(self, d: int, seconds: float) -> None:
+        """A forward of 1 + d rows took `seconds`."""
+        w = self.COST_WEIGHT
+        if d == 0:
+            self.step = seconds if self.step is None else self.step + (seconds - self.step) * w
+        elif self.step is not None:    # in steps: needs one plain step measured first
+            self.cost[d] += (seconds / self.step - self.cost[d]) * w
+
+
+def decode_with_lookup(batch: "Batch", seq: "Sequence", lookup: PromptLookup) -> Iterator["TokenEvent"]:
+    """Yield seq's TokenEvents (seq just added to batch, its first token not yet sampled), drafting
+    by prompt lookup and verifying each draft in one forward."""
+    stats = lookup.stats
+    index = NgramIndex(seq.prompt, lookup.ngram_min, lookup.ngram_max)
+    budget = _Budget(lookup.k, index.sizes, lookup.adaptive)
+    ev = batch.advance(seq)
+    yield ev
+    while not seq.finish_reason:
+        index.extend(seq.out[len(index.ids) - len(seq.prompt):])
+        draft, n = index.draft(lookup.k)
+        L = seq.length           # keys the last token's row attends to (it is not in the cache yet)
+        room = min(len(draft),
+                   seq.params.max_tokens - len(seq.out) - 1,   # the forward yields up to room + 1 tokens
+                   batch.max_seq - L,                           # the last row's position stays in the cache
+                   _ATTN_GROUP - 1 - L % _ATTN_GROUP)           # see _ATTN_GROUP
+        d = budget.length(n, room) if draft else 0
+        draft = draft[:d]
+        t0 = time.perf_counter()
+        logits = batch.forward_rows(seq, [seq.out[-1]] + draft)   # [1 + d, V]
+        budget.timed(d, time.perf_counter() - t0)
+        greedy = logits.argmax(-1).tolist() if seq.plain_greedy else [None] * (1 + d)
+        kept = 0
+        for i in range(d + 1):
+            seq.next_logits = logits[i]
+            ev = batch.advance(seq, greedy[i])
+            yield ev
+            if seq.finish_reason or i == d or ev.id != draft[i]:
+                break
+            kept += 1
+        # positions of the rejected draft tokens hold stale keys: forget them (the next forward
+        # overwrites them, and no row attends beyond its own position)
+        batch.rollback(seq, seq.fed - d + kept)
+        if d:
+            budget.record(n, d, kept)
+            stats.verifies += 1
+            stats.drafted += d
+            stats.accepted += kept
+        else:
+            stats.plain_steps += 1
