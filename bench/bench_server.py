@@ -55,10 +55,15 @@ def start(cmd: list[str], url: str, env: dict[str, str], log: Path) -> subproces
 
 
 async def one_request(client: httpx.AsyncClient, url: str, model: str, topic: str, max_tokens: int) -> dict:
-    body = {"model": model, "messages": [{"role": "user", "content": f"Write a story about {topic}"}],
-            "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    return await stream_chat(client, url, {"model": model, "messages": [{"role": "user", "content":
+                                                                         f"Write a story about {topic}"}],
+                                           "max_tokens": max_tokens, "temperature": 0, "stream": True})
+
+
+async def stream_chat(client: httpx.AsyncClient, url: str, body: dict) -> dict:
+    """One streamed chat request: its text, its tool calls (deltas merged by index), latency, TTFT."""
     t0 = time.perf_counter()
-    ttft, last, pieces = None, None, []
+    ttft, last, pieces, calls = None, None, [], {}
     try:
         async with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
             if r.status_code != 200:
@@ -70,27 +75,78 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str, topic: st
                 if "error" in chunk:
                     return {"ok": False, "error": chunk["error"]}
                 for c in chunk.get("choices") or []:
-                    text = (c.get("delta") or {}).get("content")
+                    delta = c.get("delta") or {}
+                    for d in delta.get("tool_calls") or ():
+                        call = calls.setdefault(d["index"], {"id": None, "name": "", "arguments": ""})
+                        fn = d.get("function") or {}
+                        call["id"] = d.get("id") or call["id"]
+                        # the name once: llama-cpp-python repeats it in every delta of the call
+                        call["name"] = call["name"] or fn.get("name") or ""
+                        call["arguments"] += fn.get("arguments") or ""
+                    text = (delta.get("content") or "") + "".join((d.get("function") or {}).get("arguments") or ""
+                                                                  for d in delta.get("tool_calls") or ())
                     if text:
                         last = time.perf_counter() - t0
                         ttft = ttft or last
                         pieces.append(text)
     except httpx.HTTPError as e:
         return {"ok": False, "error": repr(e)}
-    # latency: request start to the last token's text (the same chunks for both servers)
+    # latency: request start to the last token's text (the same chunks for both servers); the text
+    # counted is what a client sees, content and arguments (not a server's own tool-call markup)
     return {"ok": bool(pieces), "text": "".join(pieces), "latency": last or 0.0, "ttft": ttft or 0.0,
-            "error": None if pieces else "empty answer"}
+            "calls": [calls[i] for i in sorted(calls)], "error": None if pieces else "empty answer"}
+
+
+WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 40},
+                                            "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+           "required": ["city", "unit"], "additionalProperties": False}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "The current weather in a city",
+                                           "parameters": WEATHER}}]
+CITIES = ["Paris", "Oslo", "Lima", "Tokyo", "Cairo", "Quito", "Perth", "Dakar"]
+
+
+async def tool_round_trip(client: httpx.AsyncClient, url: str, model: str, city: str, tag: str,
+                          max_tokens: int) -> list[dict]:
+    """A tool client's exchange: a call to get_weather (named in tool_choice, the form both servers
+    constrain), then its result sent back for an answer. A call whose arguments do not parse or
+    validate against the schema is a failure."""
+    import jsonschema
+    messages = [{"role": "user", "content": f"What is the weather in {city}? (request {tag})"}]
+    first = await stream_chat(client, url, {"model": model, "messages": messages, "tools": TOOLS, "temperature": 0,
+                                            "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+                                            "max_tokens": max_tokens, "stream": True})
+    if not first["ok"]:
+        return [first]
+    try:
+        (call,) = first["calls"]
+        assert call["name"] == "get_weather"
+        jsonschema.validate(json.loads(call["arguments"]), WEATHER)
+    except (ValueError, AssertionError, jsonschema.ValidationError) as e:
+        return [{**first, "ok": False, "error": f"malformed tool call {first['calls']}: {e}"}]
+    messages += [{"role": "assistant", "content": "", "tool_calls": [
+                     {"id": call["id"], "type": "function", "function": {"name": "get_weather",
+                                                                         "arguments": call["arguments"]}}]},
+                 {"role": "tool", "tool_call_id": call["id"], "content": json.dumps({"temperature": 18, "sky": "clear"})}]
+    second = await stream_chat(client, url, {"model": model, "messages": messages, "tools": TOOLS, "temperature": 0,
+                                             "max_tokens": max_tokens, "stream": True})
+    return [first, second]
 
 
 async def run_level(url: str, model: str, clients: int, requests: int, max_tokens: int,
-                    run: str = "") -> tuple[float, list[dict]]:
+                    run: str = "", tools: bool = False) -> tuple[float, list[dict]]:
     """clients concurrent streams of requests each; run tags the prompts so that no two requests
     of a benchmark are the same (both servers can reuse a cached prompt prefix, so repeating a
-    whole prompt would flatter them); the two servers get the same prompts."""
+    whole prompt would flatter them); the two servers get the same prompts. With tools, the even
+    clients make tool round trips (two requests each) instead of stories."""
     async def client_loop(i: int, c: httpx.AsyncClient) -> list[dict]:
-        return [await one_request(c, url, model, f"{TOPICS[(i + k * clients) % len(TOPICS)]} "
-                                                 f"(story {run}{i}.{k}).", max_tokens)
-                for k in range(requests)]
+        out = []
+        for k in range(requests):
+            if tools and i % 2 == 0:
+                out += await tool_round_trip(c, url, model, CITIES[(i + k) % len(CITIES)], f"{run}{i}.{k}", max_tokens)
+            else:
+                out.append(await one_request(c, url, model, f"{TOPICS[(i + k * clients) % len(TOPICS)]} "
+                                                            f"(story {run}{i}.{k}).", max_tokens))
+        return out
     limits = httpx.Limits(max_connections=clients + 4)
     async with httpx.AsyncClient(timeout=600, limits=limits) as c:
         t0 = time.perf_counter()
@@ -175,6 +231,9 @@ def main() -> int:
     ap.add_argument("--weights", default="blocks", choices=["blocks", "float"],
                     help="llamaforge computes with the GGUF's blocks (native kernels) or float32 weights "
                          "(the GGUF is 4-bit for llama.cpp too)")
+    ap.add_argument("--mix", default="chat", choices=["chat", "tools"],
+                    help="tools: half the clients make tool round trips (a call to a function named in "
+                         "tool_choice, then its result sent back); writes section server-tools")
     ap.add_argument("--no-write", action="store_true", help="print the table without updating docs/benchmarks.md")
     ap.add_argument("--cpu", action="store_true",
                     help="llamaforge only: CPU time per generated token by thread (writes nothing)")
@@ -200,6 +259,7 @@ def main() -> int:
     }
     if a.cpu:
         return cpu_profile(a, gguf, env, logs)
+    tools = a.mix == "tools"
     procs = {}
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))   # so the servers are stopped below
     try:
@@ -211,7 +271,8 @@ def main() -> int:
         # (first-call allocations, lazy init, kernels for each batch shape)
         for name in cmds:
             for clients in [1] + a.clients:
-                asyncio.run(run_level(f"http://127.0.0.1:{ports[name]}", models[name], clients, 1, 8, f"w{clients}."))
+                asyncio.run(run_level(f"http://127.0.0.1:{ports[name]}", models[name], clients, 1, 8, f"w{clients}.",
+                                      tools))
         load = os.getloadavg()[0]
         rows = {}
         for clients in a.clients:
@@ -221,7 +282,7 @@ def main() -> int:
                     url = f"http://127.0.0.1:{ports[name]}"
                     before = scheduler_counters(url) if name == "llamaforge" else {}
                     wall, res = asyncio.run(run_level(f"http://127.0.0.1:{ports[name]}", models[name], clients,
-                                                      a.requests, a.max_tokens, f"{clients}.{rep}."))
+                                                      a.requests, a.max_tokens, f"{clients}.{rep}.", tools))
                     ok = [r for r in res if r["ok"]]
                     tokens = sum(len(tok.encode(r["text"])) for r in ok)
                     row = rows.setdefault((clients, name), {"tps": [], "lat": [], "ttft": [], "failed": 0,
@@ -239,6 +300,9 @@ def main() -> int:
                         row["wall"] = row.get("wall", 0.0) + wall
                     print(f"{clients:>2} clients  {name:<17} {tokens / wall:7.1f} tok/s  wall {wall:6.1f}s  "
                           f"failed {len(res) - len(ok)}", flush=True)
+                    for r in res:
+                        if not r["ok"]:
+                            print(f"   failed: {str(r['error'])[:300]}", flush=True)
     finally:
         for p in procs.values():
             p.terminate()
@@ -248,23 +312,34 @@ def main() -> int:
             except subprocess.TimeoutExpired:
                 p.kill()
 
+    mix = ("Half the clients (the even ones) make tool round trips instead: a streamed request with "
+           "`tools` (one function, get_weather, whose arguments schema has a string and an enum) and `tool_choice` "
+           "naming it, the call's arguments checked (they must parse and validate against the schema, else the "
+           "request counts as failed), then the call and a `tool` result sent back (with `tools`, tool_choice auto) "
+           "for the answer: each of their requests is two. llama-cpp-python has tool calls only for a named "
+           "tool_choice (its JSON-schema grammar; `auto` is plain chat for this model's template), so that is the "
+           "mix both get; llamaforge also puts its tool prompt in the system message (SmolLM2's template has no "
+           "tools; about 200 more prompt tokens) and with `auto` constrains the answer to text or calls. Tokens "
+           "counted: the answer's text and a call's arguments as the client sees them (not llamaforge's "
+           "`<tool_call>` markup around them); a call's name is taken from its first delta (llama-cpp-python "
+           "repeats it in every delta, which the openai client's stream helper would concatenate). ") if tools else ""
     lines = [
-        "## Serving: `llamaforge serve` vs `python -m llama_cpp.server`",
+        "## Serving: `llamaforge serve` vs `python -m llama_cpp.server`" + (", tool calling mix" if tools else ""),
         "",
         machine_line(),
         f"Load average at the start: {load:.1f} (other work shares this machine).",
         "",
         f"Command: `.venv/bin/python bench/bench_server.py --clients {' '.join(map(str, a.clients))} "
         f"--requests {a.requests} --max-tokens {a.max_tokens} --reps {a.reps} --threads {a.threads} "
-        f"--weights {a.weights}`",
+        f"--weights {a.weights}" + (" --mix tools`" if tools else "`"),
         "",
         f"Model: `{gguf.name}`, {a.threads} thread{'s' if a.threads > 1 else ''} for both servers (OMP_NUM_THREADS / --n_threads), "
         f"llamaforge `--max-batch {max_batch}"
         f" --weights {a.weights}` (llama.cpp runs the GGUF's own "
         f"4-bit blocks). Each client streams {a.requests} chat requests one after "
         f"another (greedy, max_tokens {a.max_tokens}, the model's chat template with its default system prompt, "
-        f"no two prompts alike); "
-        f"both servers are warmed up alike at every level first. Figures: aggregate tokens/s = median over {a.reps} "
+        f"no two prompts alike). "
+        f"{mix}Both servers are warmed up alike at every level first. Figures: aggregate tokens/s = median over {a.reps} "
         "repetitions; latency = request start to the last token's text, TTFT = to the first; latencies pooled "
         "over repetitions.",
         "",
@@ -299,10 +374,16 @@ def main() -> int:
         lines += ["", f"Targets: >= 3x aggregate throughput at 8 clients: {r8:.2f}x ({'met' if r8 >= 3 else 'not met'}); "
                       f"single-client latency <= 1.2x: {l1:.2f}x ({'met' if l1 <= 1.2 else 'not met'}); "
                       f"failed requests: {failed}."]
+    if tools and 8 in a.clients:
+        r8 = median(rows[(8, "llamaforge")]["tps"]) / median(rows[(8, "llama-cpp-python")]["tps"])
+        failed = {name: sum(r["failed"] for (_, n), r in rows.items() if n == name) for name in cmds}
+        lines += ["", f"Target (issue #17): >= 3x aggregate throughput at 8 clients, half calling tools: {r8:.2f}x "
+                      f"({'met' if r8 >= 3 else 'not met'}); failed or malformed responses: "
+                      + ", ".join(f"{n} {f}" for n, f in failed.items()) + "."]
     body = "\n".join(lines)
     print(body)
     if not a.no_write:
-        print(f"wrote {update_section('server', body)}")
+        print(f"wrote {update_section('server-tools' if tools else 'server', body)}")
     return 0
 
 

@@ -35,15 +35,16 @@ SCHEMAS = {"get_weather": WEATHER, "book_hotel": BOOKING}
 
 @pytest.fixture(scope="module")
 def server(llm):  # noqa: F811
+    """A server with room for the tool prompt (ctx 1024), its `openai` client as .client."""
     from llamaforge.server.app import create_app
-    app = create_app(llm, model_id=MODEL, api_key=KEY, max_batch=4, ctx=1024, max_queue=8)
-    with ServerThread(app) as s:
+    with ServerThread(create_app(llm, model_id=MODEL, api_key=KEY, max_batch=4, ctx=1024, max_queue=8)) as s:
+        s.client = openai.OpenAI(base_url=s.url + "/v1", api_key=KEY, max_retries=0)
         yield s
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
+    return server.client
 
 
 def valid_calls(message, names=None) -> list:

@@ -49,7 +49,8 @@ class ToolPlan:
         return self.choice != "none"
 
     @property
-    def callable(self) -> list[dict[str, Any]]:
+    def allowed(self) -> list[dict[str, Any]]:
+        """The functions the answer may call."""
         fns = [t["function"] for t in self.tools]
         return fns if self.choice in ("auto", "required") else [f for f in fns if f["name"] == self.choice]
 
@@ -68,8 +69,8 @@ def plan(tools: list[dict[str, Any]] | None, tool_choice: Any, parallel: bool) -
     choice = _choice(tool_choice, names)
     if not tools:
         if choice not in ("auto", "none"):
-            raise APIError(400, f"tool_choice {tool_choice if isinstance(tool_choice, str) else choice!r} "
-                                "needs tools: give the functions in tools", param="tool_choice")
+            raise APIError(400, f"tool_choice {choice!r} needs tools: give the functions in tools",
+                           param="tool_choice")
         return None
     return ToolPlan(tools, choice, parallel)
 
@@ -86,12 +87,12 @@ def _function(tool: Any, i: int) -> dict[str, Any]:
                             f"got {str(name)[:80]!r}", param="tools")
     if not isinstance(fn.get("description", ""), str):
         raise APIError(400, f"{where}.function.description must be a string", param="tools")
-    params = fn.get("parameters", {"type": "object", "properties": {}})
+    params = fn.get("parameters", {})
     if not isinstance(params, dict) or params.get("type", "object") != "object":
         raise APIError(400, f"{where}.function.parameters must be a JSON Schema of an object, such as "
                             '{"type": "object", "properties": {...}}', param="tools")
     try:
-        schema_grammar(_arguments_schema(params), f"{where}.function.parameters ({name})")
+        schema_grammar(_arguments_schema(fn), f"{where}.function.parameters ({name})")
     except StructuredOutputError as e:
         raise APIError(400, str(e), param="tools") from e
     return fn
@@ -113,8 +114,9 @@ def _choice(tool_choice: Any, names: set[str]) -> str:
     return fn["name"]
 
 
-def _arguments_schema(params: dict[str, Any]) -> dict[str, Any]:
-    return {**params, "x-guidance": JSON_STYLE}
+def _arguments_schema(fn: dict[str, Any]) -> dict[str, Any]:
+    """A function's arguments schema (no parameters: an object), in the layout generated."""
+    return {"type": "object", **fn.get("parameters", {}), "x-guidance": JSON_STYLE}
 
 
 # -- the grammar ---------------------------------------------------------------------------------
@@ -122,11 +124,10 @@ def grammar(p: ToolPlan, text_schema: Any = None) -> str:
     """The llguidance grammar of an answer: calls only (required, named) or text or calls (auto).
     Text may not contain "<tool_call>" (so an answer is one or the other); with a response_format
     (text_schema) the text must be that JSON instead."""
-    rules = []
-    for k, fn in enumerate(p.callable):
+    rules, tail = [], json.dumps("}\n" + CLOSE)
+    for k, fn in enumerate(p.allowed):
         head = f'{OPEN}\n{{"name": {json.dumps(fn["name"])}, "arguments": '
-        args = json.dumps(_arguments_schema(fn.get("parameters", {"type": "object", "properties": {}})))
-        rules.append(f"fn{k}: {json.dumps(head)} %json {args} {json.dumps(chr(125) + chr(10) + CLOSE)}")
+        rules.append(f"fn{k}: {json.dumps(head)} %json {json.dumps(_arguments_schema(fn))} {tail}")
     once = not p.parallel or p.choice not in ("auto", "required")     # a named function: one call
     lines = [f"calls: {'call' if once else 'call (NL call)*'}",
              "NL: \"\\n\"",
