@@ -29,6 +29,7 @@ from .schemas import APIError
 from .structured import MAX_SCHEMA_CHARS, StructuredOutputError, lark_grammar, schema_grammar
 
 MAX_TOOLS = 128                          # functions per request (OpenAI's limit)
+MAX_TOOLS_CHARS = 4 * MAX_SCHEMA_CHARS   # all of them as JSON (each compiles to a grammar per request)
 NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for function names
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 # generated and rendered arguments: json.dumps's separators, which tool-trained models have seen
@@ -60,6 +61,9 @@ def plan(tools: list[dict[str, Any]] | None, tool_choice: Any, parallel: bool) -
     tools = tools or []
     if len(tools) > MAX_TOOLS:
         raise APIError(400, f"at most {MAX_TOOLS} tools per request (got {len(tools)})", param="tools")
+    size = len(json.dumps(tools))
+    if size > MAX_TOOLS_CHARS:
+        raise APIError(400, f"the tools take {size} characters of JSON; at most {MAX_TOOLS_CHARS}", param="tools")
     names: set[str] = set()
     for i, tool in enumerate(tools):
         fn = _function(tool, i)
@@ -136,14 +140,13 @@ def grammar(p: ToolPlan, text_schema: Any = None) -> str:
         if text_schema is None:
             lines += ["start: TEXT | calls", f"TEXT: /(?s:.*)/ & ~/(?s:.*{re.escape(OPEN)}.*)/"]
         else:
+            if isinstance(text_schema, dict):     # compact, as response_format alone is
+                text_schema = {**text_schema, "x-guidance": {"whitespace_flexible": False}}
             lines += ["start: text | calls", f"text: %json {json.dumps(text_schema)}"]
     else:
         lines.insert(0, "start: calls")
-    lark = "\n".join(lines)
-    if len(lark) > MAX_SCHEMA_CHARS * 4:
-        raise APIError(400, "the tools' schemas are too large together", param="tools")
     try:
-        return lark_grammar(lark, "the tools' grammar")
+        return lark_grammar("\n".join(lines), "the tools' grammar")
     except StructuredOutputError as e:
         raise APIError(400, str(e), param="tools") from e
 
