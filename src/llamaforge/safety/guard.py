@@ -16,7 +16,7 @@ import logging
 import re
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -27,8 +27,10 @@ from ..api import Llama
 from .encoder import MiniLM
 from .head import HEAD_FILE, META_FILE, Head  # noqa: F401  (META_FILE: the guard's files are named here too)
 from .lmfeatures import LMFeatures
+from .normalise import clean, scored_parts
 from .policy import (AUP_URL, DEFAULT_CATEGORIES, LLAMA_GUARD_V1, Category, Role, category_map,
-                     conversation_turns, make_categories, parse_output, render_prompt)
+                     conversation_turns, last_turn, make_categories, parse_output, render_prompt)
+from .taxonomy import Taxonomy, check_taxonomy, mlcommons_labels
 
 log = logging.getLogger(__name__)
 
@@ -78,9 +80,29 @@ class Guard:
         return LlamaGuard.load(path, categories=make_categories(categories) if categories else None, threshold=threshold)
 
     # -- the API every guard implements ----------------------------------------------------------
-    def check(self, text: str, role: Role = "User", context: list[dict] | None = None) -> Verdict:
-        """Is ``text`` (a User prompt or an Agent answer, after ``context`` turns) safe?"""
-        return self.check_batch([text], role=role, context=context)[0]
+    def check(self, text: str | Sequence[dict], role: Role = "User", context: list[dict] | None = None, *,
+              taxonomy: Taxonomy = "llama-guard-1") -> Verdict:
+        """Is ``text`` (a User prompt or an Agent answer, after ``context`` turns) safe?
+
+        ``text`` may also be a chat conversation (a list of ``{"role", "content"}`` messages): its
+        last turn is judged in context, a user message as the prompt, an assistant message as the
+        response to it (Llama Guard's prompt and response modes). ``taxonomy="mlcommons"`` names
+        the categories with MLCommons' S1-S14 codes instead of Llama Guard v1's O-codes."""
+        if not isinstance(text, str):
+            if role != "User" or context is not None:
+                raise ValueError("pass either messages, or a text with role= and context=, not both")
+            text, role, context = last_turn(text)
+        return self.relabel(self.check_batch([text], role=role, context=context)[0], text, taxonomy)
+
+    def relabel(self, verdict: Verdict, text: str, taxonomy: Taxonomy = "llama-guard-1") -> Verdict:
+        """``verdict`` with its categories named in ``taxonomy`` (refined by the checked ``text``)."""
+        check_taxonomy(taxonomy)
+        if taxonomy == "llama-guard-1" or verdict.safe:
+            return verdict
+        known = category_map(DEFAULT_CATEGORIES)
+        if any(known.get(c.code) != c for c in self.categories):
+            raise ValueError("taxonomy='mlcommons' maps the Llama Guard v1 categories; this guard has a custom taxonomy")
+        return replace(verdict, categories=mlcommons_labels(verdict.codes, clean(text)))
 
     def check_batch(self, texts: Sequence[str], role: Role = "User",
                     context: list[dict] | None = None) -> list[Verdict]:
@@ -92,7 +114,7 @@ class Guard:
         what = "this request" if verdict.role == "User" else "the answer"
         text = (f"I can't help with {what}: it falls under {names}, which the Llama 2 Acceptable Use Policy "
                 f"({AUP_URL}) does not allow.")
-        if "O6" in verdict.codes:
+        if "O6" in verdict.codes or "S11" in verdict.codes:
             text += " " + CRISIS_NOTE
         return text
 
@@ -158,12 +180,11 @@ class ClassifierGuard(Guard):
         """P(unsafe) [N] and category probabilities [N, C]."""
         # torch's thread count is process-wide: the guard runs beside a model (chat, serve), so it
         # leaves that setting alone
-        # A mean-pooled embedding of a long message is dominated by its bulk: a harmful request after
-        # a pasted document scores as the document (and past 256 tokens it is cut off). Each
-        # paragraph is therefore scored too, and a text scores as its most unsafe part.
+        # a text scores as its most unsafe part (`normalise.scored_parts`): its paragraphs and its
+        # de-obfuscated views
         owner, parts = [], []
         for i, t in enumerate(texts):
-            segs = [t] + [p for p in _paragraphs(t) if p != t.strip()]
+            segs = scored_parts(t)
             owner += [i] * len(segs)
             parts += segs
         p_all, c_all = 0.0, 0.0
@@ -213,11 +234,6 @@ def _load_member(meta: dict, state: dict[str, torch.Tensor], n_categories: int, 
     else:
         raise ValueError(f"{meta_file}: unknown guard member {meta.get('name')!r}")
     return encoder, head.eval()
-
-
-def _paragraphs(text: str) -> list[str]:
-    """Blank-line or '---' separated parts of a text, stripped, non-empty."""
-    return [p.strip() for p in re.split(r"\n\s*\n|\n-{3,}\n", text) if p.strip() and p.strip("- \n")]
 
 
 class LlamaGuard(Guard):
@@ -276,7 +292,7 @@ class LlamaGuard(Guard):
 # -- CLI ------------------------------------------------------------------------------------------
 
 def guard(text: str | None = None, *, file: str | None = None, jsonl: bool = False, model: str | None = None,
-          threshold: float | None = None) -> int:
+          threshold: float | None = None, taxonomy: Taxonomy = "llama-guard-1") -> int:
     """Check text with the safety guard (exit code 1 when something is flagged).
 
     text: the text to check; omitted, read --file, or stdin when piped
@@ -284,7 +300,9 @@ def guard(text: str | None = None, *, file: str | None = None, jsonl: bool = Fal
     jsonl: print one JSON object per line: {"text", "safe", "categories", "score"}
     model: a Llama Guard checkpoint, or a guard head (.safetensors); the shipped classifier when omitted
     threshold: flag when the unsafe probability reaches this (default: the guard's own)
+    taxonomy: name categories as Llama Guard v1 (O1-O7) or MLCommons (S1-S14) does
     """
+    check_taxonomy(taxonomy)
     if text is not None and file is not None:
         raise ValueError("give a text or --file, not both")
     if file is not None:
@@ -308,7 +326,7 @@ def guard(text: str | None = None, *, file: str | None = None, jsonl: bool = Fal
     t0 = time.perf_counter()
     verdicts: list[Verdict] = []
     for s in range(0, len(texts), 64):
-        verdicts.extend(checker.check_batch(texts[s:s + 64]))
+        verdicts.extend(checker.relabel(v, t, taxonomy) for v, t in zip(checker.check_batch(texts[s:s + 64]), texts[s:s + 64]))
     log.info("%d texts checked in %.1f ms each", len(texts), 1000 * (time.perf_counter() - t0) / len(texts))
     for t, v in zip(texts, verdicts):
         if jsonl:

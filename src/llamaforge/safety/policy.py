@@ -147,6 +147,22 @@ def conversation_turns(text: str, role: Role, context: Sequence[dict] | None) ->
     return turns
 
 
+def last_turn(messages: Sequence[dict]) -> tuple[str, Role, list[dict]]:
+    """(text, role, context) of a chat conversation's last turn: a ``user`` message is checked as
+    the User prompt, an ``assistant`` message as the Agent response given the turns before it."""
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise ValueError("messages must be a non-empty list of {'role', 'content'} dicts")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "tool"):
+            raise ValueError(f"message {i} must be a dict with role system, user, assistant or tool, not {m!r:.80}")
+        if not isinstance(m.get("content") or "", str):
+            raise ValueError(f"message {i}: content must be a string")
+    last = messages[-1]
+    if last["role"] not in ("user", "assistant"):
+        raise ValueError(f"the last message is checked: it must be a user or assistant turn, not {last['role']!r}")
+    return str(last.get("content") or ""), ("User" if last["role"] == "user" else "Agent"), list(messages[:-1])
+
+
 def render_prompt(turns: Sequence[tuple[Role, str]], role: Role = "User",
                   categories: Sequence[Category] = LLAMA_GUARD_V1) -> str:
     """The Llama Guard v1 prompt (without BOS) that asks whether ``role``'s messages are unsafe."""

@@ -189,15 +189,23 @@ def _print_figures(fig: dict) -> None:
 
 
 
-def train_guard(config: GuardTrainConfig, *, eval: bool = False, json: bool = False) -> int:
+def train_guard(config: GuardTrainConfig, *, eval: bool = False, loso: bool = False, json: bool = False) -> int:
     """Train the default guard (cross-validated threshold, then the final fit) and print its figures.
 
     eval: evaluate the shipped guard on the held-out split instead of training
+    loso: leave-one-source-out evaluation of the recipe instead of training (writes nothing)
     json: print the figures as JSON
     """
     logging.getLogger("llamaforge").setLevel(logging.INFO)
     if eval and not config.held_out:
         raise ValueError("--no-held-out only cross-validates: it takes no --eval")
+    if loso:
+        if eval or config.out is not None:
+            raise ValueError("--loso only evaluates: it takes no --eval or --out")
+        from .loso import print_loso, run_loso
+        fig = run_loso(config)
+        print(dumps(fig, indent=2)) if json else print_loso(fig)
+        return 0
     fig = evaluate_shipped(config.data) if eval else train(config)
     fig.pop("meta", None)
     if json:

@@ -84,3 +84,87 @@ def cross_validate(recipe, rows: list[int], folds: int) -> tuple[torch.Tensor, t
         scores[held], probs[held] = recipe.predict(recipe.fit(fit), [rows[j] for j in held])
     return scores, probs
 
+
+
+# -- leave-one-source-out: what a new source will see -------------------------------------------
+# Per-source targets (issue 18): harmful recall, benign-but-scary over-flagging, plain benign flagging.
+TARGET_PLAIN = 0.01
+PLAIN_SOURCES = ("arc", "gsm8k", "self-instruct")
+
+
+def loso_splits(source_of: list[str]):
+    """(left-out source, training rows, scored rows) for every source. Rows whose source is "" (the
+    de-obfuscated views and paragraphs of other rows) are never trained on."""
+    for s in sorted({x for x in source_of if x}):
+        yield (s, [i for i, x in enumerate(source_of) if x and x != s],
+               [i for i, x in enumerate(source_of) if x == s])
+
+
+def leave_one_source_out(recipe, source_of: list[str], parts_of: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores of every row by the model trained on all the other sources (trained exactly as the
+    final guard is); a row scores as the most unsafe of its parts (``parts_of[i]``: row indices,
+    itself and its views, as the guard scores a message). View rows' entries are left at -1."""
+    n = len(source_of)
+    scores, probs = torch.full((n,), -1.0), torch.zeros(n, len(CODES))
+    for s, fit, held in loso_splits(source_of):
+        log.info("leaving out %s: training on %d rows, scoring %d", s, len(fit), len(held))
+        model = recipe.fit(fit)
+        recipe.finish(model, fit)
+        parts = sorted({j for i in held for j in parts_of[i]})
+        sc, pr = recipe.predict(model, parts)
+        at = {j: k for k, j in enumerate(parts)}
+        for i in held:
+            best = max(parts_of[i], key=lambda j: float(sc[at[j]]))
+            scores[i], probs[i] = sc[at[best]], pr[at[best]]
+    return scores, probs
+
+
+def _source_margin(source: str, harmful: torch.Tensor, flagged: torch.Tensor) -> float:
+    """The worse distance of one source's rates to its targets (positive when met)."""
+    out = []
+    if harmful.any():
+        out.append(float(flagged[harmful].float().mean()) - TARGET_RECALL)
+    if (~harmful).any():
+        limit = TARGET_PLAIN if source in PLAIN_SOURCES else TARGET_OVERFLAG
+        out.append(limit - float(flagged[~harmful].float().mean()))
+    return min(out)
+
+
+def worst_source_threshold(examples: list[Example], scores: torch.Tensor, source_of: list[str]) -> tuple[float, float]:
+    """(threshold, worst margin): the threshold whose worst left-out source is best off, not the mean;
+    ties go to the middle of the plateau."""
+    rows = [i for i, s in enumerate(source_of) if s]
+    by = {s: torch.tensor([i for i in rows if source_of[i] == s]) for s in {source_of[i] for i in rows}}
+    harm = torch.tensor([e.harmful for e in examples])
+    grid = [round(0.05 + 0.01 * k, 2) for k in range(91)]
+    worst = [min(_source_margin(s, harm[ix], scores[ix] >= t) for s, ix in by.items()) for t in grid]
+    best = max(worst)
+    plateau = [t for t, m in zip(grid, worst) if m >= best - 1e-9]
+    return plateau[len(plateau) // 2], best
+
+
+def loso_table(examples: list[Example], scores: torch.Tensor, source_of: list[str], threshold: float) -> dict:
+    """Per left-out source: harmful flagged, benign flagged, the margin to its targets, harmful
+    flagged per category (O-code), and per kind for sources with kinds (the evasion set's)."""
+    out = {}
+    flagged = scores >= threshold
+
+    def rate(ix: list[int]) -> dict:
+        k = sum(bool(flagged[i]) for i in ix)
+        return {"n": len(ix), "flagged": k, "rate": round(k / len(ix), 4) if ix else None}
+
+    for s in sorted({x for x in source_of if x}):
+        ix = [i for i, x in enumerate(source_of) if x == s]
+        harm = [i for i in ix if examples[i].harmful]
+        safe = [i for i in ix if not examples[i].harmful]
+        row = {"harmful": rate(harm), "benign": rate(safe),
+               "margin": round(_source_margin(s, torch.tensor([examples[i].harmful for i in ix]),
+                                              flagged[torch.tensor(ix)]), 4),
+               "by_category": {c: rate([i for i in harm if c in examples[i].categories])
+                               for c in CODES if any(c in examples[i].categories for i in harm)}}
+        kinds = sorted({examples[i].group for i in ix if examples[i].source == "evasion-prompts"})
+        if kinds:
+            row["by_kind"] = {k: {"harmful": rate([i for i in harm if examples[i].group == k]),
+                                  "benign": rate([i for i in safe if examples[i].group == k])} for k in kinds}
+        out[s] = row
+    return out

@@ -224,3 +224,53 @@ def count_by(examples: list[Example]) -> dict[str, int]:
         out[key] = out.get(key, 0) + 1
     return dict(sorted(out.items()))
 
+
+
+# -- more sources for leave-one-source-out evaluation (never in the shipped guard's training) ---------
+EVASION_PROMPTS = HERE / "data" / "evasion_prompts.csv"
+# OpenAI moderation labels -> O-codes (sexual, sexual/minors; hate, hate/threatening, harassment,
+# violence, violence/graphic; self-harm)
+_OPENAI = {"S": "O2", "S3": "O2", "H": "O1", "H2": "O1", "HR": "O1", "V": "O1", "V2": "O1", "SH": "O6"}
+
+
+def load_openai_moderation(folder: Path | None = None) -> list[Example]:
+    """OpenAI's moderation samples: harmful when any category is 1; texts with an unknown label
+    (a key absent) and no positive one are left out rather than guessed safe."""
+    path = (Path(folder) if folder is not None else data_dir()) / "safety" / "openai_moderation_samples.jsonl.gz"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing (see the shared data folder's README.md)")
+    import gzip
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    out = []
+    for r in rows:
+        pos = sorted({_OPENAI[k] for k in _OPENAI if r.get(k) == 1})
+        if not pos and any(k not in r for k in _OPENAI):
+            continue
+        group = ",".join(k for k in _OPENAI if r.get(k) == 1) or "none"
+        out.append(Example(r["prompt"], bool(pos), "openai-moderation", "loso", pos, group=group))
+    return out
+
+
+def load_evasion(path: Path = EVASION_PROMPTS) -> list[Example]:
+    """The hand-written evasion set: harmful and benign requests, each plain and in five disguises
+    (``group`` is the kind: plain, leetspeak, spacing, invisible, encoded, framing)."""
+    return [Example(r["prompt"], r["label"] == "unsafe", "evasion-prompts", "loso",
+                    [r["note"]] if r["note"] else [], group=r["type"], focus=r["focus"].strip().lower())
+            for r in _read_csv(path)]
+
+
+def loso_source(e: Example) -> str:
+    """The source a row belongs to for leave-one-source-out: one name per public data set (its
+    train, test and answer rows together) and per hand-written file."""
+    s = e.source.split(":")[0]
+    for prefix in ("advbench", "self-instruct", "gsm8k"):
+        if s.startswith(prefix):
+            return prefix
+    return "arc" if s.startswith("arc-") else s
+
+
+def load_loso_examples(folder: Path | None = None) -> list[Example]:
+    """Every row of every source, for leave-one-source-out: the guard's training and held-out rows,
+    OpenAI's moderation samples and the evasion set."""
+    return load_examples(folder) + load_openai_moderation(folder) + load_evasion()
