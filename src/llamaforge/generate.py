@@ -7,6 +7,7 @@ batching and single-prompt generation run the same code.
 from __future__ import annotations
 
 import bisect
+import contextlib
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence as Seq
 
@@ -122,6 +123,7 @@ class Sequence:
     logits_processor: Callable[[list[int], torch.Tensor], torch.Tensor] | None = None
     reused: int = 0      # prompt tokens whose keys/values were copied from another sequence, not computed
     fed: int = 0         # tokens (prompt, then generated) whose keys/values are in the cache
+    adapter: str | None = None   # the LoRA adapter of Batch.adapters this sequence runs with (None: the base)
 
     @property
     def length(self) -> int:
@@ -156,10 +158,14 @@ class Batch:
     its prompt held by any slot (a running sequence, or a finished one whose slot is still
     untouched), e.g. a shared system prompt or the earlier turns of a conversation, and prefills
     only the rest.
+
+    With adapters (a multilora.AdapterBank over model), each sequence may name its own LoRA adapter:
+    rows of different adapters decode in one forward, and cached keys are reused only between
+    sequences of the same adapter.
     """
 
     def __init__(self, model, tokenizer=None, max_batch: int = 1, max_seq: int | None = None,
-                 prefill_chunk: int = 512, prefix_reuse: bool = False):
+                 prefill_chunk: int = 512, prefix_reuse: bool = False, adapters=None):
         self.model, self.tok = model, tokenizer
         self.max_seq = min(max_seq or model.args.max_seq_len, model.args.max_seq_len)
         self.cache = model.new_cache(max_batch, self.max_seq)
@@ -170,8 +176,9 @@ class Batch:
         self.device = model.rope_cos.device
         self.prefix_reuse = prefix_reuse
         self.reused_tokens = 0                # prompt tokens taken from the cache instead of prefilled
-        # ids whose keys/values a free slot still holds (its last sequence's), for prefix reuse
-        self._kept: dict[int, list[int]] = {}
+        self.adapters = adapters
+        # ids whose keys/values a free slot still holds (its last sequence's, with its adapter), for prefix reuse
+        self._kept: dict[int, tuple[str | None, list[int]]] = {}
         self._last: tuple[torch.Tensor, list[Sequence]] | None = None   # the last decode's logits and rows
 
     def check_prompt(self, n: int) -> None:
@@ -182,26 +189,33 @@ class Batch:
         return len(self.free), len(self.active), self.size
 
     @torch.inference_mode()
-    def add(self, prompt: Seq[int], params: SamplingParams, stop_ids: Seq[int] | None = None) -> Sequence:
-        """Prefill a new sequence into a free slot; its first token is sampled at the next step()."""
+    def add(self, prompt: Seq[int], params: SamplingParams, stop_ids: Seq[int] | None = None,
+            adapter: str | None = None) -> Sequence:
+        """Prefill a new sequence into a free slot; its first token is sampled at the next step().
+
+        adapter: the name of a LoRA adapter of self.adapters to run this sequence with.
+        """
         prompt = [int(t) for t in prompt]
         self.check_prompt(len(prompt))
+        if adapter is not None and (self.adapters is None or adapter not in self.adapters.names):
+            raise ValueError(f"no LoRA adapter named {adapter!r} is loaded")
         if not self.free:
             raise RuntimeError("no free slot in the batch")
         if stop_ids is None:
             stop_ids = getattr(self.tok, "eog_ids", ()) or ()
-        twin = self._twin(prompt)
-        slot, start = self._take_slot(prompt, twin)
+        twin = self._twin(prompt, adapter)
+        slot, start = self._take_slot(prompt, twin, adapter)
         try:   # from here on, any failure gives the slot back
             stream = TextStream(self.tok, params.stop, prompt) if self.tok is not None else None
             seq = Sequence(prompt, params, slot, stream, make_generator(params.seed),
-                           frozenset() if params.ignore_eos else frozenset(stop_ids), reused=start)
+                           frozenset() if params.ignore_eos else frozenset(stop_ids), reused=start, adapter=adapter)
             slots = torch.tensor([slot], device=self.device)
             for begin in range(start, len(prompt), self.prefill_chunk):
                 chunk = prompt[begin:begin + self.prefill_chunk]
                 toks = torch.tensor([chunk], device=self.device)
                 pos = torch.arange(begin, begin + len(chunk), device=self.device)[None]
-                logits = self.model(toks, pos, self.cache, slots, last_only=True)
+                with self._adapter_rows([seq]):
+                    logits = self.model(toks, pos, self.cache, slots, last_only=True)
         except BaseException:
             self._give_back(slot)
             raise
@@ -219,21 +233,28 @@ class Batch:
         if seq in self.active:
             self.active.remove(seq)
             if self.prefix_reuse and seq.fed:
-                self._kept[seq.slot] = (seq.prompt + seq.out)[:seq.fed]
+                self._kept[seq.slot] = (seq.adapter, (seq.prompt + seq.out)[:seq.fed])
             self._give_back(seq.slot)
 
     def _give_back(self, slot: int) -> None:
         bisect.insort(self.free, slot)
 
-    def _twin(self, prompt: list[int]) -> Sequence | None:
+    def _adapter_rows(self, rows: list[Sequence]):
+        """The context a forward over these sequences' rows runs in: each row's own adapter."""
+        if self.adapters is None:
+            return contextlib.nullcontext()
+        return self.adapters.rows([s.adapter for s in rows])
+
+    def _twin(self, prompt: list[int], adapter: str | None = None) -> Sequence | None:
         """A running sequence with this very prompt, prefilled and not yet sampled (another choice of
         the same request, n > 1): its keys/values and first-token logits serve the new one whole."""
         if not self.prefix_reuse:
             return None
         return next((s for s in self.active if not s.out and not s.finish_reason and s.next_logits is not None
-                     and s.fed == len(prompt) and s.prompt == prompt), None)
+                     and s.fed == len(prompt) and s.prompt == prompt and s.adapter == adapter), None)
 
-    def _take_slot(self, prompt: list[int], twin: Sequence | None = None) -> tuple[int, int]:
+    def _take_slot(self, prompt: list[int], twin: Sequence | None = None,
+                   adapter: str | None = None) -> tuple[int, int]:
         """A free slot for prompt and how many of its first tokens already sit in that slot's cache
         (all of them when copied from a twin, see _twin)."""
         if not self.prefix_reuse:
@@ -246,10 +267,13 @@ class Batch:
         limit = len(prompt) - 1       # the last prompt token is always run: its logits give the first token
         best, src = 0, None           # longest reusable prefix and the slot holding it
         for slot in self.free:        # lowest first: among equal prefixes, the lowest free slot wins
-            n = min(_common_prefix(prompt, self._kept.get(slot, [])), limit)
+            kept_adapter, kept = self._kept.get(slot, (None, []))
+            n = min(_common_prefix(prompt, kept), limit) if kept_adapter == adapter else 0
             if n > best:
                 best, src = n, slot
         for seq in self.active:
+            if seq.adapter != adapter:    # another adapter's keys and values differ from this one's
+                continue
             held = (seq.prompt + seq.out)[:seq.fed]
             n = min(_common_prefix(prompt, held), limit)
             if n > best:
@@ -309,7 +333,8 @@ class Batch:
             pos = torch.tensor([[s.length - 1] for s in going], device=self.device)
             slots = [s.slot for s in going]
             slot_t = None if slots[-1] == len(slots) - 1 else torch.tensor(slots, device=self.device)
-            logits = self.model(toks, pos, self.cache, slot_t, last_only=True)[:, -1]
+            with self._adapter_rows(going):
+                logits = self.model(toks, pos, self.cache, slot_t, last_only=True)[:, -1]
             for s, row in zip(going, logits):
                 s.next_logits = row
                 s.fed += 1
@@ -348,7 +373,8 @@ class Batch:
         toks = torch.tensor(ids, device=self.device).view(T, 1)
         pos = torch.arange(seq.fed, seq.fed + T, device=self.device).view(T, 1)
         slots = torch.full((T,), seq.slot, device=self.device)
-        logits = self.model(toks, pos, self.cache, slots, last_only=True)[:, -1]
+        with self._adapter_rows([seq] * T):
+            logits = self.model(toks, pos, self.cache, slots, last_only=True)[:, -1]
         seq.fed += T
         self._last = None     # these rows are not a batch step's: _greedy_ids must not read them
         return logits

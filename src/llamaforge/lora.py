@@ -27,6 +27,7 @@ from torch import nn
 
 from .fileio import atomic_write, load_torch_file
 from .formats.hf import permute_hf, unpermute_hf
+from .native import kernels
 from .quant.linear import dequantized_weight
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,30 @@ def normalize_targets(targets: Iterable[str] | str) -> list[str]:
     return list(dict.fromkeys(out))
 
 
+def rowwise_ok(x: torch.Tensor, training: bool) -> bool:
+    """Whether an adapter update of x takes lora_delta's row-by-row form (inference on float32 CPU rows)."""
+    return (not training and x.dtype == torch.float32 and x.device.type == "cpu"
+            and (torch.is_inference_mode_enabled() or not torch.is_grad_enabled()))
+
+
+def lora_delta(x: torch.Tensor, a: list[torch.Tensor], b: list[torch.Tensor], rows: torch.Tensor,
+               scaling: list[float]) -> torch.Tensor:
+    """Each row's adapter update, scaling[i] * B_i A_i x, with i = rows[m] (< 0: none), shaped like
+    base(x). Every row is computed alone in a fixed order (the native lora_delta, else one small
+    matmul per row), so its result does not depend on the other rows of the batch."""
+    x2 = x.reshape(-1, x.shape[-1]).float()
+    k = kernels()
+    if k is not None:
+        y = k.lora_delta(x2, [t.float() for t in a], [t.float() for t in b], rows,
+                         torch.tensor(scaling, dtype=torch.float32))
+    else:
+        y = x2.new_zeros(x2.shape[0], b[0].shape[0])
+        for m, i in enumerate(rows.tolist()):
+            if i >= 0:
+                y[m] = (x2[m:m + 1] @ a[i].float().t() @ b[i].float().t())[0] * scaling[i]
+    return y.view(*x.shape[:-1], -1)
+
+
 class LoraLinear(nn.Module):
     """A frozen base projection plus a trainable low-rank update."""
 
@@ -110,6 +135,11 @@ class LoraLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return self.base(x)
+        if rowwise_ok(x, self.training):
+            # inference: the row-by-row form multi-adapter serving uses too, so a request gives the
+            # same tokens whether its adapter is the model's only one or one of many in a batch
+            rows = torch.zeros(x.numel() // self.in_features, dtype=torch.long)
+            return self.base(x) + lora_delta(x, [self.lora_A], [self.lora_B], rows, [self.scaling])
         # x @ A^T first: the [.., r] intermediate keeps the update cheap
         update = self.dropout(x) @ self.lora_A.to(x.dtype).t() @ self.lora_B.to(x.dtype).t()
         return self.base(x) + update * self.scaling
@@ -185,7 +215,8 @@ def apply_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
         base = getattr(parent, attr)
         if isinstance(base, LoraLinear):
             raise ValueError(f"{path} already has a LoRA adapter")
-        setattr(parent, attr, LoraLinear(base, config.r, config.alpha, config.dropout))
+        # in the mode of the module it wraps: a model in eval mode stays there (dropout off)
+        setattr(parent, attr, LoraLinear(base, config.r, config.alpha, config.dropout).train(base.training))
     model.lora_config = config  # type: ignore[attr-defined]
     log.info("LoRA r=%d alpha=%g on %d modules: %d trainable parameters", config.r, config.alpha, len(paths),
              sum(p.numel() for p in model.parameters() if p.requires_grad))
@@ -326,12 +357,10 @@ def read_adapter(directory: str | Path) -> tuple[LoraConfig, dict[str, torch.Ten
 _PEFT_KEY = re.compile(r"base_model\.model\.model\.layers\.(\d+)\.(\w+)\.(\w+)\.(lora_[AB])(?:\.default)?\.weight")
 
 
-def load_adapter(model: nn.Module, directory: str | Path, *, merge: bool = True) -> nn.Module:
-    """Apply a PEFT-format LoRA adapter to a llamaforge Transformer.
-
-    merge=True folds the update into float base weights (no extra cost at inference); over a packed
-    quantized base, or with merge=False, the LoraLinear modules stay (merge=False: to continue training).
-    """
+def adapter_factors(model: nn.Module, directory: str | Path
+                    ) -> tuple[LoraConfig, dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]]:
+    """An adapter folder's config and its factors per (layer, module path): float32 A [r, in] and B
+    [out, r] in llamaforge's row order, each checked against the model's shapes."""
     config, tensors = read_adapter(directory)
     args = model.args
     factors: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
@@ -347,19 +376,32 @@ def load_adapter(model: nn.Module, directory: str | Path, *, merge: bool = True)
         factors.setdefault((layer, TARGETS[short][0]), {})[m.group(4)] = t
     present = sorted({_META_TO_SHORT[mod] for _, mod in factors}, key=list(TARGETS).index)
     config.targets = tuple(present or config.targets)
-    apply_lora(model, config)
-    mods = lora_modules(model)
+    out = {}
     for (layer, mod), pair in factors.items():
         if set(pair) != {"lora_A", "lora_B"}:
             raise ValueError(f"{directory}: layer {layer} {mod}: needs both lora_A and lora_B")
-        lm = mods[f"layers.{layer}.{mod}"]
+        base = model.get_submodule(f"layers.{layer}.{mod}")
+        base = getattr(base, "base", base)
         a, b = pair["lora_A"].float(), pair["lora_B"].float()
-        if tuple(a.shape) != (config.r, lm.in_features) or tuple(b.shape) != (lm.out_features, config.r):
+        if tuple(a.shape) != (config.r, base.in_features) or tuple(b.shape) != (base.out_features, config.r):
             raise ValueError(f"{directory}: layer {layer} {mod}: adapter shapes {tuple(a.shape)}, {tuple(b.shape)} do "
-                             f"not fit the model ({lm.out_features}x{lm.in_features}, r={config.r})")
+                             f"not fit the model ({base.out_features}x{base.in_features}, r={config.r})")
         heads = _heads_for(mod, args)
-        if heads is not None:
-            b = unpermute_hf(b, heads)
+        out[(layer, mod)] = (a, unpermute_hf(b, heads) if heads is not None else b)
+    return config, out
+
+
+def load_adapter(model: nn.Module, directory: str | Path, *, merge: bool = True) -> nn.Module:
+    """Apply a PEFT-format LoRA adapter to a llamaforge Transformer.
+
+    merge=True folds the update into float base weights (no extra cost at inference); over a packed
+    quantized base, or with merge=False, the LoraLinear modules stay (merge=False: to continue training).
+    """
+    config, factors = adapter_factors(model, directory)
+    apply_lora(model, config)
+    mods = lora_modules(model)
+    for (layer, mod), (a, b) in factors.items():
+        lm = mods[f"layers.{layer}.{mod}"]
         with torch.no_grad():
             lm.lora_A.copy_(a)
             lm.lora_B.copy_(b)
@@ -401,4 +443,4 @@ def copy_adapter(src: str | Path, dst: str | Path) -> None:
 __all__ = ["LoraConfig", "LoraLinear", "FrozenQuantized", "apply_lora", "lora_modules", "lora_state_dict", "save_adapter",
            "adapters_disabled",
            "save_adapter_tensors",
-           "read_adapter", "load_adapter", "merge_lora", "to_peft_tensors", "peft_config"]
+           "read_adapter", "adapter_factors", "load_adapter", "lora_delta", "merge_lora", "to_peft_tensors", "peft_config"]

@@ -1,0 +1,113 @@
+"""Many LoRA adapters on one base (multilora.py): every row of a mixed-adapter batch decodes exactly
+what `Llama.load(base, adapter=DIR)` decodes for it alone, on the bundled GGUF model."""
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from llamaforge.api import Llama
+from llamaforge.generate import Batch, generate
+from llamaforge.lora import LoraConfig, apply_lora, lora_modules, save_adapter
+from llamaforge.multilora import AdapterBank, MultiLoraLinear
+from llamaforge.sampling import SamplingParams
+
+# (rank, targets) per adapter: different ranks and module sets share one batch
+SPECS = {"qv": (8, ("q", "v")), "attn": (4, ("q", "k", "v", "o")), "mlp": (8, ("gate", "up", "down")),
+         "all": (16, ("q", "k", "v", "o", "gate", "up", "down"))}
+PROMPTS = ["The capital of France is", "Write a haiku about the sea.", "def fibonacci(n):",
+           "Three facts about owls:", "Once upon a time", "The best way to learn Python is",
+           "List the planets of the solar system.", "A good breakfast has"]
+GREEDY = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def adapters(bundled_gguf, tmp_path_factory):
+    """Four random PEFT adapters of the bundled model (B not zero, so each one changes the output)."""
+    root = tmp_path_factory.mktemp("adapters")
+    out = {}
+    for seed, (name, (r, targets)) in enumerate(SPECS.items()):
+        model = Llama.load(bundled_gguf).model
+        apply_lora(model, LoraConfig(r=r, alpha=2 * r, targets=targets))
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for m in lora_modules(model).values():
+                m.lora_A.copy_(torch.randn(m.lora_A.shape, generator=g) * 0.05)
+                m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.05)
+        out[name] = save_adapter(model, root / name)
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _loaded(path, adapter) -> Llama:
+    return Llama.load(path, adapter=adapter)
+
+
+def _alone(path, adapter, prompt: str) -> list[int]:
+    llm = _loaded(path, adapter)
+    return [ev.id for ev in generate(llm.model, llm.tokenizer.encode(prompt), GREEDY, llm.tokenizer)]
+
+
+def test_mixed_adapter_batch_matches_each_adapter_alone(bundled_gguf, adapters):
+    names = [None, *SPECS, "qv", "mlp", "all"]          # 8 rows: the base and every adapter, some twice
+    llm = Llama.load(bundled_gguf)
+    bank = AdapterBank(llm.model)
+    for name, path in adapters.items():
+        bank.load(name, path)
+    batch = Batch(llm.model, llm.tokenizer, max_batch=8, adapters=bank)
+    seqs = [batch.add(llm.tokenizer.encode(p), GREEDY, adapter=n) for p, n in zip(PROMPTS, names)]
+    while any(not s.finish_reason for s in seqs):
+        batch.step()
+    got = [s.out for s in seqs]
+    want = [_alone(bundled_gguf, adapters[n] if n else None, p) for p, n in zip(PROMPTS, names)]
+    assert got == want
+    # the adapters matter: each changes the base model's answer to the same prompt
+    base = _alone(bundled_gguf, None, PROMPTS[1])
+    assert all(_alone(bundled_gguf, adapters[n], PROMPTS[1]) != base for n in ("qv", "mlp"))
+
+
+def test_load_unload_and_errors(bundled_gguf, adapters, tmp_path):
+    llm = Llama.load(bundled_gguf)
+    bank = AdapterBank(llm.model)
+    bank.load("qv", adapters["qv"])
+    wq = llm.model.layers[0].attention.wq
+    assert isinstance(wq, MultiLoraLinear) and list(wq.factors) == ["qv"]
+    with pytest.raises(ValueError, match="already loaded"):
+        bank.load("qv", adapters["qv"])
+    with pytest.raises(ValueError, match="adapter name"):
+        bank.load("../x y", adapters["qv"])
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        bank.load("none", tmp_path)
+    batch = Batch(llm.model, llm.tokenizer, max_batch=2, adapters=bank)
+    with pytest.raises(ValueError, match="no LoRA adapter named 'mlp'"):
+        batch.add([1, 2, 3], GREEDY, adapter="mlp")
+    assert batch.slot_counts() == (2, 0, 2)            # the refused request took no slot
+    bank.unload("qv")
+    assert bank.names == [] and type(llm.model.layers[0].attention.wq) is type(wq.base)
+    with pytest.raises(KeyError):
+        bank.unload("qv")
+    # rows of unknown adapters are refused before any forward
+    with pytest.raises(KeyError, match="no adapter loaded as qv"):
+        with bank.rows(["qv"]):
+            pass
+
+
+def test_prefix_reuse_never_crosses_adapters(bundled_gguf, adapters):
+    """Cached keys of one adapter's sequence are not reused for the same prompt under another."""
+    llm = Llama.load(bundled_gguf)
+    bank = AdapterBank(llm.model)
+    bank.load("all", adapters["all"])
+    ids = llm.tokenizer.encode(PROMPTS[0])
+    batch = Batch(llm.model, llm.tokenizer, max_batch=2, adapters=bank, prefix_reuse=True)
+    a = batch.add(ids, GREEDY, adapter="all")
+    b = batch.add(ids, GREEDY)                          # same prompt, base model: nothing reused
+    assert b.reused == 0
+    c_batch = Batch(llm.model, llm.tokenizer, max_batch=2, adapters=bank, prefix_reuse=True)
+    c_batch.add(ids, GREEDY, adapter="all")
+    c = c_batch.add(ids, GREEDY, adapter="all")         # same prompt, same adapter: reused whole
+    assert c.reused == len(ids)
+    while not (a.finish_reason and b.finish_reason):
+        batch.step()
+    assert a.out == _alone(bundled_gguf, adapters["all"], PROMPTS[0])
+    assert b.out == _alone(bundled_gguf, None, PROMPTS[0])
