@@ -22,13 +22,12 @@ PROMPTS = ["The capital of France is", "Write a haiku about the sea.", "def fibo
 GREEDY = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
 
 
-@pytest.fixture(scope="module")
-def adapters(bundled_gguf, tmp_path_factory):
-    """Four random PEFT adapters of the bundled model (B not zero, so each one changes the output)."""
-    root = tmp_path_factory.mktemp("adapters")
+def make_adapters(base, root, specs=SPECS) -> dict:
+    """Random PEFT adapters of the model at base, one folder each under root (B not zero, so each
+    one changes the output)."""
     out = {}
-    for seed, (name, (r, targets)) in enumerate(SPECS.items()):
-        model = Llama.load(bundled_gguf).model
+    for seed, (name, (r, targets)) in enumerate(specs.items()):
+        model = Llama.load(base).model
         apply_lora(model, LoraConfig(r=r, alpha=2 * r, targets=targets))
         g = torch.Generator().manual_seed(seed)
         with torch.no_grad():
@@ -37,6 +36,11 @@ def adapters(bundled_gguf, tmp_path_factory):
                 m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.05)
         out[name] = save_adapter(model, root / name)
     return out
+
+
+@pytest.fixture(scope="module")
+def adapters(bundled_gguf, tmp_path_factory):
+    return make_adapters(bundled_gguf, tmp_path_factory.mktemp("adapters"))
 
 
 @functools.lru_cache(maxsize=None)

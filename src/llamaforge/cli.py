@@ -129,6 +129,8 @@ def add_function_arguments(parser: argparse.ArgumentParser, fn: Callable[..., An
         elif origin in (list, tuple):
             kw["nargs"] = "*" if p.kind == p.POSITIONAL_OR_KEYWORD else "+"
             kw["type"] = (typing.get_args(tp) or (str,))[0]
+            if p.kind == p.KEYWORD_ONLY and p.default is None:
+                kw["action"] = "extend"   # repeatable: --lora a=x --lora b=y, as well as --lora a=x b=y
         elif tp is bool:
             kw["action"] = argparse.BooleanOptionalAction
         elif tp in (int, float, str):

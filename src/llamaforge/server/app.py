@@ -33,11 +33,16 @@ DEFAULT_CTX = 2048          # KV cache per slot when --ctx is not given (the cac
 
 def create_app(llm, *, model_id: str | None = None, api_key: str | None = None, max_batch: int = 8,
                ctx: int | None = None, max_queue: int = 64, guard=None, max_body: int = MAX_BODY,
-               threads: int | None = None) -> FastAPI:
-    """The FastAPI app serving `llm` (a llamaforge.api.Llama); the scheduler runs while the app does."""
+               threads: int | None = None, adapters: dict[str, str] | None = None,
+               lora_updates: bool = False) -> FastAPI:
+    """The FastAPI app serving `llm` (a llamaforge.api.Llama); the scheduler runs while the app does.
+
+    adapters: LoRA adapter folders by model name, served next to the base; lora_updates: allow
+    loading and unloading adapters at run time (POST /v1/load_lora_adapter, /v1/unload_lora_adapter).
+    """
     ctx = min(ctx or DEFAULT_CTX, llm.args.max_seq_len)
     srv = Server(llm, model_id=model_id or "llamaforge", api_key=api_key, max_batch=max_batch, ctx=ctx,
-                 max_queue=max_queue, guard=guard, threads=threads)
+                 max_queue=max_queue, guard=guard, threads=threads, adapters=adapters, lora_updates=lora_updates)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -113,7 +118,8 @@ def _on_a_passing_thread(fn):
 def serve(*, model: str | None = None, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           max_batch: int = 8, ctx: int | None = None, max_queue: int = 64, guard: bool = False,
           weights: Weights | None = None, quantize: Quantize = "none", max_body: int = MAX_BODY,
-          threads: int | None = None, kv_type: KVType | None = None) -> int:
+          threads: int | None = None, kv_type: KVType | None = None, lora: list[str] | None = None,
+          allow_lora_updates: bool = False) -> int:
     """Serve a model over an OpenAI-compatible HTTP API with continuous batching and a web chat page at /.
 
     model: checkpoint (Meta folder, HF folder or .gguf); the bundled SmolLM2 when omitted
@@ -129,6 +135,8 @@ def serve(*, model: str | None = None, host: str = "127.0.0.1", port: int = 8000
     max_body: largest request body in bytes; larger ones get 413
     threads: CPU threads for the model (default: torch's, i.e. the cores or OMP_NUM_THREADS)
     kv_type: KV cache element type (f16 halves its memory, q8_0 keeps 34/128 of it: more tokens fit); default: f16 for GGUF models of 256 MiB or more (as llama.cpp), else the model's dtype
+    lora: NAME=DIR: serve the PEFT LoRA adapter in DIR as model NAME next to the base (repeatable); rows of different adapters share each batch
+    allow_lora_updates: let API clients load and unload adapters (POST /v1/load_lora_adapter {lora_name, lora_path}, /v1/unload_lora_adapter): it reads any adapter folder the server can
     """
     if not 0 < port < 65536:
         raise ValueError(f"port {port} is not in 1..65535")
@@ -140,6 +148,14 @@ def serve(*, model: str | None = None, host: str = "127.0.0.1", port: int = 8000
         raise ValueError("max_body must be >= 1")
     if threads is not None and threads < 1:
         raise ValueError("threads must be >= 1")
+    adapters = {}
+    for spec in lora or []:
+        name, sep, folder = spec.partition("=")
+        if not sep or not name or not folder:
+            raise ValueError(f"--lora {spec!r}: expected NAME=DIR")
+        if name in adapters:
+            raise ValueError(f"--lora: the name {name!r} is given twice")
+        adapters[name] = folder
     checker = None
     if guard:
         checker = _on_a_passing_thread(Guard.load)
@@ -147,9 +163,11 @@ def serve(*, model: str | None = None, host: str = "127.0.0.1", port: int = 8000
     llm = _on_a_passing_thread(lambda: load_model(str(path), weights, quantize, progress=True, kv_type=kv_type))
     model_id = path.stem if path.is_file() else path.name
     app = create_app(llm, model_id=model_id, api_key=api_key, max_batch=max_batch, ctx=ctx, max_queue=max_queue,
-                     guard=checker, max_body=max_body, threads=threads)
+                     guard=checker, max_body=max_body, threads=threads, adapters=adapters,
+                     lora_updates=allow_lora_updates)
     srv = app.state.server
     print(f"llamaforge: serving {model_id!r} on http://{host}:{port}  (batch {max_batch}, context "
-          f"{srv.scheduler.max_seq}, queue {max_queue}{', guarded' if checker else ''})", flush=True)
+          f"{srv.scheduler.max_seq}, queue {max_queue}{', guarded' if checker else ''}"
+          f"{', adapters ' + ', '.join(adapters) if adapters else ''})", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")
     return 0

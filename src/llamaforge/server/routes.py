@@ -10,8 +10,8 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 
 from .metrics import prometheus
 from .responses import ChatShape, CompletionShape, EventStream, collect, given, sse_chunks, tool_pieces
-from .schemas import (APIError, ChatRequest, CompletionRequest, DetokenizeRequest, EmbeddingRequest, TokenizeRequest,
-                      message_text)
+from .schemas import (APIError, ChatRequest, CompletionRequest, DetokenizeRequest, EmbeddingRequest, LoadLoraRequest,
+                      TokenizeRequest, UnloadLoraRequest, message_text)
 from .service import Piece, Server, TopLogprobs, generated
 from .structured import StructuredOutputError, response_schema, schema_grammar
 from .tools import check_history, grammar as tool_grammar, plan
@@ -47,14 +47,31 @@ async def index():
 
 @router.get("/v1/models")
 async def models(srv: Server = Depends(server)):
-    return {"object": "list", "data": [{"id": srv.model_id, "object": "model", "created": srv.created,
-                                        "owned_by": "llamaforge", "max_model_len": srv.scheduler.max_seq}]}
+    base = {"id": srv.model_id, "object": "model", "created": srv.created, "owned_by": "llamaforge",
+            "max_model_len": srv.scheduler.max_seq}
+    # LoRA adapters as models of their own, with the base as parent (vLLM's listing)
+    return {"object": "list", "data": [base] + [{**base, "id": n, "parent": srv.model_id, "root": n}
+                                                 for n in srv.adapter_names]}
 
 
 @router.get("/v1/models/{name:path}")
 async def model(name: str, srv: Server = Depends(server)):
-    srv.check_model(name)
-    return {"id": srv.model_id, "object": "model", "created": srv.created, "owned_by": "llamaforge"}
+    adapter = srv.check_model(name)
+    out = {"id": adapter or srv.model_id, "object": "model", "created": srv.created, "owned_by": "llamaforge"}
+    return {**out, "parent": srv.model_id} if adapter else out
+
+
+@router.post("/v1/load_lora_adapter")
+async def load_lora_adapter(body: LoadLoraRequest, srv: Server = Depends(server)):
+    """Load a PEFT adapter folder under a model name (only with serve --allow-lora-updates)."""
+    await srv.load_adapter(body.lora_name, body.lora_path)
+    return {"status": "ok", "lora_name": body.lora_name}
+
+
+@router.post("/v1/unload_lora_adapter")
+async def unload_lora_adapter(body: UnloadLoraRequest, srv: Server = Depends(server)):
+    await srv.unload_adapter(body.lora_name)
+    return {"status": "ok", "lora_name": body.lora_name}
 
 
 @router.post("/tokenize")
@@ -85,7 +102,7 @@ async def detokenize(body: DetokenizeRequest, srv: Server = Depends(server)):
 # -- generation ------------------------------------------------------------------------------------
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request, srv: Server = Depends(server)):
-    srv.check_model(body.model)
+    adapter = srv.check_model(body.model)    # a LoRA adapter's name runs the request with it
     k = body.generated_choices()       # answers generated per prompt (best_of), n of them returned
     srv.check_choices(body, k, "best_of" if body.best_of else "n")
     prompts = await _prompts(srv, body.prompt, k)
@@ -97,12 +114,12 @@ async def completions(body: CompletionRequest, request: Request, srv: Server = D
     # one job per (prompt, choice), prompt-major: choice j of prompt i is job i * k + j
     runs = [(i, p) for i, base in enumerate(params) for p in srv.per_choice(base, k)]
     tops = [TopLogprobs(body.logprobs, srv.tok) if body.logprobs else None for _ in runs]
-    shape = CompletionShape(srv.model_id, want_lp, top=bool(body.logprobs),
+    shape = CompletionShape(adapter or srv.model_id, want_lp, top=bool(body.logprobs),
                             echo=[text for text, _ in prompts for _ in range(body.n)] if body.echo else [])
     refusals = await srv.screen([("User", text) for text, _ in prompts])
     todo = [r for r, (i, _) in enumerate(runs) if refusals[i] is None]
     jobs: list = [None] * len(runs)
-    for r, job in zip(todo, srv.submit_all([(prompts[runs[r][0]][1], runs[r][1], tops[r]) for r in todo])):
+    for r, job in zip(todo, srv.submit_all([(prompts[runs[r][0]][1], runs[r][1], tops[r]) for r in todo], adapter)):
         jobs[r] = job
     answers = [given(Piece(refusals[i], "content_filter")) if job is None else
                srv.pieces(job, top, want_lp, [{"role": "user", "content": prompts[i][0]}])
@@ -124,7 +141,7 @@ async def completions(body: CompletionRequest, request: Request, srv: Server = D
 
 @router.post("/v1/chat/completions")
 async def chat(body: ChatRequest, request: Request, srv: Server = Depends(server)):
-    srv.check_model(body.model)
+    adapter = srv.check_model(body.model)
     srv.check_choices(body, body.n)
     tools = await asyncio.to_thread(plan, body.tools, body.tool_choice, body.parallel_tool_calls)
     calling = tools is not None and tools.active       # the answer may hold tool calls
@@ -146,7 +163,7 @@ async def chat(body: ChatRequest, request: Request, srv: Server = Depends(server
             for p in processors]
     params = srv.sampling(body, body.max_completion_tokens if body.max_completion_tokens is not None
                           else body.max_tokens, len(ids), body.logprobs, "messages")
-    shape = ChatShape(srv.model_id, body.logprobs)
+    shape = ChatShape(adapter or srv.model_id, body.logprobs)
     # every turn the client sends is input, its own "assistant" turns included
     verdicts = await srv.screen([("Agent" if m.get("role") == "assistant" else "User", m["content"])
                                  for m in messages])
@@ -156,7 +173,7 @@ async def chat(body: ChatRequest, request: Request, srv: Server = Depends(server
         answers = [given(Piece(refusal, "content_filter")) for _ in jobs]
     else:
         jobs = srv.submit_all([(ids, p, top or proc)
-                               for p, top, proc in zip(srv.per_choice(params, body.n), tops, processors)])
+                               for p, top, proc in zip(srv.per_choice(params, body.n), tops, processors)], adapter)
         answers = [srv.pieces(job, top, body.logprobs, messages) for job, top in zip(jobs, tops)]
         if calling:
             answers = [tool_pieces(a) for a in answers]
@@ -172,7 +189,9 @@ async def chat(body: ChatRequest, request: Request, srv: Server = Depends(server
 
 @router.post("/v1/embeddings")
 async def embeddings(body: EmbeddingRequest, request: Request, srv: Server = Depends(server)):
-    srv.check_model(body.model)
+    if srv.check_model(body.model) is not None:
+        raise APIError(400, "embeddings come from the base model; name it (or leave model out), not an adapter",
+                       param="model")
     dim = srv.llm.args.dim
     if body.dimensions is not None and body.dimensions != dim:
         # truncating would only suit models trained for it (Matryoshka): refused, not approximated

@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable, Sequence as Seq
+from typing import Any, AsyncIterator, Callable, Sequence as Seq
 
 import torch
 
@@ -44,6 +44,7 @@ class Job:
     cancelled: bool = False
     submitted: float = field(default_factory=time.perf_counter)
     first_token: float | None = None
+    adapter: str | None = None           # the LoRA adapter it runs with (None: the base model)
 
 
 @dataclass(eq=False)
@@ -94,7 +95,7 @@ class Scheduler:
 
     def __init__(self, model, tokenizer, *, max_batch: int = 8, max_seq: int | None = None, max_queue: int = 64,
                  prefix_reuse: bool = True, threads: int | None = None, embed_busy: int = 128,
-                 embed_idle: int = 2048):
+                 embed_idle: int = 2048, adapters=None):
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
         if max_queue < 0:
@@ -105,7 +106,9 @@ class Scheduler:
         self.threads_in_use: int | None = None
         # the Batch (its KV cache) is made on the scheduler thread, the only one that runs the model
         self._make_batch = lambda: Batch(model, tokenizer, max_batch=max_batch, max_seq=max_seq,
-                                         prefix_reuse=prefix_reuse)
+                                         prefix_reuse=prefix_reuse, adapters=adapters)
+        self.adapters = adapters              # a multilora.AdapterBank, changed on this thread only (call())
+        self._calls: collections.deque = collections.deque()   # (fn, future): run between two steps
         self.batch: Batch | None = None
         self._max_seq = min(max_seq or model.args.max_seq_len, model.args.max_seq_len)
         self.max_batch, self.max_queue = max_batch, max_queue
@@ -187,14 +190,18 @@ class Scheduler:
         """Queue a request; raises ContextOverflow/ValueError for a bad prompt, QueueFull when saturated."""
         return self.submit_all([(prompt, params, logits_processor)])[0]
 
-    def submit_all(self, requests: Seq[tuple[Seq[int], SamplingParams, LogitsProcessor | None]]) -> list[Job]:
-        """Queue several requests, all or none: QueueFull (nothing queued) if they do not all fit."""
+    def submit_all(self, requests: Seq[tuple[Seq[int], SamplingParams, LogitsProcessor | None]],
+                   adapter: str | None = None) -> list[Job]:
+        """Queue several requests, all or none: QueueFull (nothing queued) if they do not all fit.
+
+        adapter: the LoRA adapter (of self.adapters) every one of them runs with.
+        """
         loop = asyncio.get_running_loop()
         jobs = []
         for prompt, params, processor in requests:
             prompt = [int(t) for t in prompt]
             self.check_prompt(len(prompt))
-            jobs.append(Job(prompt, params, loop, processor))
+            jobs.append(Job(prompt, params, loop, processor, adapter=adapter))
         with self._cv:
             # free slots take waiting jobs at the next step; beyond them, at most max_queue may wait
             room = self.max_queue + self.max_batch - self.running - len(self._waiting)
@@ -206,6 +213,20 @@ class Scheduler:
             self._waiting.extend(jobs)
             self._cv.notify()
         return jobs
+
+    def call(self, fn: Callable[[], Any]) -> asyncio.Future:
+        """Run fn() on the scheduler thread between two decode steps (e.g. loading an adapter, which
+        changes the model's modules); the future gets its result or exception."""
+        future = asyncio.get_running_loop().create_future()
+        with self._cv:
+            self._calls.append((fn, future))
+            self._cv.notify()
+        return future
+
+    def adapter_in_use(self, name: str) -> bool:
+        """Whether a running or waiting request runs with this adapter."""
+        with self._cv:
+            return any(j.adapter == name for j in list(self._running.values()) + list(self._waiting))
 
     def submit_embed(self, seqs: Seq[Seq[int]]) -> EmbedJob:
         """Queue an embeddings request (inputs already checked); QueueFull past max_queue waiting ones.
@@ -256,16 +277,25 @@ class Scheduler:
             self._drop_cancelled()   # first, so their slots can take waiting requests right away
             self._snapshot()
             with self._cv:
-                while not self._stop and not self._waiting and not self._running and not self._embeds:
+                while (not self._stop and not self._waiting and not self._running and not self._embeds
+                       and not self._calls):
                     self._cv.wait()
                 if self._stop:
                     break
+                calls = list(self._calls)
+                self._calls.clear()
                 admit = []
                 while self._waiting and len(admit) < len(self.batch.free):
                     job = self._waiting.popleft()
                     if not job.cancelled:
                         admit.append(job)
                 self._admitting = len(admit)
+            for fn, future in calls:
+                try:
+                    result = fn()
+                except Exception as e:  # noqa: BLE001 - handed to the caller
+                    result = e
+                future.get_loop().call_soon_threadsafe(_settle, future, result)
             try:
                 for job in admit:
                     self._admit(job)
@@ -299,7 +329,7 @@ class Scheduler:
         t0 = time.perf_counter()
         self.stats.queue_wait_seconds_total += t0 - job.submitted
         try:
-            seq = self.batch.add(job.prompt, job.params)
+            seq = self.batch.add(job.prompt, job.params, adapter=job.adapter)
         except Exception as e:  # noqa: BLE001 - report it to that request only
             self.stats.failed_total += 1
             self._send(job, e)
@@ -430,7 +460,7 @@ def _deliver(items: list[tuple[Job, object]]) -> None:
 
 
 def _settle(future: asyncio.Future, result) -> None:
-    """Resolve an embeddings future on its event loop (unless its request was cancelled meanwhile)."""
+    """Resolve a future on its event loop (unless its request was cancelled meanwhile)."""
     if not future.done():
         if isinstance(result, BaseException):
             future.set_exception(result)

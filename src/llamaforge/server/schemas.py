@@ -202,6 +202,15 @@ class TokenizeRequest(_Body):
     add_special_tokens: bool = True
 
 
+class LoadLoraRequest(_Body):
+    lora_name: str
+    lora_path: str
+
+
+class UnloadLoraRequest(_Body):
+    lora_name: str
+
+
 class DetokenizeRequest(_Body):
     model: str | None = None
     tokens: list[int]

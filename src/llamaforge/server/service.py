@@ -13,6 +13,7 @@ from fastapi import Request
 
 from ..embedding import check_inputs
 from ..generate import ContextOverflow, TokenEvent
+from ..multilora import AdapterBank
 from ..sampling import SamplingParams, choice_seed
 from .scheduler import Job, QueueFull, Scheduler
 from .schemas import APIError, ClientGone, Sampling
@@ -57,14 +58,21 @@ class Server:
     """Routes' shared state: the model, its scheduler, options, limits."""
 
     def __init__(self, llm, *, model_id: str, api_key: str | None, max_batch: int, ctx: int, max_queue: int,
-                 guard=None, threads: int | None = None):
+                 guard=None, threads: int | None = None, adapters: dict[str, str] | None = None,
+                 lora_updates: bool = False):
         self.llm = llm
         self.tok = llm.tokenizer
         self.model_id = model_id
         self.api_key = api_key
         self.guard = guard
+        self.lora_updates = lora_updates
+        bank = AdapterBank(llm.model) if adapters or lora_updates else None
+        for name, path in (adapters or {}).items():
+            if name == model_id:
+                raise ValueError(f"adapter name {name!r} is the base model's id; choose another")
+            bank.load(name, path)
         self.scheduler = Scheduler(llm.model, llm.tokenizer, max_batch=max_batch, max_seq=ctx, max_queue=max_queue,
-                                   threads=threads)
+                                   threads=threads, adapters=bank)
         self.constrainer = Constrainer(llm.tokenizer, llm.args.vocab_size)
         self.created = int(time.time())
         self.http_errors: dict[int, int] = {}
@@ -81,10 +89,45 @@ class Server:
         self.http_errors[status] = self.http_errors.get(status, 0) + 1
 
     # -- checks --------------------------------------------------------------------------------
-    def check_model(self, name: str | None) -> None:
-        if name and name != self.model_id:
-            raise APIError(404, f"the model {name!r} does not exist; this server serves {self.model_id!r}",
-                           code="model_not_found", param="model")
+    @property
+    def adapter_names(self) -> list[str]:
+        bank = self.scheduler.adapters
+        return bank.names if bank is not None else []
+
+    def check_model(self, name: str | None) -> str | None:
+        """The LoRA adapter a request's model names (None: the base model); 404 for an unknown name."""
+        if not name or name == self.model_id:
+            return None
+        if name in self.adapter_names:
+            return name
+        served = ", ".join(repr(n) for n in [self.model_id, *self.adapter_names])
+        raise APIError(404, f"the model {name!r} does not exist; this server serves {served}",
+                       code="model_not_found", param="model")
+
+    # -- adapters at run time (--allow-lora-updates) -------------------------------------------
+    def _check_updates(self) -> AdapterBank:
+        if not self.lora_updates:
+            raise APIError(404, "loading adapters at run time is off; start the server with --allow-lora-updates",
+                           code="not_found")
+        return self.scheduler.adapters
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        bank = self._check_updates()
+        if name == self.model_id or name in bank.names:
+            raise APIError(400, f"the model name {name!r} is taken", param="lora_name")
+        try:   # between two decode steps: loading replaces modules of the model the steps run
+            await self.scheduler.call(lambda: bank.load(name, path))
+        except (ValueError, FileNotFoundError, OSError) as e:
+            raise APIError(400, f"cannot load the adapter: {e}", param="lora_path") from e
+
+    async def unload_adapter(self, name: str) -> None:
+        bank = self._check_updates()
+        if name not in bank.names:
+            raise APIError(404, f"no adapter named {name!r} is loaded", code="model_not_found", param="lora_name")
+        if self.scheduler.adapter_in_use(name):
+            raise APIError(409, f"the adapter {name!r} is serving requests; retry when they finish",
+                           param="lora_name")
+        await self.scheduler.call(lambda: bank.unload(name))
 
     def check_size(self, chars: int, param: str) -> None:
         """Refuse a text too long for any prompt before tokenizing it."""
@@ -148,10 +191,11 @@ class Server:
         whenever the request is repeated, whatever else shares the batch."""
         return [replace(params, seed=choice_seed(params.seed, i)) for i in range(count)]
 
-    def submit_all(self, requests: list[tuple[list[int], SamplingParams, Any]]) -> list[Job]:
-        """Queue a request's jobs, all or none (429 when they do not all fit)."""
+    def submit_all(self, requests: list[tuple[list[int], SamplingParams, Any]], adapter: str | None = None
+                   ) -> list[Job]:
+        """Queue a request's jobs, all or none (429 when they do not all fit), with their LoRA adapter."""
         try:
-            return self.scheduler.submit_all(requests)
+            return self.scheduler.submit_all(requests, adapter)
         except QueueFull as e:
             raise APIError(429, str(e), type="server_overloaded", code="queue_full",
                            headers={"Retry-After": "1"}) from e
