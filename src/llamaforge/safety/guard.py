@@ -150,6 +150,7 @@ class ClassifierGuard(Guard):
         self.members = list(members)   # (encoder with .embed(texts) -> [N, D], head)
         self.threshold = threshold
         self.enabled = enabled
+        self.deobfuscate = True   # score de-obfuscated views too (False: only for measuring their effect)
 
     @classmethod
     def load(cls, head_file: Path = HEAD_FILE, *, enabled: set[str] | None = None,
@@ -184,7 +185,7 @@ class ClassifierGuard(Guard):
         # de-obfuscated views
         owner, parts = [], []
         for i, t in enumerate(texts):
-            segs = scored_parts(t)
+            segs = scored_parts(t, self.deobfuscate)
             owner += [i] * len(segs)
             parts += segs
         p_all, c_all = 0.0, 0.0

@@ -1,10 +1,11 @@
 """Undo common obfuscations before the guard scores a text.
 
-``views(text)`` returns the texts the guard scores for one message: the message itself, its
-de-obfuscated form (zero-width characters removed, homoglyphs mapped to Latin letters, spaced-out
-letters joined, leetspeak read as letters, encoded payloads replaced by their decoding) and each
-decoded payload on its own; the guard takes the most unsafe view. Every step is conservative: a text
-with nothing obfuscated gets no extra view, so a plain check costs no more than before.
+``views(text)`` returns the texts the guard scores for one message: the message normalised
+(zero-width characters removed, homoglyphs mapped to Latin letters, spaced-out letters joined,
+leetspeak read as letters), and for encoded payloads (base64, hex, rot13) the message with each
+payload decoded in place and each decoded payload on its own; the guard takes the most unsafe view.
+Every step is conservative: a text with nothing obfuscated is scored as it is, once, so a plain
+check costs no more than before.
 """
 from __future__ import annotations
 
@@ -133,14 +134,19 @@ def decode_payloads(text: str) -> list[tuple[str, str]]:
 
 
 def views(text: str) -> list[str]:
-    """The texts to score for one message: the message, its de-obfuscated form, and each decoded
-    payload alone (de-obfuscated too); duplicates removed, the message first."""
-    out = [text]
+    """The texts to score for one message: the message normalised (`clean`: the message itself when
+    nothing is obfuscated), then, when it carries encoded payloads, the message with each payload
+    replaced by its decoding and each decoding alone (normalised too); duplicates removed.
+
+    Character-level disguises are undone *before* scoring (the spaced or zero-width-split original
+    is not scored: its odd tokens only add noise), while a message with a payload is scored both as
+    written and decoded, and counts as its most unsafe view."""
     payloads = decode_payloads(text)
+    out = [text if payloads else clean(text)]   # cleaning would garble the payload as written
     whole = text
     for enc, dec in payloads:
         whole = whole.replace(enc, dec)
-    for v in [clean(whole)] + [clean(d) for _, d in payloads]:
+    for v in ([clean(whole)] if payloads else []) + [clean(d) for _, d in payloads]:
         if v.strip() and v.strip() not in {o.strip() for o in out}:
             out.append(v)
     return out
@@ -151,15 +157,16 @@ def paragraphs(text: str) -> list[str]:
     return [p.strip() for p in re.split(r"\n\s*\n|\n-{3,}\n", text) if p.strip() and p.strip("- \n")]
 
 
-def scored_parts(text: str) -> list[str]:
+def scored_parts(text: str, deobfuscate: bool = True) -> list[str]:
     """Everything the default guard scores for one message; the message scores as the most unsafe.
 
     A mean-pooled embedding of a long message is dominated by its bulk: a harmful request after a
     pasted document scores as the document (and past 256 tokens it is cut off), so each paragraph
-    is scored too. Each de-obfuscated view (`views`) is scored with its paragraphs."""
+    is scored too. Each de-obfuscated view (`views`) is scored with its paragraphs (``deobfuscate``
+    False: the message's own paragraphs only, the guard before issue 18, for comparison)."""
     out: list[str] = []
     seen: set[str] = set()
-    for v in views(text):
+    for v in views(text) if deobfuscate else [text]:
         for s in [v] + paragraphs(v):
             if s.strip() not in seen:
                 seen.add(s.strip())

@@ -25,8 +25,10 @@ def with_views(examples: list[Example]) -> tuple[list[Example], list[str], list[
     each row's LOSO source ("" for the parts, never trained on) and the rows its score is the max of."""
     rows, source_of, parts_of = list(examples), [loso_source(e) for e in examples], []
     for i, e in enumerate(examples):
-        parts = [i]
-        for p in scored_parts(e.text)[1:]:
+        sp = scored_parts(e.text)
+        # the row's own text is one of its parts unless normalisation rewrote it (as the guard does)
+        parts = [i] if sp[0] == e.text else []
+        for p in sp[1:] if parts else sp:
             parts.append(len(rows))
             rows.append(replace(e, text=p, source="view", split="view"))
             source_of.append("")
