@@ -363,7 +363,7 @@ class Batch:
 
     @torch.inference_mode()
     def forward_rows(self, seq: Sequence, ids: list[int]) -> torch.Tensor:
-        """Feed ids at seq's next positions; float32 logits [len(ids), V], row i for the token after ids[i].
+        """Feed ids at seq's next positions; final normed hidden states [len(ids), D] (`logits` projects them).
 
         Each id is a one-token row of its own over seq's slot (rows see their own earlier keys through
         the mask), so every row computes what a one-token decode step at its position computes; one
@@ -373,11 +373,15 @@ class Batch:
         toks = torch.tensor(ids, device=self.device).view(T, 1)
         pos = torch.arange(seq.fed, seq.fed + T, device=self.device).view(T, 1)
         slots = torch.full((T,), seq.slot, device=self.device)
-        with self._adapter_rows([seq] * T):
-            logits = self.model(toks, pos, self.cache, slots, last_only=True)[:, -1]
+        h = self.model.hidden(toks, pos, self.cache, slots)[:, -1]
         seq.fed += T
         self._last = None     # these rows are not a batch step's: _greedy_ids must not read them
-        return logits
+        return h
+
+    @torch.inference_mode()
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Float32 logits [N, V] of hidden states [N, D] (a verify projects only the rows it reaches)."""
+        return self.model.output(h).float()
 
     def rollback(self, seq: Sequence, fed: int) -> None:
         """Keep only seq's first `fed` cached positions (drop a rejected draft's keys and values).
