@@ -35,25 +35,18 @@ class MultiLoraLinear(nn.Module):
         self.in_features, self.out_features = int(base.in_features), int(base.out_features)
         self.factors: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
         self._bank = [bank]       # in a list: not a submodule (the bank holds the model)
+        self._plan: tuple = ()    # factors in the bank's adapter order (AdapterBank._refresh)
         self.train(base.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        names = self._bank[0].current()
-        if names is None or not self.factors:
-            return y
-        if len(names) != x.shape[0]:
-            raise ValueError(f"adapter rows name {len(names)} rows but the batch has {x.shape[0]}")
-        order = list(self.factors)
-        idx = [order.index(n) if n in self.factors else -1 for n in names]
-        if max(idx) < 0:
+        rows = self._bank[0].rows_for(x)
+        if rows is None or not self.factors:
             return y
         if not rowwise_ok(x, self.training):
             raise RuntimeError("multi-adapter rows run at inference only (float32 CPU rows, no gradients)")
-        per_row = x.numel() // (x.shape[0] * self.in_features)     # tokens per batch row
-        rows = torch.tensor(idx, dtype=torch.long).repeat_interleave(per_row)
-        f = [self.factors[n] for n in order]
-        return y + lora_delta(x, [a for a, _, _ in f], [b for _, b, _ in f], rows, [s for _, _, s in f])
+        a, b, scaling = self._plan
+        return y + lora_delta(x, a, b, rows, scaling)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, adapters={list(self.factors)}"
@@ -84,6 +77,7 @@ class AdapterBank:
             self._module(f"layers.{layer}.{path}").factors[name] = (a, b, config.scaling)
         self.configs[name] = {"path": str(directory), "r": config.r, "alpha": config.alpha,
                               "targets": list(config.targets)}
+        self._refresh()
 
     def unload(self, name: str) -> None:
         """Drop an adapter; projections no adapter uses any more get their plain base module back."""
@@ -96,10 +90,36 @@ class AdapterBank:
                 if not m.factors:
                     parent, attr = path.rsplit(".", 1)
                     setattr(self.model.get_submodule(parent), attr, m.base)
+        self._refresh()
+
+    def _refresh(self) -> None:
+        """Each module's factors as lists in the bank's order, so one row index serves every module;
+        a module an adapter does not target gets a rank-0 pair there (an update of exactly zero)."""
+        order = self.names
+        for m in self.model.modules():
+            if isinstance(m, MultiLoraLinear):
+                none = (torch.zeros(0, m.in_features), torch.zeros(m.out_features, 0), 0.0)
+                f = [m.factors.get(n, none) for n in order]
+                m._plan = ([a for a, _, _ in f], [b for _, b, _ in f], [s for _, _, s in f])
 
     def current(self) -> list[str | None] | None:
         """The adapter of each batch row for forwards on this thread (None: no rows set)."""
         return getattr(self._local, "names", None)
+
+    def rows_for(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Each row of x's adapter index in the bank's order (-1: none), one per token; None when no
+        row of the current forward uses an adapter."""
+        plan = getattr(self._local, "rows", None)
+        if plan is None:
+            return None
+        idx, by_tokens = plan
+        if len(idx) != x.shape[0]:
+            raise ValueError(f"adapter rows name {len(idx)} rows but the batch has {x.shape[0]}")
+        per_row = x.numel() // (x.shape[0] * x.shape[-1])
+        rows = by_tokens.get(per_row)
+        if rows is None:
+            rows = by_tokens[per_row] = idx.repeat_interleave(per_row)
+        return rows
 
     @contextlib.contextmanager
     def rows(self, names: Sequence[str | None]) -> Iterator[None]:
@@ -107,12 +127,15 @@ class AdapterBank:
         unknown = sorted({n for n in names if n is not None and n not in self.configs})
         if unknown:
             raise KeyError(f"no adapter loaded as {', '.join(unknown)}")
-        before = self.current()
+        before = (self.current(), getattr(self._local, "rows", None))
+        order = self.names
+        idx = [-1 if n is None else order.index(n) for n in names]
         self._local.names = list(names)
+        self._local.rows = (torch.tensor(idx, dtype=torch.long), {}) if max(idx, default=-1) >= 0 else None
         try:
             yield
         finally:
-            self._local.names = before
+            self._local.names, self._local.rows = before
 
     def _module(self, path: str) -> MultiLoraLinear:
         parent_path, attr = path.rsplit(".", 1)

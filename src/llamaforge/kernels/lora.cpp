@@ -54,6 +54,7 @@ torch::Tensor lora_delta(torch::Tensor x, std::vector<torch::Tensor> a, std::vec
       const int64_t i = I[m];
       if (i < 0) continue;
       const int64_t r = a[i].size(0);
+      if (r == 0) continue;    // an adapter that does not target this projection: no update
       const float* A = a[i].data_ptr<float>();
       const float* B = b[i].data_ptr<float>();
       t.resize(r);
