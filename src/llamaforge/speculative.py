@@ -23,12 +23,9 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterator
+from typing import Any, Iterator
 
 import torch
-
-if TYPE_CHECKING:
-    from .generate import Batch, Sequence, TokenEvent
 
 # The native decode attention sums a row's softmax terms 16 keys at a time (vector exp) and the
 # keys past the last full group one by one (scalar exp). A verify row at position p attends to
@@ -127,7 +124,7 @@ class _Budget:
 
     A draft token is kept with probability a (a running mean per n-gram size), so a draft of d
     tokens yields 1 + a + ... + a^d tokens; a forward of 1 + d rows costs cost[1 + d] decode steps
-    (a running mean of measured wall times over the one-row step's, from a prior: the bundled model
+    (a running mean of measured times over the one-row step's, from a prior: the bundled model
     on 2 cores pays ~0.45 of a step per extra row and ~0.25 for leaving the fused one-token path; a
     big model whose weights stream from memory pays far less per row). The length maximising
     tokens per cost is used, 0 (a plain step) unless it beats a plain step by 2%. A size whose
@@ -170,7 +167,9 @@ class _Budget:
         self.rate[n] += (a - self.rate[n]) * self.WEIGHT
 
     def timed(self, d: int, seconds: float) -> None:
-        """A forward of 1 + d rows took `seconds`."""
+        """A forward of 1 + d rows took `seconds` of this thread's CPU time (unlike wall time, not
+        inflated by other processes on a shared machine; intra-op threads split rows alike, so
+        the ratio to a one-row step holds)."""
         w = self.COST_WEIGHT
         if d == 0:
             self.step = seconds if self.step is None else self.step + (seconds - self.step) * w
@@ -178,9 +177,10 @@ class _Budget:
             self.cost[d] += (seconds / self.step - self.cost[d]) * w
 
 
-def decode_with_lookup(batch: "Batch", seq: "Sequence", lookup: PromptLookup) -> Iterator["TokenEvent"]:
-    """Yield seq's TokenEvents (seq just added to batch, its first token not yet sampled), drafting
-    by prompt lookup and verifying each draft in one forward."""
+def decode_with_lookup(batch: Any, seq: Any, lookup: PromptLookup) -> Iterator[Any]:
+    """Yield the generate.TokenEvents of seq, a generate.Sequence just added to the generate.Batch
+    `batch` (its first token not sampled yet), drafting by prompt lookup and verifying each draft
+    in one forward. (Untyped here: generate imports this module.)"""
     stats = lookup.stats
     index = NgramIndex(seq.prompt, lookup.ngram_min, lookup.ngram_max)
     budget = _Budget(lookup.k, index.sizes, lookup.adaptive)
@@ -196,18 +196,18 @@ def decode_with_lookup(batch: "Batch", seq: "Sequence", lookup: PromptLookup) ->
                    _ATTN_GROUP - 1 - L % _ATTN_GROUP)           # see _ATTN_GROUP
         d = budget.length(n, room) if draft else 0
         draft = draft[:d]
-        t0 = time.perf_counter()
+        t0 = time.thread_time()
         hidden = batch.forward_rows(seq, [seq.out[-1]] + draft)   # [1 + d, D]
         # the vocabulary projection is a third of a row's cost: row 0 first, the others only if its
         # token is the draft's (a first-token rejection is the common one)
         rows = batch.logits(hidden[:1])
-        spent = time.perf_counter() - t0
+        spent = time.thread_time() - t0
         kept = 0
         for i in range(d + 1):
             if i == 1:
-                t0 = time.perf_counter()
+                t0 = time.thread_time()
                 rows = batch.logits(hidden[1:])
-                spent += time.perf_counter() - t0
+                spent += time.thread_time() - t0
             seq.next_logits = row = rows[0 if i == 0 else i - 1]
             ev = batch.advance(seq, int(row.argmax()) if seq.plain_greedy else None)
             yield ev
