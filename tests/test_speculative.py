@@ -180,3 +180,16 @@ def _plain_logits(llm, ids):
     batch = Batch(llm.model, llm.tokenizer, max_batch=1, max_seq=64)
     seq = batch.add(ids[:-1] or ids, SamplingParams(max_tokens=1))
     return batch.logits(batch.forward_rows(seq, ids[-1:]))[0]
+
+
+def test_adaptive_budget_drafts_long_when_drafts_are_kept_and_stops_when_they_are_not():
+    from llamaforge.speculative import _Budget
+    b = _Budget(8, range(3, 0, -1), adaptive=True)
+    b.timed(0, 0.010)                       # a plain step: 10 ms
+    for _ in range(10):
+        b.record(3, 8, 8)                   # 3-gram drafts kept whole
+        b.record(1, 4, 0)                   # 1-gram drafts rejected at once
+        b.timed(8, 0.010 * 3.0)             # 9 rows cost 3 steps
+    assert b.length(3, 8) == 8 and b.length(3, 2) == 2
+    assert b.length(1, 8) == 0              # and a skipped hit creeps back towards the prior
+    assert b.rate[1] > 0 and _Budget(8, range(3, 0, -1), adaptive=False).length(1, 5) == 5
