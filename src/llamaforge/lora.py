@@ -87,27 +87,29 @@ def normalize_targets(targets: Iterable[str] | str) -> list[str]:
 
 
 def rowwise_ok(x: torch.Tensor, training: bool) -> bool:
-    """Whether an adapter update of x takes lora_delta's row-by-row form (inference on float32 CPU rows)."""
+    """Whether an adapter update of x takes add_lora_rows' row-by-row form (inference on float32 CPU rows)."""
     return (not training and x.dtype == torch.float32 and x.device.type == "cpu"
             and (torch.is_inference_mode_enabled() or not torch.is_grad_enabled()))
 
 
-def lora_delta(x: torch.Tensor, a: list[torch.Tensor], b: list[torch.Tensor], rows: torch.Tensor,
-               scaling: list[float]) -> torch.Tensor:
-    """Each row's adapter update, scaling[i] * B_i A_i x, with i = rows[m] (< 0: none), shaped like
-    base(x). Every row is computed alone in a fixed order (the native lora_delta, else one small
-    matmul per row), so its result does not depend on the other rows of the batch."""
+def add_lora_rows(y: torch.Tensor, x: torch.Tensor, a: list[torch.Tensor], bt: list[torch.Tensor], rows: torch.Tensor,
+                  scaling: torch.Tensor) -> torch.Tensor:
+    """y (base(x)) plus each row's adapter update, scaling[i] * (x A_i^T) B_i with i = rows[m] (< 0:
+    none); bt[i] is B_i transposed [r, out]. Every row is computed alone in a fixed order (the native
+    lora_add_, else one small matmul per row), so its result does not depend on the other rows of
+    the batch. Updates y in place when it is contiguous float32 (inference only)."""
     x2 = x.reshape(-1, x.shape[-1]).float()
+    y2 = y.reshape(-1, y.shape[-1])
+    if y2.dtype != torch.float32 or not y2.is_contiguous():
+        y2 = y2.float().contiguous()
     k = kernels()
     if k is not None:
-        y = k.lora_delta(x2, [t.float() for t in a], [t.float() for t in b], rows,
-                         torch.tensor(scaling, dtype=torch.float32))
+        k.lora_add_(y2, x2, [t.float() for t in a], [t.float() for t in bt], rows, scaling)
     else:
-        y = x2.new_zeros(x2.shape[0], b[0].shape[0])
         for m, i in enumerate(rows.tolist()):
-            if i >= 0:
-                y[m] = (x2[m:m + 1] @ a[i].float().t() @ b[i].float().t())[0] * scaling[i]
-    return y.view(*x.shape[:-1], -1)
+            if i >= 0 and a[i].shape[0]:
+                y2[m] += scaling[i] * (x2[m:m + 1] @ a[i].float().t() @ bt[i].float())[0]
+    return y2.view(*y.shape[:-1], -1)
 
 
 class LoraLinear(nn.Module):
@@ -139,7 +141,8 @@ class LoraLinear(nn.Module):
             # inference: the row-by-row form multi-adapter serving uses too, so a request gives the
             # same tokens whether its adapter is the model's only one or one of many in a batch
             rows = torch.zeros(x.numel() // self.in_features, dtype=torch.long)
-            return self.base(x) + lora_delta(x, [self.lora_A], [self.lora_B], rows, [self.scaling])
+            return add_lora_rows(self.base(x), x, [self.lora_A], [self.lora_B.t()], rows,
+                                 torch.tensor([self.scaling], dtype=torch.float32))
         # x @ A^T first: the [.., r] intermediate keeps the update cheap
         update = self.dropout(x) @ self.lora_A.to(x.dtype).t() @ self.lora_B.to(x.dtype).t()
         return self.base(x) + update * self.scaling
@@ -443,4 +446,4 @@ def copy_adapter(src: str | Path, dst: str | Path) -> None:
 __all__ = ["LoraConfig", "LoraLinear", "FrozenQuantized", "apply_lora", "lora_modules", "lora_state_dict", "save_adapter",
            "adapters_disabled",
            "save_adapter_tensors",
-           "read_adapter", "adapter_factors", "load_adapter", "lora_delta", "merge_lora", "to_peft_tensors", "peft_config"]
+           "read_adapter", "adapter_factors", "load_adapter", "add_lora_rows", "merge_lora", "to_peft_tensors", "peft_config"]

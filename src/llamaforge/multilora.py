@@ -2,7 +2,7 @@
 
 The weights are never merged. Each targeted projection becomes a ``MultiLoraLinear``: the base
 module plus, per loaded adapter, its factors A [r, in] and B [out, r]; a forward adds each row's own
-update (``lora.lora_delta``, computed row by row), so rows of different adapters share one batch and
+update (``lora.add_lora_rows``, computed row by row), so rows of different adapters share one batch and
 each row computes what ``Llama.load(base, adapter=DIR)`` computes for it alone.
 
     bank = AdapterBank(model)
@@ -21,7 +21,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
-from .lora import LoraLinear, adapter_factors, lora_delta, rowwise_ok
+from .lora import LoraLinear, adapter_factors, add_lora_rows, rowwise_ok
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,63}")
 
@@ -45,8 +45,8 @@ class MultiLoraLinear(nn.Module):
             return y
         if not rowwise_ok(x, self.training):
             raise RuntimeError("multi-adapter rows run at inference only (float32 CPU rows, no gradients)")
-        a, b, scaling = self._plan
-        return y + lora_delta(x, a, b, rows, scaling)
+        a, bt, scaling = self._plan
+        return add_lora_rows(y, x, a, bt, rows, scaling)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, adapters={list(self.factors)}"
@@ -100,7 +100,8 @@ class AdapterBank:
             if isinstance(m, MultiLoraLinear):
                 none = (torch.zeros(0, m.in_features), torch.zeros(m.out_features, 0), 0.0)
                 f = [m.factors.get(n, none) for n in order]
-                m._plan = ([a for a, _, _ in f], [b for _, b, _ in f], [s for _, _, s in f])
+                m._plan = ([a for a, _, _ in f], [b.t().contiguous() for _, b, _ in f],
+                           torch.tensor([s for _, _, s in f], dtype=torch.float32))
 
     def current(self) -> list[str | None] | None:
         """The adapter of each batch row for forwards on this thread (None: no rows set)."""

@@ -7,7 +7,7 @@
 //       their rows. Each weight row is read once for every row of x.
 //   dequantize(w, type, K, into=None) -> float32 [N, K], bit-identical to gguf-py.
 //   block_decode(h, ...) -> one transformer block for one token of one sequence (block.cpp).
-//   lora_delta(x, [A_i], [B_i], idx, scaling) -> each row's own adapter update (lora.cpp).
+//   lora_add_(y, x, [A_i], [B_i^T], idx, scaling): y += each row's own adapter update (lora.cpp).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -24,8 +24,8 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps);
 torch::Tensor block_decode(torch::Tensor h, std::vector<torch::Tensor> w, std::vector<int64_t> types, bool int8,
                            torch::Tensor attn_norm, torch::Tensor ffn_norm, double eps, torch::Tensor cos,
                            torch::Tensor sin, std::vector<torch::Tensor> kv);
-torch::Tensor lora_delta(torch::Tensor x, std::vector<torch::Tensor> a, std::vector<torch::Tensor> b, torch::Tensor idx,
-                         torch::Tensor scaling);
+void lora_add_(torch::Tensor y, torch::Tensor x, std::vector<torch::Tensor> a, std::vector<torch::Tensor> bt,
+               torch::Tensor idx, torch::Tensor scaling);
 }
 
 namespace {
@@ -218,8 +218,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("block_decode", &lf::block_decode, "one transformer block for one token of one sequence (block.cpp)",
         py::arg("h"), py::arg("w"), py::arg("types"), py::arg("int8"), py::arg("attn_norm"), py::arg("ffn_norm"),
         py::arg("eps"), py::arg("cos"), py::arg("sin"), py::arg("kv"));
-  m.def("lora_delta", &lf::lora_delta, "per-row low-rank adapter updates, each row alone (lora.cpp)",
-        py::arg("x"), py::arg("a"), py::arg("b"), py::arg("idx"), py::arg("scaling"));
+  m.def("lora_add_", &lf::lora_add_, "y += each row's own low-rank adapter update, each row alone (lora.cpp)",
+        py::arg("y"), py::arg("x"), py::arg("a"), py::arg("bt"), py::arg("idx"), py::arg("scaling"));
   m.def("isa", &isa, "instruction set the kernels were built for");
   m.def("int8_path", &has_int8_path, "whether the 8-bit activation dot products are built");
 }
