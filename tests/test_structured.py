@@ -92,3 +92,35 @@ def test_processor_is_per_sequence(model, tokenizer):
     assert tied.stream.text.startswith("{") and tied.out != free.out
     if tied.finish_reason == "stop":
         assert isinstance(json.loads(tied.stream.text), dict)
+
+
+def test_forced_tokens_skip_decode_steps(model, tokenizer):
+    """Jump-forward: text the grammar allows alone is appended without a decode step per token (its
+    keys are computed in one forward before the next step), and what follows is what plain
+    decoding gives, so those keys sit at the right positions."""
+    from llamaforge.server.structured import lark_grammar
+    constrainer = Constrainer(tokenizer, VOCAB)
+    grammar = lark_grammar('start: "the quick brown fox jumps over the lazy dog" /[0-9]{3,8}/', "test grammar")
+    prompt = tokenizer.encode("hello world", bos=True)
+
+    class Plain:                      # the same processor without `forced`: one token per step
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __call__(self, out, logits):
+            return self.inner(out, logits)
+
+    runs = {}
+    for name, wrap in (("jump", lambda p: p), ("plain", Plain)):
+        batch = Batch(model, tokenizer, max_batch=1, max_seq=128)
+        s = batch.add(prompt, SamplingParams(max_tokens=40, temperature=0.0))
+        s.logits_processor = wrap(constrainer.processor(grammar))
+        steps = 0
+        while not s.finish_reason:
+            batch.step()
+            steps += 1
+        runs[name] = (s.out, s.stream.text, steps)
+    (jump, text, jump_steps), (plain, _, plain_steps) = runs["jump"], runs["plain"]
+    assert text.startswith("the quick brown fox jumps over the lazy dog") and text[-3:].isdigit()
+    assert jump == plain
+    assert plain_steps >= len(plain) and jump_steps <= plain_steps - 5

@@ -319,15 +319,18 @@ class Batch:
         events = []
         for seq, tid in zip(live, self._greedy_ids(live)):
             try:
-                ev = self.advance(seq, tid)
+                events.append((seq, self.advance(seq, tid)))
+                events += [(seq, ev) for ev in self._fast_forward(seq)]
             except Exception as e:  # noqa: BLE001 - a row's failure ends that row only
                 seq.finish_reason, seq.next_logits = "error", None
-                ev = TokenEvent(-1, "", None, "error", e)
-            events.append((seq, ev))
+                events.append((seq, TokenEvent(-1, "", None, "error", e)))
         if emit is not None:
             emit(events)
         # rows in slot order: when the slots are 0..B-1 the cache is read in place, not gathered
         going = sorted((s for s in live if not s.finish_reason), key=lambda s: s.slot)
+        for s in going:      # tokens a grammar forced: their keys in one forward, all but the last
+            if s.fed < s.length - 1:
+                self._feed(s, s.out[s.fed - len(s.prompt):-1])
         if going:
             toks = torch.tensor([[s.out[-1]] for s in going], device=self.device)
             pos = torch.tensor([[s.length - 1] for s in going], device=self.device)
@@ -342,6 +345,29 @@ class Batch:
         else:
             self._last = None
         return events
+
+    def _fast_forward(self, seq: Sequence) -> list[TokenEvent]:
+        """Append the tokens seq's logits processor forces next (a grammar's fixed text, such as a
+        tool call's markup) without a decode step each: events for them; their keys are computed
+        together before the next batched forward (jump-forward decoding)."""
+        forced = getattr(seq.logits_processor, "forced", None)
+        if forced is None or seq.finish_reason or seq.params.logprobs:
+            return []
+        out = []
+        for tid in forced(seq.out):
+            if seq.finish_reason or seq.length >= self.max_seq:
+                break
+            out.append(self.advance(seq, tid))
+        return out
+
+    @torch.inference_mode()
+    def _feed(self, seq: Sequence, ids: list[int]) -> None:
+        """Write the keys and values of ids at seq's next positions (one forward, logits unused)."""
+        toks = torch.tensor([ids], device=self.device)
+        pos = torch.arange(seq.fed, seq.fed + len(ids), device=self.device)[None]
+        with self._adapter_rows([seq]):
+            self.model(toks, pos, self.cache, torch.tensor([seq.slot], device=self.device), last_only=True)
+        seq.fed += len(ids)
 
     def _greedy_ids(self, live: list[Sequence]) -> list[int | None]:
         """Argmax ids for the plainly greedy rows, with one host sync for all; None for the others."""

@@ -392,7 +392,7 @@ class Scheduler:
 
     def _emit(self, events: list[tuple[Sequence, TokenEvent]]) -> None:
         now = time.perf_counter()
-        self.stats.step_rows_total += len(events)
+        self.stats.step_rows_total += len({id(seq) for seq, _ in events})   # forced tokens add events, not rows
         out = []
         for seq, ev in events:
             job = self._running.get(id(seq))

@@ -97,12 +97,23 @@ class GrammarProcessor:
         self.matcher = matcher
         self.consumed = 0
 
-    def __call__(self, out: list[int], logits: torch.Tensor) -> torch.Tensor:
-        m = self.matcher
+    def _consume(self, out: list[int]) -> None:
         for t in out[self.consumed:]:
-            if not m.consume_token(t):
+            if not self.matcher.consume_token(t):
                 break
         self.consumed = len(out)
+
+    def forced(self, out: list[int]) -> list[int]:
+        """The tokens the grammar allows and no other, after out (Batch feeds them without sampling)."""
+        self._consume(out)
+        m = self.matcher
+        if m.is_error() or m.is_stopped():
+            return []
+        return list(m.compute_ff_tokens())
+
+    def __call__(self, out: list[int], logits: torch.Tensor) -> torch.Tensor:
+        m = self.matcher
+        self._consume(out)
         if m.is_error():
             # the matcher cannot say what is valid any more; leave the logits alone rather than stall
             log.warning("grammar matcher error: %s", m.get_error())
