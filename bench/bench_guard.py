@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import os
 import resource
 import statistics
 import sys
@@ -131,17 +132,22 @@ def rss_mb() -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--skip-openai", action="store_true", help="leave out the 859 OpenAI samples (the slow part)")
+    ap.add_argument("--latency-only", action="store_true", help="only the latency and memory figures")
     ap.add_argument("--json", help="also write the figures to this file")
     args = ap.parse_args()
     torch.set_num_threads(1)
     print(machine_line())
-    print("command: OMP_NUM_THREADS=1 python bench/bench_guard.py" + (" --skip-openai" if args.skip_openai else ""))
+    print("command: OMP_NUM_THREADS=1 python bench/bench_guard.py" + (" --skip-openai" if args.skip_openai else "")
+          + (" --latency-only" if args.latency_only else ""))
+    print(f"load average before loading: {os.getloadavg()[0]:.1f}")
     t0 = time.perf_counter()
     guard = Guard.load()
     print(f"load {time.perf_counter() - t0:.2f} s")
     guard.rss_after_load = rss_mb()
-    out = {"latency": latency(guard), "evasion": evasion(guard), "languages": languages(guard)}
-    if not args.skip_openai:
+    out = {"latency": latency(guard)}
+    if not args.latency_only:
+        out.update(evasion=evasion(guard), languages=languages(guard))
+    if not args.skip_openai and not args.latency_only:
         out["openai"] = openai(guard)
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))
