@@ -30,14 +30,34 @@ _HOMOGLYPHS = str.maketrans({
 })
 _NON_LATIN_LOOKALIKE = re.compile("[" + "".join(k for k in map(chr, _HOMOGLYPHS) if k) + "]")
 
-# leetspeak: only inside words that also contain letters ("b0mb", "h@ck"), never in plain numbers
+# leetspeak: only inside words that also contain letters ("b0mb", "h@ck"), never in plain numbers,
+# numbers with a unit or suffix ("15kg", "18th", "20s"), codes ending in digits ("RJ45", "CH4"), or
+# symbols at a word's edge ("LGBTQ+", "wow!!!", "$5")
 _LEET = str.maketrans({"0": "o", "1": "i", "3": "e", "4": "a", "5": "s", "7": "t", "8": "b", "9": "g",
                        "@": "a", "$": "s", "!": "i", "|": "l", "+": "t", "€": "e"})
-_LEET_WORD = re.compile(r"(?<![\w@$!|+€])(?=[\w@$!|+€]*[A-Za-z])(?=[\w@$!|+€]*[013457890@$!|+€])[\w@$!|+€]{3,}")
+_TOKEN = re.compile(r"[\w@$!|+€]+")
+_EDGE = "@$!|+€_"
+_NUMBER_UNIT = re.compile(r"\d+[A-Za-z]{1,3}")       # "15kg", "2nd", "20s"
+_CODE = re.compile(r"[A-Za-z]+\d+")                   # "RJ45", "CH4", "MP3"
+
+
+def _leet_word(tok: str, min_len: int, in_leet_text: bool = False) -> str | None:
+    """The letters a leetspeak token stands for, or None when it is not one. In a text that already
+    has leetspeak words, numbers with letters ("d0", "t0", "4nd", "573p") are read too."""
+    # "@" and "$" at a word's edge are letters in a leetspeak text ("@t", "key$"), a handle or a
+    # price elsewhere
+    core = tok.rstrip("!+|_") if in_leet_text else tok.strip(_EDGE)
+    if len(core) < min_len or not re.search(r"[A-Za-z]", core) or not re.search(r"[013457890@$!|+€]", core):
+        return None
+    if not in_leet_text and (_NUMBER_UNIT.fullmatch(core) or _CODE.fullmatch(core)):
+        return None
+    lo = tok.index(core)
+    return tok[:lo] + core.translate(_LEET) + tok[lo + len(core):]
+
+
 # letters separated by single spaces, dots, dashes or underscores: "b o m b", "k.i.l.l"
 _SPACED = re.compile(r"(?<![A-Za-z])[A-Za-z](?:(?P<sep>[._\-*])[A-Za-z](?:(?P=sep)[A-Za-z])+|(?: {1,3}[A-Za-z]){2,})(?![A-Za-z])")
-# once a text has two leetspeak words, shorter ones are read too ("d0", "t0", a lone "@", "'$")
-_LEET_SHORT = re.compile(r"(?<![\w@$!|+€])(?:(?=[\w@$!|+€]*[A-Za-z])[\w@$!|+€]{2}|@)(?![\w@$!|+€])|(?<=')\$")
+
 
 _B64 = re.compile(r"(?<![A-Za-z0-9+/=])[A-Za-z0-9+/]{12,}={0,2}(?![A-Za-z0-9+/=])")
 _HEX = re.compile(r"(?<![0-9A-Fa-f])(?:[0-9A-Fa-f]{2}[ :]?){8,}(?![0-9A-Fa-f])")
@@ -108,8 +128,25 @@ def clean(text: str) -> str:
                    if re.search(r"[A-Za-z]", m.group(0)) or (latin and not _NON_LATIN_LOOKALIKE.sub("", m.group(0)))
                    else m.group(0), t)
     t = _SPACED.sub(_unspace, t)
-    t, n = _LEET_WORD.subn(lambda m: m.group(0).translate(_LEET), t)
-    return _LEET_SHORT.sub(lambda m: m.group(0).translate(_LEET), t) if n >= 2 else t
+    return _unleet(t)
+
+
+def _unleet(t: str) -> str:
+    """Leetspeak words read as letters; once a text has two, two-character ones ("d0", "t0"), a lone
+    "@" and a possessive "'$" are read too."""
+    n = sum(_leet_word(m.group(0), 3) is not None for m in _TOKEN.finditer(t))
+    if not n:
+        return t
+    short = n >= 2
+
+    def sub(m: re.Match) -> str:
+        tok = m.group(0)
+        if short and tok == "@":
+            return "a"
+        return _leet_word(tok, 2 if short else 3, short) or tok
+
+    t = _TOKEN.sub(sub, t)
+    return t.replace("'$", "'s") if short else t
 
 
 def decode_payloads(text: str) -> list[tuple[str, str]]:
