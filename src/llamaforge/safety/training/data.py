@@ -3,6 +3,7 @@ prompts, their held-out split, category labels, and cross-validation folds group
 from __future__ import annotations
 
 import csv
+import gzip
 import hashlib
 import json
 import random
@@ -239,7 +240,6 @@ def load_openai_moderation(folder: Path | None = None) -> list[Example]:
     path = (Path(folder) if folder is not None else data_dir()) / "safety" / "openai_moderation_samples.jsonl.gz"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing (see the shared data folder's README.md)")
-    import gzip
     with gzip.open(path, "rt", encoding="utf-8") as f:
         rows = [json.loads(line) for line in f if line.strip()]
     out = []

@@ -7,11 +7,13 @@ whose worst left-out source is best off.
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import replace
 
 from ... import options
+from ..head import META_FILE
 from ..normalise import scored_parts
 from .crossval import leave_one_source_out, loso_table, worst_source_threshold
 from .data import Example, load_loso_examples, loso_source
@@ -40,8 +42,6 @@ def with_views(examples: list[Example]) -> tuple[list[Example], list[str], list[
 def run_loso(cfg) -> dict:
     """The leave-one-source-out table of ``cfg``'s recipe (a `GuardTrainConfig`), at the threshold
     the worst-source rule picks and at the shipped guard's threshold."""
-    from ..head import META_FILE
-    import json
     t0 = time.time()
     base = load_loso_examples(cfg.data)
     rows, source_of, parts_of = with_views(base)
