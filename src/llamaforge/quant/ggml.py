@@ -29,12 +29,12 @@ from ..native import TYPE_IDS, kernels
 
 ACTIVATIONS = ("auto", "int8", "f32")
 _mode = [os.environ.get("LLAMAFORGE_ACTIVATIONS", "auto")]
-# "auto" is 8-bit activations wherever the kernels have an integer path, small models included:
-# after the one-row kernels' later changes they are faster on the bundled 135M Q4_1 model too
-# (2 threads: 6.9-9.3 vs 9.5-11.8 ms per decode step; 8 rows: 30-35 vs 37 ms), and its greedy
-# answers to the demo prompts did not move (8-bit activations can move near-ties, as llama.cpp's do;
-# `f32` keeps the dequantized model's exactly). Models of at least SMALL_MODEL_BYTES of weights
-# (TinyLlama-1.1B Q4_0 is 0.6 GiB) stream their weights and get a float16 KV cache (repack.py).
+# "auto": models with fewer bytes of weights than this, all in types with a fast float32 kernel,
+# keep float32 activations. Their decode is bound by per-step overhead, not bandwidth (the bundled
+# 135M Q4_1 model: 14.7 vs 12.5 ms CPU per step, one thread), and float32 keeps the dequantized
+# model's greedy answers, which 8-bit activations move at near-ties (as llama.cpp's do; e.g. the
+# bundled model's answer to "What is the capital of France?"). Bigger models stream their weights
+# (TinyLlama-1.1B Q4_0 is 0.6 GiB): 8-bit activations.
 SMALL_MODEL_BYTES = 256 << 20
 FAST_F32_TYPES = ("Q4_0", "Q4_1", "Q8_0", "F16", "BF16")
 
@@ -70,14 +70,14 @@ def using_activations(kind: str):
 
 
 def choose_activations(model: nn.Module) -> bool:
-    """Mark the model's GGMLLinears for "auto" (8-bit activations); returns whether the model streams
-    its weights (blocks of at least SMALL_MODEL_BYTES, or any of a type without a fast float32
-    kernel), which takes a float16 KV cache by default."""
+    """Mark the model's GGMLLinears for "auto": 8-bit activations (returns True) when its blocks
+    hold at least SMALL_MODEL_BYTES or any is of a type without a fast float32 kernel, else float32."""
     mods = list({id(m): m for m in model.modules() if isinstance(m, GGMLLinear)}.values())
-    for m in mods:
-        m.int8_auto = True
-    return sum(m.blocks.numel() for m in mods) >= SMALL_MODEL_BYTES \
+    big = sum(m.blocks.numel() for m in mods) >= SMALL_MODEL_BYTES \
         or any(m.qtype not in FAST_F32_TYPES for m in mods)
+    for m in mods:
+        m.int8_auto = big
+    return big
 
 
 def supported(qt: Any) -> bool:
