@@ -209,13 +209,8 @@ class Batch:
             stream = TextStream(self.tok, params.stop, prompt) if self.tok is not None else None
             seq = Sequence(prompt, params, slot, stream, make_generator(params.seed),
                            frozenset() if params.ignore_eos else frozenset(stop_ids), reused=start, adapter=adapter)
-            slots = torch.tensor([slot], device=self.device)
             for begin in range(start, len(prompt), self.prefill_chunk):
-                chunk = prompt[begin:begin + self.prefill_chunk]
-                toks = torch.tensor([chunk], device=self.device)
-                pos = torch.arange(begin, begin + len(chunk), device=self.device)[None]
-                with self._adapter_rows([seq]):
-                    logits = self.model(toks, pos, self.cache, slots, last_only=True)
+                logits = self._run(seq, prompt[begin:begin + self.prefill_chunk], begin)
         except BaseException:
             self._give_back(slot)
             raise
@@ -330,7 +325,8 @@ class Batch:
         going = sorted((s for s in live if not s.finish_reason), key=lambda s: s.slot)
         for s in going:      # tokens a grammar forced: their keys in one forward, all but the last
             if s.fed < s.length - 1:
-                self._feed(s, s.out[s.fed - len(s.prompt):-1])
+                self._run(s, s.out[s.fed - len(s.prompt):-1], s.fed)
+                s.fed = s.length - 1
         if going:
             toks = torch.tensor([[s.out[-1]] for s in going], device=self.device)
             pos = torch.tensor([[s.length - 1] for s in going], device=self.device)
@@ -360,14 +356,13 @@ class Batch:
             out.append(self.advance(seq, tid))
         return out
 
-    @torch.inference_mode()
-    def _feed(self, seq: Sequence, ids: list[int]) -> None:
-        """Write the keys and values of ids at seq's next positions (one forward, logits unused)."""
+    def _run(self, seq: Sequence, ids: list[int], begin: int) -> torch.Tensor:
+        """One forward of ids as one row at positions begin.. of seq's slot (a prompt chunk, or tokens
+        a grammar forced); logits [1, 1, V] of the last."""
         toks = torch.tensor([ids], device=self.device)
-        pos = torch.arange(seq.fed, seq.fed + len(ids), device=self.device)[None]
+        pos = torch.arange(begin, begin + len(ids), device=self.device)[None]
         with self._adapter_rows([seq]):
-            self.model(toks, pos, self.cache, torch.tensor([seq.slot], device=self.device), last_only=True)
-        seq.fed += len(ids)
+            return self.model(toks, pos, self.cache, torch.tensor([seq.slot], device=self.device), last_only=True)
 
     def _greedy_ids(self, live: list[Sequence]) -> list[int | None]:
         """Argmax ids for the plainly greedy rows, with one host sync for all; None for the others."""
@@ -399,7 +394,8 @@ class Batch:
         toks = torch.tensor(ids, device=self.device).view(T, 1)
         pos = torch.arange(seq.fed, seq.fed + T, device=self.device).view(T, 1)
         slots = torch.full((T,), seq.slot, device=self.device)
-        h = self.model.hidden(toks, pos, self.cache, slots)[:, -1]
+        with self._adapter_rows([seq] * T):
+            h = self.model.hidden(toks, pos, self.cache, slots)[:, -1]
         seq.fed += T
         self._last = None     # these rows are not a batch step's: _greedy_ids must not read them
         return h

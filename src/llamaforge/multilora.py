@@ -103,10 +103,6 @@ class AdapterBank:
                 m._plan = ([a for a, _, _ in f], [b.t().contiguous() for _, b, _ in f],
                            torch.tensor([s for _, _, s in f], dtype=torch.float32))
 
-    def current(self) -> list[str | None] | None:
-        """The adapter of each batch row for forwards on this thread (None: no rows set)."""
-        return getattr(self._local, "names", None)
-
     def rows_for(self, x: torch.Tensor) -> torch.Tensor | None:
         """Each row of x's adapter index in the bank's order (-1: none), one per token; None when no
         row of the current forward uses an adapter."""
@@ -128,15 +124,14 @@ class AdapterBank:
         unknown = sorted({n for n in names if n is not None and n not in self.configs})
         if unknown:
             raise KeyError(f"no adapter loaded as {', '.join(unknown)}")
-        before = (self.current(), getattr(self._local, "rows", None))
+        before = getattr(self._local, "rows", None)
         order = self.names
         idx = [-1 if n is None else order.index(n) for n in names]
-        self._local.names = list(names)
         self._local.rows = (torch.tensor(idx, dtype=torch.long), {}) if max(idx, default=-1) >= 0 else None
         try:
             yield
         finally:
-            self._local.names, self._local.rows = before
+            self._local.rows = before
 
     def _module(self, path: str) -> MultiLoraLinear:
         parent_path, attr = path.rsplit(".", 1)
