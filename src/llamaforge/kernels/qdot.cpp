@@ -32,8 +32,69 @@ int64_t act_row_bytes(int64_t type, int64_t K) {
   }
 }
 
+#ifdef LF_AVX2
+// One block of n (32 or 256) values: the scalar loop's arithmetic 8 lanes at a time, so the codes
+// are bit-identical (|x| max exact, x * (127 / amax) in float32, rounded half to even); the
+// scalar loop cost ~2 ns per value, a tenth of a 7B decode step's non-matmul time
+inline int quantize_block_v(const float* xb, int8_t* qs, int n, float& d) {
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  __m256 m = _mm256_setzero_ps();
+  for (int j = 0; j < n; j += 8) m = _mm256_max_ps(_mm256_andnot_ps(sign, _mm256_loadu_ps(xb + j)), m);   // NaN skipped, as fmax does
+  __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  const float amax = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+  d = amax / 127.f;
+  const __m256 id = _mm256_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+  __m256i sum = _mm256_setzero_si256();
+  for (int j = 0; j < n; j += 32) {
+    __m256i q[4];
+    for (int i = 0; i < 4; ++i)
+      q[i] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(xb + j + 8 * i), id),
+                                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    sum = _mm256_add_epi32(sum, _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3])));
+    // pack 32 int32 -> 32 int8 (values within +-127: no saturation), then undo the lane interleave
+    const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(qs + j),
+                        _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+  }
+  __m128i t = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+  t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4e));
+  t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0xb1));
+  return _mm_cvtsi128_si32(t);
+}
+#endif
+
 void quantize_act_row(int64_t type, const float* x, uint8_t* out, int64_t K) {
   const int kind = act_kind(type);
+#ifdef LF_AVX2
+  if (kind == 1) {
+    const int64_t nb = K / 32;
+    float* ds = reinterpret_cast<float*>(out);
+    int8_t* qs = reinterpret_cast<int8_t*>(out + nb * 8);
+    for (int64_t g = 0; g < nb; ++g) {
+      const int sum = quantize_block_v(x + 32 * g, qs + 32 * g, 32, ds[g]);
+      ds[nb + g] = ds[g] * float(sum);
+    }
+    return;
+  }
+  if (kind == 2) {
+    for (int64_t g = 0; g < K / 256; ++g) {
+      auto* b = reinterpret_cast<BlockQ8K*>(out) + g;
+      quantize_block_v(x + 256 * g, b->qs, 256, b->d);
+      for (int j = 0; j < 16; j += 2) {   // sums of 16 codes, two at a time
+        const __m256i v = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b->qs + 16 * j)));
+        const __m256i w = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b->qs + 16 * j + 16)));
+        __m256i h = _mm256_hadd_epi16(v, w);               // lanes: v0..3 w0..3 | v4..7 w4..7 (pair sums)
+        h = _mm256_hadd_epi16(h, h);
+        h = _mm256_hadd_epi16(h, h);                       // [v(0..3), w(0..3)] and [v(4..7), w(4..7)] sums
+        const __m128i r = _mm_add_epi16(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+        b->bsums[j] = int16_t(_mm_extract_epi16(r, 0));
+        b->bsums[j + 1] = int16_t(_mm_extract_epi16(r, 1));
+      }
+    }
+    return;
+  }
+#endif
   const int64_t bs = kind == 1 ? 32 : 256;
   for (int64_t g = 0; g < K / bs; ++g) {
     const float* xb = x + g * bs;
@@ -75,7 +136,7 @@ inline __m256i load(const void* p) { return _mm256_loadu_si256(reinterpret_cast<
 // acc (8 x int32) += scale * (u . s) over groups of 4 bytes; u unsigned codes <= 63 (or |q8| <= 128), s signed
 inline __m256i dot_scaled(__m256i acc, __m256i u, __m256i s, __m256i sc) {
 #ifdef LF_VNNI
-  return _mm256_add_epi32(acc, _mm256_mullo_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s), sc));
+  return _mm256_dpwssd_epi32(acc, _mm256_maddubs_epi16(u, s), sc);
 #else
   return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), sc));
 #endif
@@ -297,11 +358,7 @@ struct UnpackedK {
 
 // scales as int32 -> the multiplier form dot_scaled() takes (int16 pairs for madd without VNNI)
 inline __m256i mul_form(__m256i sc32) {
-#ifdef LF_VNNI
-  return sc32;
-#else
   return _mm256_or_si256(_mm256_and_si256(sc32, _mm256_set1_epi32(0xFFFF)), _mm256_slli_epi32(sc32, 16));
-#endif
 }
 // the multiplier vector of codes u[v]: 32-weight sub-blocks (one scale) or 16-weight (two)
 template <bool SIXTEEN>
@@ -448,6 +505,121 @@ void dotK(const uint8_t* w, const uint8_t* xq, int64_t xs, int64_t nb, float* ou
   }
 }
 
+#if defined(LF_AVX512) && defined(LF_VNNI)
+// Q4_K / Q5_K / Q6_K on AVX-512 VNNI: 64 weights per 512-bit step (two 32-weight sub-blocks, or
+// four of 16), which are 64 consecutive activations, so q8_K's own layout serves. The sub-block
+// scales are applied by vpdpwssd on vpmaddubsw's int16 pair sums (2 instructions per 64 weights)
+// instead of vpdpbusd, vpmulld and vpaddd per 32 (measured: the one-row Q4_K kernel was bound by
+// its instruction count, not by memory, at 7B shapes on Zen 4).
+struct UnpackedK512 {
+  __m512i u[4];    // codes of weights 64p .. 64p + 63
+  __m512i sc[4];   // int16 scale of each code pair's sub-block
+  __m256i off16;   // Q6_K: per-16 offsets
+  __m128i off8;    // Q4_K, Q5_K: per-32 mins
+  float d, dm;
+};
+
+// scale_min_k4 in registers: the scalar form's four 4-byte stores, read back as one 16-byte load,
+// stall store-to-load forwarding on every block
+inline __m128i scale_min_k4_v(const uint8_t* s) {
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s));     // a0 a1 a2 (+ 4 bytes)
+  const __m128i a = _mm_shuffle_epi32(v, _MM_SHUFFLE(2, 1, 2, 0));            // a0 a2 a1 a2
+  const __m128i lo = _mm_and_si128(_mm_srlv_epi32(a, _mm_setr_epi32(0, 0, 0, 4)),
+                                   _mm_setr_epi32(0x3f3f3f3f, 0x0f0f0f0f, 0x3f3f3f3f, 0x0f0f0f0f));
+  const __m128i h = _mm_shuffle_epi32(v, _MM_SHUFFLE(1, 1, 0, 0));            // lanes 1, 3: a0, a1
+  const __m128i hi = _mm_and_si128(_mm_srli_epi32(h, 2), _mm_setr_epi32(0, 0x30303030, 0, 0x30303030));
+  return _mm_or_si128(lo, hi);
+}
+
+template <int64_t T>
+inline void unpackK512(const uint8_t* b, UnpackedK512& k) {
+  const __m512i m4 = _mm512_set1_epi8(15);
+  // idx[p] lane i: the sub-block of int16 lane i of step p
+  constexpr int SUB = T == Q6_K ? 16 : 32;
+  __m512i s16;
+  if constexpr (T == Q6_K) {
+    const __m128i sc = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 192));
+    s16 = _mm512_castsi256_si512(_mm256_cvtepi8_epi16(sc));
+    k.off16 = _mm256_cvtepi8_epi16(sc);   // times -32: folded into dm
+    k.d = f16(b + 208);
+    k.dm = -32.f * k.d;
+    const __m512i m3 = _mm512_set1_epi8(3);
+    for (int half = 0; half < 2; ++half) {
+      const __m512i l = _mm512_loadu_si512(b + 64 * half);
+      const __m512i h = _mm512_broadcast_i64x4(load(b + 128 + 32 * half));
+      const __m512i hi01 = _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi64(h, _mm512_set_epi64(2, 2, 2, 2, 0, 0, 0, 0)), m3), 4);
+      const __m512i hi23 = _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi64(h, _mm512_set_epi64(6, 6, 6, 6, 4, 4, 4, 4)), m3), 4);
+      k.u[2 * half] = _mm512_or_si512(_mm512_and_si512(l, m4), hi01);
+      k.u[2 * half + 1] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(l, 4), m4), hi23);
+    }
+  } else {
+    const __m128i smv = scale_min_k4_v(b + 4);
+    s16 = _mm512_castsi128_si512(_mm_cvtepu8_epi16(smv));
+    k.off8 = _mm_cvtepu8_epi16(_mm_srli_si128(smv, 8));
+    k.d = f16(b);
+    k.dm = -f16(b + 2);
+    constexpr bool FIVE = T == Q5_K;
+    const uint8_t* qs = b + (FIVE ? 48 : 16);
+    const __m512i shift = _mm512_set_epi64(4, 4, 4, 4, 0, 0, 0, 0);
+    __m512i hm = _mm512_setzero_si512();
+    if constexpr (FIVE) hm = _mm512_broadcast_i64x4(load(b + 16));
+    for (int p = 0; p < 4; ++p) {
+      // low nibbles: sub-block 2p, high nibbles: 2p + 1
+      k.u[p] = _mm512_and_si512(_mm512_srlv_epi64(_mm512_broadcast_i64x4(load(qs + 32 * p)), shift), m4);
+      if constexpr (FIVE) {
+        const __mmask64 top = _mm512_test_epi8_mask(
+            hm, _mm512_inserti64x4(_mm512_set1_epi8(char(1 << (2 * p))), _mm256_set1_epi8(char(1 << (2 * p + 1))), 1));
+        k.u[p] = _mm512_mask_or_epi64(k.u[p], 0xFF, k.u[p], _mm512_maskz_mov_epi8(top, _mm512_set1_epi8(16)));
+      }
+    }
+  }
+  for (int p = 0; p < 4; ++p) {
+    alignas(64) int16_t idx[32];
+    for (int i = 0; i < 32; ++i) idx[i] = int16_t(p * (64 / SUB) + i / (SUB / 2));
+    k.sc[p] = _mm512_permutexvar_epi16(_mm512_load_si512(idx), s16);
+  }
+}
+
+template <int64_t T, int R>
+void dotK512(const uint8_t* w, const uint8_t* xq, int64_t xs, int64_t nb, float* out) {
+  constexpr int64_t BYTES = T == Q4_K ? 144 : T == Q5_K ? 176 : 210;
+  __m512 acc[R];
+  __m128 offacc[R];
+  for (int r = 0; r < R; ++r) { acc[r] = _mm512_setzero_ps(); offacc[r] = _mm_setzero_ps(); }
+  UnpackedK512 k;
+  for (int64_t g = 0; g < nb; ++g) {
+    unpackK512<T>(w + g * BYTES, k);
+    for (int r = 0; r < R; ++r) {
+      const BlockQ8K* x = reinterpret_cast<const BlockQ8K*>(xq + r * xs) + g;
+      // two chains of two: vpdpwssd's latency, not its throughput, bounds one row
+      __m512i isum[2];
+      for (int c = 0; c < 2; ++c) {
+        isum[c] = _mm512_dpwssd_epi32(_mm512_setzero_si512(), _mm512_maddubs_epi16(k.u[c], _mm512_loadu_si512(x->qs + 64 * c)), k.sc[c]);
+        isum[c] = _mm512_dpwssd_epi32(isum[c], _mm512_maddubs_epi16(k.u[c + 2], _mm512_loadu_si512(x->qs + 64 * (c + 2))), k.sc[c + 2]);
+      }
+      __m128i ioff;
+      if constexpr (T == Q6_K) {
+        const __m256i p = _mm256_madd_epi16(k.off16, load(x->bsums));
+        ioff = _mm_add_epi32(_mm256_castsi256_si128(p), _mm256_extracti128_si256(p, 1));
+      } else {
+        const __m128i lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x->bsums));
+        const __m128i hi = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x->bsums + 8));
+        ioff = _mm_madd_epi16(k.off8, _mm_hadd_epi16(lo, hi));
+      }
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(isum[0], isum[1])), _mm512_set1_ps(k.d * x->d), acc[r]);
+      offacc[r] = _mm_fmadd_ps(_mm_cvtepi32_ps(ioff), _mm_set1_ps(k.dm * x->d), offacc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    const __m256 a = _mm256_add_ps(_mm512_castps512_ps256(acc[r]), _mm512_extractf32x8_ps(acc[r], 1));
+    __m128 v = _mm_add_ps(_mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1)), offacc[r]);
+    v = _mm_add_ps(v, _mm_movehl_ps(v, v));
+    out[r] = _mm_cvtss_f32(_mm_add_ss(v, _mm_movehdup_ps(v)));
+  }
+}
+#define LF_DOTK512 1
+#endif
+
 // N consecutive weight rows (stride ws) against the same R rows of x: one type dispatch per range,
 // not per row (a row of K = 576 is only 18 blocks). Taking K in chunks shared by groups of rows,
 // to keep long rows of x in L1, was tried and measured far slower (Zen 4, one row of x, 2 threads,
@@ -476,9 +648,17 @@ void qdot_range_r(int64_t type, const uint8_t* w, int64_t ws, int64_t N, const u
     case Q8_0: LF_RUN32(Q8_0);
     case Q2_K: LF_RUNK(Q2_K);
     case Q3_K: LF_RUNK(Q3_K);
+#ifdef LF_DOTK512
+#define LF_RUNK512(T) return each_row<R>([&](const uint8_t* wr, float* o) { dotK512<T, R>(wr, xq, xs, nbK, o); }, w, ws, N, y, ldy)
+    case Q4_K: LF_RUNK512(Q4_K);
+    case Q5_K: LF_RUNK512(Q5_K);
+    case Q6_K: LF_RUNK(Q6_K);
+#undef LF_RUNK512
+#else
     case Q4_K: LF_RUNK(Q4_K);
     case Q5_K: LF_RUNK(Q5_K);
     case Q6_K: LF_RUNK(Q6_K);
+#endif
     default: return;
   }
 #undef LF_RUN32
