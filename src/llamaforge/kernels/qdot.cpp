@@ -506,16 +506,16 @@ void dotK(const uint8_t* w, const uint8_t* xq, int64_t xs, int64_t nb, float* ou
 }
 
 #if defined(LF_AVX512) && defined(LF_VNNI)
-// Q4_K / Q5_K / Q6_K on AVX-512 VNNI: 64 weights per 512-bit step (two 32-weight sub-blocks, or
-// four of 16), which are 64 consecutive activations, so q8_K's own layout serves. The sub-block
-// scales are applied by vpdpwssd on vpmaddubsw's int16 pair sums (2 instructions per 64 weights)
-// instead of vpdpbusd, vpmulld and vpaddd per 32 (measured: the one-row Q4_K kernel was bound by
-// its instruction count, not by memory, at 7B shapes on Zen 4).
+// Q4_K / Q5_K on AVX-512 VNNI: 64 weights (two 32-weight sub-blocks) per 512-bit step, which are 64
+// consecutive activations, so q8_K's own layout serves. The sub-block scales are applied by
+// vpdpwssd on vpmaddubsw's int16 pair sums (2 instructions per 64 weights) instead of vpdpbusd,
+// vpmulld and vpaddd per 32: the one-row Q4_K kernel was bound by its instruction count, not by
+// memory, at 7B shapes on Zen 4 (measured 1.1-1.4x per matrix). Q6_K's 512-bit form measured
+// slower than its 256-bit one (six-bit codes cost more shifts than they save), so it stays there.
 struct UnpackedK512 {
   __m512i u[4];    // codes of weights 64p .. 64p + 63
   __m512i sc[4];   // int16 scale of each code pair's sub-block
-  __m256i off16;   // Q6_K: per-16 offsets
-  __m128i off8;    // Q4_K, Q5_K: per-32 mins
+  __m128i off8;    // per-32 mins
   float d, dm;
 };
 
@@ -533,56 +533,33 @@ inline __m128i scale_min_k4_v(const uint8_t* s) {
 
 template <int64_t T>
 inline void unpackK512(const uint8_t* b, UnpackedK512& k) {
-  const __m512i m4 = _mm512_set1_epi8(15);
-  // idx[p] lane i: the sub-block of int16 lane i of step p
-  constexpr int SUB = T == Q6_K ? 16 : 32;
-  __m512i s16;
-  if constexpr (T == Q6_K) {
-    const __m128i sc = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 192));
-    s16 = _mm512_castsi256_si512(_mm256_cvtepi8_epi16(sc));
-    k.off16 = _mm256_cvtepi8_epi16(sc);   // times -32: folded into dm
-    k.d = f16(b + 208);
-    k.dm = -32.f * k.d;
-    const __m512i m3 = _mm512_set1_epi8(3);
-    for (int half = 0; half < 2; ++half) {
-      const __m512i l = _mm512_loadu_si512(b + 64 * half);
-      const __m512i h = _mm512_broadcast_i64x4(load(b + 128 + 32 * half));
-      const __m512i hi01 = _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi64(h, _mm512_set_epi64(2, 2, 2, 2, 0, 0, 0, 0)), m3), 4);
-      const __m512i hi23 = _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi64(h, _mm512_set_epi64(6, 6, 6, 6, 4, 4, 4, 4)), m3), 4);
-      k.u[2 * half] = _mm512_or_si512(_mm512_and_si512(l, m4), hi01);
-      k.u[2 * half + 1] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(l, 4), m4), hi23);
-    }
-  } else {
-    const __m128i smv = scale_min_k4_v(b + 4);
-    s16 = _mm512_castsi128_si512(_mm_cvtepu8_epi16(smv));
-    k.off8 = _mm_cvtepu8_epi16(_mm_srli_si128(smv, 8));
-    k.d = f16(b);
-    k.dm = -f16(b + 2);
-    constexpr bool FIVE = T == Q5_K;
-    const uint8_t* qs = b + (FIVE ? 48 : 16);
-    const __m512i shift = _mm512_set_epi64(4, 4, 4, 4, 0, 0, 0, 0);
-    __m512i hm = _mm512_setzero_si512();
-    if constexpr (FIVE) hm = _mm512_broadcast_i64x4(load(b + 16));
-    for (int p = 0; p < 4; ++p) {
-      // low nibbles: sub-block 2p, high nibbles: 2p + 1
-      k.u[p] = _mm512_and_si512(_mm512_srlv_epi64(_mm512_broadcast_i64x4(load(qs + 32 * p)), shift), m4);
-      if constexpr (FIVE) {
-        const __mmask64 top = _mm512_test_epi8_mask(
-            hm, _mm512_inserti64x4(_mm512_set1_epi8(char(1 << (2 * p))), _mm256_set1_epi8(char(1 << (2 * p + 1))), 1));
-        k.u[p] = _mm512_mask_or_epi64(k.u[p], 0xFF, k.u[p], _mm512_maskz_mov_epi8(top, _mm512_set1_epi8(16)));
-      }
-    }
-  }
+  constexpr bool FIVE = T == Q5_K;
+  const __m128i smv = scale_min_k4_v(b + 4);
+  const __m512i s16 = _mm512_castsi128_si512(_mm_cvtepu8_epi16(smv));
+  k.off8 = _mm_cvtepu8_epi16(_mm_srli_si128(smv, 8));
+  k.d = f16(b);
+  k.dm = -f16(b + 2);
+  const uint8_t* qs = b + (FIVE ? 48 : 16);
+  const __m512i m4 = _mm512_set1_epi8(15), shift = _mm512_set_epi64(4, 4, 4, 4, 0, 0, 0, 0);
+  __m512i hm = _mm512_setzero_si512();
+  if constexpr (FIVE) hm = _mm512_broadcast_i64x4(load(b + 16));
   for (int p = 0; p < 4; ++p) {
-    alignas(64) int16_t idx[32];
-    for (int i = 0; i < 32; ++i) idx[i] = int16_t(p * (64 / SUB) + i / (SUB / 2));
+    // low nibbles: sub-block 2p, high nibbles: 2p + 1
+    k.u[p] = _mm512_and_si512(_mm512_srlv_epi64(_mm512_broadcast_i64x4(load(qs + 32 * p)), shift), m4);
+    if constexpr (FIVE) {   // the fifth bit: bit 2p (low half) or 2p + 1 (high half) of qh
+      const __mmask64 top = _mm512_test_epi8_mask(
+          hm, _mm512_inserti64x4(_mm512_set1_epi8(char(1 << (2 * p))), _mm256_set1_epi8(char(1 << (2 * p + 1))), 1));
+      k.u[p] = _mm512_mask_add_epi8(k.u[p], top, k.u[p], _mm512_set1_epi8(16));
+    }
+    alignas(64) int16_t idx[32];   // int16 lane i of step p: sub-block 2p + i / 16 (vpermw measured
+    for (int i = 0; i < 32; ++i) idx[i] = int16_t(2 * p + i / 16);   // faster than vpshufb here)
     k.sc[p] = _mm512_permutexvar_epi16(_mm512_load_si512(idx), s16);
   }
 }
 
 template <int64_t T, int R>
 void dotK512(const uint8_t* w, const uint8_t* xq, int64_t xs, int64_t nb, float* out) {
-  constexpr int64_t BYTES = T == Q4_K ? 144 : T == Q5_K ? 176 : 210;
+  constexpr int64_t BYTES = T == Q4_K ? 144 : 176;
   __m512 acc[R];
   __m128 offacc[R];
   for (int r = 0; r < R; ++r) { acc[r] = _mm512_setzero_ps(); offacc[r] = _mm_setzero_ps(); }
@@ -597,15 +574,9 @@ void dotK512(const uint8_t* w, const uint8_t* xq, int64_t xs, int64_t nb, float*
         isum[c] = _mm512_dpwssd_epi32(_mm512_setzero_si512(), _mm512_maddubs_epi16(k.u[c], _mm512_loadu_si512(x->qs + 64 * c)), k.sc[c]);
         isum[c] = _mm512_dpwssd_epi32(isum[c], _mm512_maddubs_epi16(k.u[c + 2], _mm512_loadu_si512(x->qs + 64 * (c + 2))), k.sc[c + 2]);
       }
-      __m128i ioff;
-      if constexpr (T == Q6_K) {
-        const __m256i p = _mm256_madd_epi16(k.off16, load(x->bsums));
-        ioff = _mm_add_epi32(_mm256_castsi256_si128(p), _mm256_extracti128_si256(p, 1));
-      } else {
-        const __m128i lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x->bsums));
-        const __m128i hi = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x->bsums + 8));
-        ioff = _mm_madd_epi16(k.off8, _mm_hadd_epi16(lo, hi));
-      }
+      const __m128i lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x->bsums));
+      const __m128i hi = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x->bsums + 8));
+      const __m128i ioff = _mm_madd_epi16(k.off8, _mm_hadd_epi16(lo, hi));   // pair sums: one per 32 weights
       acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(isum[0], isum[1])), _mm512_set1_ps(k.d * x->d), acc[r]);
       offacc[r] = _mm_fmadd_ps(_mm_cvtepi32_ps(ioff), _mm_set1_ps(k.dm * x->d), offacc[r]);
     }
