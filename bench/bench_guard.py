@@ -3,12 +3,13 @@ evasion set (plain vs five kinds of disguise, with and without de-obfuscation), 
 when present, OpenAI's moderation samples, and latency per check. Prints the tables pasted into
 docs/safety.md; the leave-one-source-out table comes from `llamaforge train-guard --loso`.
 
-    OMP_NUM_THREADS=1 python bench/bench_guard.py [--skip-openai] [--json OUT.json]
+    OMP_NUM_THREADS=1 python bench/bench_guard.py [--skip-openai] [--languages-only] [--guard DIR] [--json OUT.json]
 """
 from __future__ import annotations
 
 import argparse
 import base64
+import csv
 import json
 import os
 import resource
@@ -26,7 +27,7 @@ from _report import machine_line  # noqa: E402
 
 from llamaforge import Guard  # noqa: E402
 from llamaforge.safety.normalise import views  # noqa: E402
-from llamaforge.safety.training.data import Example, load_evasion, load_openai_moderation  # noqa: E402
+from llamaforge.safety.training.data import Example, load_evasion, load_openai_moderation, load_translated  # noqa: E402
 
 LANGUAGES = Path(__file__).resolve().parents[1] / "src" / "llamaforge" / "safety" / "data" / "translated_prompts.csv"
 
@@ -71,20 +72,27 @@ def evasion(guard) -> dict:
 
 
 def languages(guard) -> dict | None:
+    """Harmful / benign flagged per language of the translated set (never trained on), benign split
+    into safe-but-scary and plain requests."""
     if not LANGUAGES.exists():
         return None
-    import csv
-    rows = list(csv.DictReader(open(LANGUAGES, encoding="utf-8")))
-    ex = [Example(r["prompt"], r["label"] == "unsafe", "translated", "loso", group=r["lang"]) for r in rows]
+    ex = load_translated(LANGUAGES)
+    kind = {r["prompt"]: r.get("kind", "") for r in csv.DictReader(open(LANGUAGES, encoding="utf-8"))}
     r = rates(guard, ex, lambda e: e.group)
+    by = rates(guard, [e for e in ex if not e.harmful], lambda e: e.group + ":" + kind[e.text])
     print("\n### Translated prompts (`safety/data/translated_prompts.csv`), shipped guard\n")
-    print("| language | harmful flagged | benign flagged | harmful rate / English rate |")
-    print("|---|---|---|---|")
+    print("| language | harmful flagged | benign flagged | of which safe-but-scary | of which plain | harmful rate / English rate |")
+    print("|---|---|---|---|---|---|")
     en = r["en"][0] / r["en"][1]
     for lang in ("en", "fr", "es", "de"):
         if lang in r:
-            print(f"| {lang} | {fmt(r[lang])[0]} | {fmt(r[lang])[1]} | {r[lang][0] / r[lang][1] / en:.1%} |")
-    return r
+            sc, pl = by.get(lang + ":scary", [0, 0, 0, 0]), by.get(lang + ":plain", [0, 0, 0, 0])
+            print(f"| {lang} | {fmt(r[lang])[0]} | {fmt(r[lang])[1]} | {sc[2]}/{sc[3]} | {pl[2]}/{pl[3]} "
+                  f"| {r[lang][0] / r[lang][1] / en:.1%} |")
+    misses = [(e.group, e.text) for e, v in zip(ex, guard.check_batch([e.text for e in ex])) if v.safe == e.harmful]
+    for lang, t in misses:
+        print(f"- wrong ({lang}): {t}")
+    return {"rates": r, "benign_by_kind": by}
 
 
 def openai(guard) -> dict:
@@ -133,17 +141,25 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--skip-openai", action="store_true", help="leave out the 859 OpenAI samples (the slow part)")
     ap.add_argument("--latency-only", action="store_true", help="only the latency and memory figures")
+    ap.add_argument("--languages-only", action="store_true", help="only the translated set's figures")
+    ap.add_argument("--guard", help="a guard_head.safetensors (or its folder) other than the shipped one")
     ap.add_argument("--json", help="also write the figures to this file")
     args = ap.parse_args()
     torch.set_num_threads(1)
     print(machine_line())
     print("command: OMP_NUM_THREADS=1 python bench/bench_guard.py" + (" --skip-openai" if args.skip_openai else "")
-          + (" --latency-only" if args.latency_only else ""))
+          + (" --latency-only" if args.latency_only else "") + (" --languages-only" if args.languages_only else "")
+          + (f" --guard {args.guard}" if args.guard else ""))
     print(f"load average before loading: {os.getloadavg()[0]:.1f}")
     t0 = time.perf_counter()
-    guard = Guard.load()
+    guard = Guard.load(args.guard)
     print(f"load {time.perf_counter() - t0:.2f} s")
     guard.rss_after_load = rss_mb()
+    if args.languages_only:
+        out = {"languages": languages(guard)}
+        if args.json:
+            Path(args.json).write_text(json.dumps(out, indent=2))
+        return
     out = {"latency": latency(guard)}
     if not args.latency_only:
         out.update(evasion=evasion(guard), languages=languages(guard))

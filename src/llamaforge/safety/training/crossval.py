@@ -90,13 +90,16 @@ def cross_validate(recipe, rows: list[int], folds: int) -> tuple[torch.Tensor, t
 # Per-source targets (issue 18): harmful recall, benign-but-scary over-flagging, plain benign flagging.
 TARGET_PLAIN = 0.01
 PLAIN_SOURCES = ("arc", "gsm8k", "self-instruct")
+# evaluation sets: scored when left out like every source, never trained on when another one is
+SCORE_ONLY = ("translated-prompts",)
 
 
-def loso_splits(source_of: list[str]):
+def loso_splits(source_of: list[str], score_only: tuple[str, ...] = SCORE_ONLY):
     """(left-out source, training rows, scored rows) for every source. Rows whose source is "" (the
-    de-obfuscated views and paragraphs of other rows) are never trained on."""
+    de-obfuscated views and paragraphs of other rows) and rows of a ``score_only`` source (an
+    evaluation set) are never trained on."""
     for s in sorted({x for x in source_of if x}):
-        yield (s, [i for i, x in enumerate(source_of) if x and x != s],
+        yield (s, [i for i, x in enumerate(source_of) if x and x != s and x not in score_only],
                [i for i, x in enumerate(source_of) if x == s])
 
 
@@ -162,7 +165,8 @@ def loso_table(examples: list[Example], scores: torch.Tensor, source_of: list[st
                                               flagged[torch.tensor(ix)]), 4),
                "by_category": {c: rate([i for i in harm if c in examples[i].categories])
                                for c in CODES if any(c in examples[i].categories for i in harm)}}
-        kinds = sorted({examples[i].group for i in ix if examples[i].source == "evasion-prompts"})
+        # kinds: the evasion set's disguises, the translated set's languages
+        kinds = sorted({examples[i].group for i in ix if examples[i].source in ("evasion-prompts", "translated-prompts")})
         if kinds:
             row["by_kind"] = {k: {"harmful": rate([i for i in harm if examples[i].group == k]),
                                   "benign": rate([i for i in safe if examples[i].group == k])} for k in kinds}

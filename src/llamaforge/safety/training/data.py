@@ -17,6 +17,8 @@ HERE = Path(__file__).resolve().parents[1]
 HARD_PROMPTS = HERE / "data" / "hard_prompts.csv"
 # more hand-written prompts, training only; none may share a focus word with a held-out group
 EXTRA_PROMPTS = HERE / "data" / "hard_prompts_extra.csv"
+# hand-written French, Spanish and German requests and their benign twins, training only (issue 18)
+MULTILINGUAL_PROMPTS = HERE / "data" / "multilingual_prompts.csv"
 SEED = 1234
 
 
@@ -33,7 +35,7 @@ class Example:
     focus: str = ""                 # hand-written rows: the focus word (rows on one topic share a fold)
 
 
-HAND_WRITTEN = ("hard-prompts", "extra-prompts")
+HAND_WRITTEN = ("hard-prompts", "extra-prompts", "multilingual-prompts")
 
 
 # -- category labels ----------------------------------------------------------------------------
@@ -107,7 +109,8 @@ def _arc_question(query: str) -> str:
 
 
 def load_examples(folder: Path | None = None, hard_prompts: Path = HARD_PROMPTS,
-                  n_benign: int = 400, extra_prompts: Path | None = EXTRA_PROMPTS) -> list[Example]:
+                  n_benign: int = 400, extra_prompts: Path | None = EXTRA_PROMPTS,
+                  multilingual_prompts: Path | None = MULTILINGUAL_PROMPTS) -> list[Example]:
     """Every training and held-out example, with its split."""
     d = Path(folder) if folder is not None else data_dir()
     if not (d / "safety").is_dir():
@@ -176,6 +179,17 @@ def load_examples(folder: Path | None = None, hard_prompts: Path = HARD_PROMPTS,
             kind = "response" if r["type"] in ("refusal", "answer") else "prompt"
             ex.append(Example(r["prompt"], harmful, "extra-prompts", "train",
                               [r["note"]] if harmful and r["note"] else [], kind=kind, group=r["type"],
+                              focus=r["focus"].strip().lower()))
+    if multilingual_prompts is not None and Path(multilingual_prompts).exists():
+        for r in _read_csv(multilingual_prompts):
+            harmful = r["label"] == "unsafe"
+            # a safe row on a held-out topic would be a translated sibling of a held-out hard-benign
+            # prompt; harmful rows on those topics are allowed, as in hard_prompts.csv's training side
+            if not harmful and any(_same_topic(r["focus"], h) for h in held_out_focus):
+                raise ValueError(f"{multilingual_prompts}: {r['id']} is safe and has the held-out focus "
+                                 f"{r['focus']!r}; safe training rows must not share a held-out topic")
+            ex.append(Example(r["prompt"], harmful, "multilingual-prompts", "train",
+                              [r["note"]] if harmful and r["note"] else [], group=r["type"],
                               focus=r["focus"].strip().lower()))
     return ex
 
@@ -260,6 +274,18 @@ def load_evasion(path: Path = EVASION_PROMPTS) -> list[Example]:
             for r in _read_csv(path)]
 
 
+TRANSLATED_PROMPTS = HERE / "data" / "translated_prompts.csv"
+
+
+def load_translated(path: Path = TRANSLATED_PROMPTS) -> list[Example]:
+    """The hand-written evaluation set in English, French, Spanish and German (never trained on):
+    ``group`` is the language (the file's ``kind`` column: request, scary or plain benign)."""
+    return [Example(r["prompt"], r["label"] == "unsafe", "translated-prompts", "loso",
+                    [r["note"]] if r["note"] else [], group=r["lang"],
+                    focus=r["focus"].strip().lower())
+            for r in _read_csv(path)]
+
+
 def loso_source(e: Example) -> str:
     """The source a row belongs to for leave-one-source-out: one name per public data set (its
     train, test and answer rows together) and per hand-written file."""
@@ -272,5 +298,6 @@ def loso_source(e: Example) -> str:
 
 def load_loso_examples(folder: Path | None = None) -> list[Example]:
     """Every row of every source, for leave-one-source-out: the guard's training and held-out rows,
-    OpenAI's moderation samples and the evasion set."""
-    return load_examples(folder) + load_openai_moderation(folder) + load_evasion()
+    OpenAI's moderation samples, the evasion set and the translated set (scored, never trained on:
+    `crossval.SCORE_ONLY`)."""
+    return load_examples(folder) + load_openai_moderation(folder) + load_evasion() + load_translated()
