@@ -371,16 +371,16 @@ inline __m256i scale_of(const UnpackedK& k, int v) {
   }
 }
 
-// Q4_K / Q5_K: 12 bytes -> 8 six-bit scales (bytes 0..7) and 8 mins (bytes 8..15), word-wise
-inline void scale_min_k4(const uint8_t* s, uint8_t* out) {
-  uint32_t a[3], r[4];
-  std::memcpy(a, s, 12);
-  const uint32_t six = 0x3f3f3f3f, low4 = 0x0f0f0f0f, two = 0x03030303;
-  r[0] = a[0] & six;
-  r[1] = (a[2] & low4) | (((a[0] >> 6) & two) << 4);
-  r[2] = a[1] & six;
-  r[3] = ((a[2] >> 4) & low4) | (((a[1] >> 6) & two) << 4);
-  std::memcpy(out, r, 16);
+// Q4_K / Q5_K: 12 bytes -> 8 six-bit scales (bytes 0..7) and 8 mins (bytes 8..15), in registers (a
+// scalar form's four 4-byte stores read back as one 16-byte load stall store forwarding every block)
+inline __m128i scale_min_k4(const uint8_t* s) {
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s));     // a0 a1 a2 (+ 4 bytes)
+  const __m128i a = _mm_shuffle_epi32(v, _MM_SHUFFLE(2, 1, 2, 0));            // a0 a2 a1 a2
+  const __m128i lo = _mm_and_si128(_mm_srlv_epi32(a, _mm_setr_epi32(0, 0, 0, 4)),
+                                   _mm_setr_epi32(0x3f3f3f3f, 0x0f0f0f0f, 0x3f3f3f3f, 0x0f0f0f0f));
+  const __m128i h = _mm_shuffle_epi32(v, _MM_SHUFFLE(1, 1, 0, 0));            // lanes 1, 3: a0, a1
+  const __m128i hi = _mm_and_si128(_mm_srli_epi32(h, 2), _mm_setr_epi32(0, 0x30303030, 0, 0x30303030));
+  return _mm_or_si128(lo, hi);
 }
 
 template <int64_t T> inline void unpackK(const uint8_t* b, UnpackedK& k);
@@ -429,9 +429,7 @@ template <> inline void unpackK<Q3_K>(const uint8_t* b, UnpackedK& k) {
 
 template <bool FIVE>
 inline void unpack_q45k(const uint8_t* b, UnpackedK& k) {
-  alignas(16) uint8_t sm[16];
-  scale_min_k4(b + 4, sm);
-  const __m128i smv = _mm_load_si128(reinterpret_cast<const __m128i*>(sm));
+  const __m128i smv = scale_min_k4(b + 4);
   k.sc[0] = mul_form(_mm256_cvtepu8_epi32(smv));
   k.off8 = _mm_cvtepu8_epi16(_mm_srli_si128(smv, 8));
   const uint8_t* qs = b + (FIVE ? 48 : 16);
@@ -471,6 +469,21 @@ template <> inline void unpackK<Q6_K>(const uint8_t* b, UnpackedK& k) {
   k.dm = -32.f * k.d;
 }
 
+// Q4_K / Q5_K: the 8 per-32 mins (int16) times the activation block's sums over the same 32 codes
+// (pairs of its per-16 sums), as 4 int32 lanes
+inline __m128i mins_dot(__m128i off8, const BlockQ8K* x) {
+  const __m128i lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x->bsums));
+  const __m128i hi = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x->bsums + 8));
+  return _mm_madd_epi16(off8, _mm_hadd_epi16(lo, hi));
+}
+
+// a K-quant row's result: its block-scale lanes (8) plus its offset lanes (4), in a fixed order
+inline float hsum_k(__m256 acc, __m128 off) {
+  __m128 v = _mm_add_ps(_mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1)), off);
+  v = _mm_add_ps(v, _mm_movehl_ps(v, v));
+  return _mm_cvtss_f32(_mm_add_ss(v, _mm_movehdup_ps(v)));
+}
+
 template <int64_t T, int R>
 void dotK(const uint8_t* w, const uint8_t* xq, int64_t xs, int64_t nb, float* out) {
   constexpr int64_t BYTES = T == Q2_K ? 84 : T == Q3_K ? 110 : T == Q4_K ? 144 : T == Q5_K ? 176 : 210;
@@ -490,19 +503,13 @@ void dotK(const uint8_t* w, const uint8_t* xq, int64_t xs, int64_t nb, float* ou
         const __m256i p = _mm256_madd_epi16(k.off16, load(x->bsums));
         ioff = _mm_add_epi32(_mm256_castsi256_si128(p), _mm256_extracti128_si256(p, 1));
       } else {
-        const __m128i lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x->bsums));
-        const __m128i hi = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x->bsums + 8));
-        ioff = _mm_madd_epi16(k.off8, _mm_hadd_epi16(lo, hi));   // pair sums: one per 32 weights
+        ioff = mins_dot(k.off8, x);
       }
       acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(k.d * x->d), acc[r]);
       offacc[r] = _mm_fmadd_ps(_mm_cvtepi32_ps(ioff), _mm_set1_ps(k.dm * x->d), offacc[r]);
     }
   }
-  for (int r = 0; r < R; ++r) {
-    __m128 v = _mm_add_ps(_mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps(acc[r], 1)), offacc[r]);
-    v = _mm_add_ps(v, _mm_movehl_ps(v, v));
-    out[r] = _mm_cvtss_f32(_mm_add_ss(v, _mm_movehdup_ps(v)));
-  }
+  for (int r = 0; r < R; ++r) out[r] = hsum_k(acc[r], offacc[r]);
 }
 
 #if defined(LF_AVX512) && defined(LF_VNNI)
@@ -519,22 +526,10 @@ struct UnpackedK512 {
   float d, dm;
 };
 
-// scale_min_k4 in registers: the scalar form's four 4-byte stores, read back as one 16-byte load,
-// stall store-to-load forwarding on every block
-inline __m128i scale_min_k4_v(const uint8_t* s) {
-  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s));     // a0 a1 a2 (+ 4 bytes)
-  const __m128i a = _mm_shuffle_epi32(v, _MM_SHUFFLE(2, 1, 2, 0));            // a0 a2 a1 a2
-  const __m128i lo = _mm_and_si128(_mm_srlv_epi32(a, _mm_setr_epi32(0, 0, 0, 4)),
-                                   _mm_setr_epi32(0x3f3f3f3f, 0x0f0f0f0f, 0x3f3f3f3f, 0x0f0f0f0f));
-  const __m128i h = _mm_shuffle_epi32(v, _MM_SHUFFLE(1, 1, 0, 0));            // lanes 1, 3: a0, a1
-  const __m128i hi = _mm_and_si128(_mm_srli_epi32(h, 2), _mm_setr_epi32(0, 0x30303030, 0, 0x30303030));
-  return _mm_or_si128(lo, hi);
-}
-
 template <int64_t T>
 inline void unpackK512(const uint8_t* b, UnpackedK512& k) {
   constexpr bool FIVE = T == Q5_K;
-  const __m128i smv = scale_min_k4_v(b + 4);
+  const __m128i smv = scale_min_k4(b + 4);
   const __m512i s16 = _mm512_castsi128_si512(_mm_cvtepu8_epi16(smv));
   k.off8 = _mm_cvtepu8_epi16(_mm_srli_si128(smv, 8));
   k.d = f16(b);
@@ -574,19 +569,13 @@ void dotK512(const uint8_t* w, const uint8_t* xq, int64_t xs, int64_t nb, float*
         isum[c] = _mm512_dpwssd_epi32(_mm512_setzero_si512(), _mm512_maddubs_epi16(k.u[c], _mm512_loadu_si512(x->qs + 64 * c)), k.sc[c]);
         isum[c] = _mm512_dpwssd_epi32(isum[c], _mm512_maddubs_epi16(k.u[c + 2], _mm512_loadu_si512(x->qs + 64 * (c + 2))), k.sc[c + 2]);
       }
-      const __m128i lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x->bsums));
-      const __m128i hi = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x->bsums + 8));
-      const __m128i ioff = _mm_madd_epi16(k.off8, _mm_hadd_epi16(lo, hi));   // pair sums: one per 32 weights
+      const __m128i ioff = mins_dot(k.off8, x);
       acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(isum[0], isum[1])), _mm512_set1_ps(k.d * x->d), acc[r]);
       offacc[r] = _mm_fmadd_ps(_mm_cvtepi32_ps(ioff), _mm_set1_ps(k.dm * x->d), offacc[r]);
     }
   }
-  for (int r = 0; r < R; ++r) {
-    const __m256 a = _mm256_add_ps(_mm512_castps512_ps256(acc[r]), _mm512_extractf32x8_ps(acc[r], 1));
-    __m128 v = _mm_add_ps(_mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1)), offacc[r]);
-    v = _mm_add_ps(v, _mm_movehl_ps(v, v));
-    out[r] = _mm_cvtss_f32(_mm_add_ss(v, _mm_movehdup_ps(v)));
-  }
+  for (int r = 0; r < R; ++r)
+    out[r] = hsum_k(_mm256_add_ps(_mm512_castps512_ps256(acc[r]), _mm512_extractf32x8_ps(acc[r], 1)), offacc[r]);
 }
 #define LF_DOTK512 1
 #endif
@@ -611,6 +600,7 @@ void qdot_range_r(int64_t type, const uint8_t* w, int64_t ws, int64_t N, const u
   const int64_t nb32 = K / 32, nbK = K / 256;
 #define LF_RUN32(T) return each_row<R>([&](const uint8_t* wr, float* o) { dot32<T, R>(wr, xq, xs, nb32, o); }, w, ws, N, y, ldy)
 #define LF_RUNK(T) return each_row<R>([&](const uint8_t* wr, float* o) { dotK<T, R>(wr, xq, xs, nbK, o); }, w, ws, N, y, ldy)
+#define LF_RUNK512(T) return each_row<R>([&](const uint8_t* wr, float* o) { dotK512<T, R>(wr, xq, xs, nbK, o); }, w, ws, N, y, ldy)
   switch (type) {
     case Q4_0: LF_RUN32(Q4_0);
     case Q4_1: LF_RUN32(Q4_1);
@@ -620,20 +610,18 @@ void qdot_range_r(int64_t type, const uint8_t* w, int64_t ws, int64_t N, const u
     case Q2_K: LF_RUNK(Q2_K);
     case Q3_K: LF_RUNK(Q3_K);
 #ifdef LF_DOTK512
-#define LF_RUNK512(T) return each_row<R>([&](const uint8_t* wr, float* o) { dotK512<T, R>(wr, xq, xs, nbK, o); }, w, ws, N, y, ldy)
     case Q4_K: LF_RUNK512(Q4_K);
     case Q5_K: LF_RUNK512(Q5_K);
-    case Q6_K: LF_RUNK(Q6_K);
-#undef LF_RUNK512
 #else
     case Q4_K: LF_RUNK(Q4_K);
     case Q5_K: LF_RUNK(Q5_K);
-    case Q6_K: LF_RUNK(Q6_K);
 #endif
+    case Q6_K: LF_RUNK(Q6_K);
     default: return;
   }
 #undef LF_RUN32
 #undef LF_RUNK
+#undef LF_RUNK512
 }
 
 }  // namespace
