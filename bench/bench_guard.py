@@ -27,16 +27,23 @@ from _report import machine_line  # noqa: E402
 
 from llamaforge import Guard  # noqa: E402
 from llamaforge.safety.normalise import views  # noqa: E402
-from llamaforge.safety.training.data import Example, load_evasion, load_openai_moderation, load_translated  # noqa: E402
+from llamaforge.safety.training.data import (TRANSLATED_PROMPTS, Example, load_evasion,  # noqa: E402
+                                             load_openai_moderation, load_translated)
 
-LANGUAGES = Path(__file__).resolve().parents[1] / "src" / "llamaforge" / "safety" / "data" / "translated_prompts.csv"
 
 
-def rates(guard, examples: list[Example], key) -> dict:
-    """{group: [harmful flagged, harmful n, benign flagged, benign n]} with the guard's verdicts."""
-    # batches of 16, as `llamaforge guard` would see a busy stream, not one huge batch
-    flagged = [not v.safe for s in range(0, len(examples), 16)
-               for v in guard.check_batch([e.text for e in examples[s:s + 16]])]
+def flags(guard, examples: list[Example]) -> list[bool]:
+    """Whether the guard flags each example, in batches of 16 (as `llamaforge guard` would see a busy
+    stream, not one huge batch)."""
+    return [not v.safe for s in range(0, len(examples), 16)
+            for v in guard.check_batch([e.text for e in examples[s:s + 16]])]
+
+
+def rates(guard, examples: list[Example], key, flagged: list[bool] | None = None) -> dict:
+    """{group: [harmful flagged, harmful n, benign flagged, benign n]} with the guard's verdicts
+    (`flagged`, when the caller has them already)."""
+    if flagged is None:
+        flagged = flags(guard, examples)
     out: dict = defaultdict(lambda: [0, 0, 0, 0])
     for e, f in zip(examples, flagged):
         for g in (key(e), "all"):
@@ -74,12 +81,14 @@ def evasion(guard) -> dict:
 def languages(guard) -> dict | None:
     """Harmful / benign flagged per language of the translated set (never trained on), benign split
     into safe-but-scary and plain requests."""
-    if not LANGUAGES.exists():
+    if not TRANSLATED_PROMPTS.exists():
         return None
-    ex = load_translated(LANGUAGES)
-    kind = {r["prompt"]: r.get("kind", "") for r in csv.DictReader(open(LANGUAGES, encoding="utf-8"))}
-    r = rates(guard, ex, lambda e: e.group)
-    by = rates(guard, [e for e in ex if not e.harmful], lambda e: e.group + ":" + kind[e.text])
+    ex = load_translated()
+    kind = {r["prompt"]: r.get("kind", "") for r in csv.DictReader(open(TRANSLATED_PROMPTS, encoding="utf-8"))}
+    flagged = flags(guard, ex)   # one pass of the guard serves all three readings below
+    r = rates(guard, ex, lambda e: e.group, flagged)
+    benign = [(e, f) for e, f in zip(ex, flagged) if not e.harmful]
+    by = rates(guard, [e for e, _ in benign], lambda e: e.group + ":" + kind[e.text], [f for _, f in benign])
     print("\n### Translated prompts (`safety/data/translated_prompts.csv`), shipped guard\n")
     print("| language | harmful flagged | benign flagged | of which safe-but-scary | of which plain | harmful rate / English rate |")
     print("|---|---|---|---|---|---|")
@@ -89,7 +98,7 @@ def languages(guard) -> dict | None:
             sc, pl = by.get(lang + ":scary", [0, 0, 0, 0]), by.get(lang + ":plain", [0, 0, 0, 0])
             print(f"| {lang} | {fmt(r[lang])[0]} | {fmt(r[lang])[1]} | {sc[2]}/{sc[3]} | {pl[2]}/{pl[3]} "
                   f"| {r[lang][0] / r[lang][1] / en:.1%} |")
-    misses = [(e.group, e.text) for e, v in zip(ex, guard.check_batch([e.text for e in ex])) if v.safe == e.harmful]
+    misses = [(e.group, e.text) for e, f in zip(ex, flagged) if f != e.harmful]
     for lang, t in misses:
         print(f"- wrong ({lang}): {t}")
     return {"rates": r, "benign_by_kind": by}

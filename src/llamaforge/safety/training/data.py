@@ -171,26 +171,27 @@ def load_examples(folder: Path | None = None, hard_prompts: Path = HARD_PROMPTS,
         ex.append(Example(r["prompt"], harmful, "hard-prompts", split, [r["note"]] if harmful and r["note"] else [],
                           kind=kind, group=r["type"], focus=r["focus"].strip().lower()))
     if extra_prompts is not None and Path(extra_prompts).exists():
-        for r in _read_csv(extra_prompts):
-            if any(_same_topic(r["focus"], h) for h in held_out_focus):
-                raise ValueError(f"{extra_prompts}: {r['id']} has the held-out focus {r['focus']!r}; "
-                                 "extra prompts are training data and must not share a held-out topic")
-            harmful = r["label"] == "unsafe"
-            kind = "response" if r["type"] in ("refusal", "answer") else "prompt"
-            ex.append(Example(r["prompt"], harmful, "extra-prompts", "train",
-                              [r["note"]] if harmful and r["note"] else [], kind=kind, group=r["type"],
-                              focus=r["focus"].strip().lower()))
+        ex += _hand_written(extra_prompts, "extra-prompts", held_out_focus)
     if multilingual_prompts is not None and Path(multilingual_prompts).exists():
-        for r in _read_csv(multilingual_prompts):
-            harmful = r["label"] == "unsafe"
-            # a safe row on a held-out topic would be a translated sibling of a held-out hard-benign
-            # prompt; harmful rows on those topics are allowed, as in hard_prompts.csv's training side
-            if not harmful and any(_same_topic(r["focus"], h) for h in held_out_focus):
-                raise ValueError(f"{multilingual_prompts}: {r['id']} is safe and has the held-out focus "
-                                 f"{r['focus']!r}; safe training rows must not share a held-out topic")
-            ex.append(Example(r["prompt"], harmful, "multilingual-prompts", "train",
-                              [r["note"]] if harmful and r["note"] else [], group=r["type"],
-                              focus=r["focus"].strip().lower()))
+        # a safe row on a held-out topic would be a translated sibling of a held-out hard-benign
+        # prompt; harmful rows on those topics are allowed, as in hard_prompts.csv's training side
+        ex += _hand_written(multilingual_prompts, "multilingual-prompts", held_out_focus, harmful_may_share=True)
+    return ex
+
+
+def _hand_written(path: Path, source: str, held_out_focus: set[str], harmful_may_share: bool = False) -> list[Example]:
+    """A hand-written training file's rows. None may share a held-out topic (with
+    `harmful_may_share`, only safe ones may not): a held-out prompt's sibling would leak into training."""
+    ex = []
+    for r in _read_csv(path):
+        harmful = r["label"] == "unsafe"
+        if (not harmful or not harmful_may_share) and any(_same_topic(r["focus"], h) for h in held_out_focus):
+            rows = "safe training rows" if harmful_may_share else "they are training data and"
+            raise ValueError(f"{path}: {r['id']} has the held-out focus {r['focus']!r}; "
+                             f"{rows} must not share a held-out topic")
+        kind = "response" if r["type"] in ("refusal", "answer") else "prompt"
+        ex.append(Example(r["prompt"], harmful, source, "train", [r["note"]] if harmful and r["note"] else [],
+                          kind=kind, group=r["type"], focus=r["focus"].strip().lower()))
     return ex
 
 
