@@ -48,36 +48,45 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", type=int, default=16, help="decode steps per measurement")
     ap.add_argument("--reps", type=int, default=8)
+    ap.add_argument("--prompt", type=int, default=32, help="prompt tokens (the cache length decode attends over)")
+    ap.add_argument("--rows", type=int, default=1, help="sequences decoding together (batched decode)")
+    ap.add_argument("--activations", choices=("auto", "int8", "f32"), default="auto")
     args = ap.parse_args()
     import torch
     from llamaforge import native
     from llamaforge.benchmark import prompt_ids
     from llamaforge.commands import load_model
     from llamaforge.generate import Batch
+    from llamaforge.quant import ggml
     from llamaforge.sampling import SamplingParams
     torch.set_num_threads(args.threads)
+    ggml.set_activations(args.activations)
     with tempfile.TemporaryDirectory() as tmp:
         builds = {args.baseline: build_revision(args.baseline, Path(tmp)), "current": native.kernels()}
         llm = load_model(args.model, None, "none")
         mods = [m for m in llm.model.modules() if hasattr(m, "_k")]
-        ids = prompt_ids(llm.tokenizer, 32)
+        ids = prompt_ids(llm.tokenizer, args.prompt + args.rows)
         rates: dict[str, list[float]] = {name: [] for name in builds}
         order = list(builds)
         for rep in range(args.reps):
             for name in order if rep % 2 == 0 else order[::-1]:
                 for m in mods:
                     m._k = builds[name]
-                batch = Batch(llm.model, llm.tokenizer, max_batch=1, max_seq=64 + args.steps, prefill_chunk=32)
-                batch.add(ids, SamplingParams(max_tokens=args.steps + 2, temperature=0.0, ignore_eos=True))
-                batch.step()
-                batch.step()
+                batch = Batch(llm.model, llm.tokenizer, max_batch=args.rows, max_seq=args.prompt + args.rows + args.steps + 8,
+                              prefill_chunk=512)
+                for r in range(args.rows):   # different prompts, each prefilled by its own step
+                    batch.add(ids[r:r + args.prompt], SamplingParams(max_tokens=args.steps + 2, temperature=0.0, ignore_eos=True))
+                for _ in range(args.rows + 1):
+                    batch.step()
                 t = time.perf_counter()
                 for _ in range(args.steps):
                     batch.step()
-                rates[name].append(args.steps / (time.perf_counter() - t))
+                rates[name].append(args.rows * args.steps / (time.perf_counter() - t))
     base, cur = statistics.median(rates[args.baseline]), statistics.median(rates["current"])
     print(f"{Path(args.model).name}: decode {cur:.2f} tok/s with the current kernels, {base:.2f} with {args.baseline}'s:"
-          f" {cur / base:.3f}x ({args.threads} threads, {args.reps} alternating reps of {args.steps} steps, medians)")
+          f" {cur / base:.3f}x ({args.threads} threads, {args.rows} sequence(s) of {args.prompt} prompt tokens,"
+          f" {args.activations} activations,"
+          f" {args.reps} alternating reps of {args.steps} steps, medians)")
     print(machine_line())
 
 

@@ -43,7 +43,7 @@ def test_dequantize_is_bit_identical_to_gguf_py(qtype):
 
 
 @pytest.mark.parametrize("qtype", NATIVE_TYPES)
-@pytest.mark.parametrize("rows", [1, 3, 6, 40])   # 40: prompt rows, on 16-row tiles where the build has them
+@pytest.mark.parametrize("rows", [1, 3, 6, 9, 40])   # 40: prompt rows, on 16-row tiles where the build has them
 def test_matmul_paths_match_float64_products(qtype, rows):
     qt = _qt(qtype, 300, 512, seed=rows)      # 300 output rows: split across threads
     w = qt.dequantize().double()
@@ -52,6 +52,9 @@ def test_matmul_paths_match_float64_products(qtype, rows):
     (y,) = k.matmul(x, [blocks], native.TYPE_IDS[qtype], 512, False)
     ref = x.double() @ w.t()
     assert (y.double() - ref).abs().max() < 2e-5 * ref.abs().max()
+    if rows <= 16:   # decode: a row's float32 result does not depend on the other rows either
+        (solo,) = k.matmul(x[-1:], [blocks], native.TYPE_IDS[qtype], 512, False)
+        assert torch.equal(solo[0], y[-1])
     (yq,) = k.matmul(x, [blocks], native.TYPE_IDS[qtype], 512, True)
     if qtype in ("F16", "BF16") or not k.int8_path():          # no integer path: the float32 one
         assert torch.equal(yq, y)

@@ -118,6 +118,40 @@ inline void axpy_row(float a, const uint8_t* row, float* y, int64_t Hd) {
 }
 
 #ifdef LF_AVX512
+// lane j = the sum of a[j]'s 16 lanes: a transposing tree of 45 shuffles and adds for 16 sums,
+// where 16 separate horizontal sums take ~8 dependent operations each
+inline __m512 sum16(__m512* a) {
+  __m512 b[8], c[4];
+  for (int j = 0; j < 8; ++j)   // 128-bit lanes: [a2j 0+2, a2j+1 0+2, a2j 1+3, a2j+1 1+3]
+    b[j] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * j], a[2 * j + 1]), _mm512_unpackhi_ps(a[2 * j], a[2 * j + 1]));
+  for (int k = 0; k < 4; ++k) {   // 128-bit lanes: one partial sum of each of a4k .. a4k+3
+    const __m512d x = _mm512_castps_pd(b[2 * k]), y = _mm512_castps_pd(b[2 * k + 1]);
+    c[k] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+  }
+  const __m512 d0 = _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], 0x44), _mm512_shuffle_f32x4(c[0], c[1], 0xEE));
+  const __m512 d1 = _mm512_add_ps(_mm512_shuffle_f32x4(c[2], c[3], 0x44), _mm512_shuffle_f32x4(c[2], c[3], 0xEE));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(d0, d1, 0x88), _mm512_shuffle_f32x4(d0, d1, 0xDD));
+}
+
+// q . row for the 16 cached rows at kb (row stride rb bytes), Hd % 16 == 0
+template <int64_t P>
+inline __m512 dot16_rows(const float* q, const uint8_t* kb, int64_t rb, int64_t Hd) {
+  __m512 a[16];
+  for (int j = 0; j < 16; ++j) {
+    const uint8_t* row = kb + j * rb;
+    auto at = [&](int64_t i) {
+      if constexpr (P == 0) return _mm512_loadu_ps(reinterpret_cast<const float*>(row) + i);
+      else return values16<P>(row, i);
+    };
+    __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(q), at(0));
+    for (int64_t i = 16; i < Hd; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + i), at(i), acc);
+    a[j] = acc;
+  }
+  return sum16(a);
+}
+#endif
+
+#ifdef LF_AVX512
 // exp for x <= 0 (Cephes' expf polynomial, ~1 ulp): x = n ln2 + r, exp(x) = 2^n * p(r); exp(-inf) = 0
 inline __m512 exp_nonpos(__m512 x) {
   const __mmask16 finite = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ);
@@ -209,7 +243,24 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
         const uint8_t* vb = V + (row[b] * vs0 + kh * vs1) * esize;
         const bool* mb = M ? M + b * L : nullptr;
         float mx = -INFINITY;
-        for (int64_t l = 0; l < L; ++l) {
+        int64_t l = 0;
+#ifdef LF_AVX512
+        if (Hd % 16 == 0) {   // 16 positions at a time (one score per lane)
+          __m512 vmx = _mm512_set1_ps(-INFINITY);
+          for (; l + 16 <= L; l += 16) {
+            __m512 sc = _mm512_mul_ps(dot16_rows<P>(qh, kb + l * rb, rb, Hd), _mm512_set1_ps(scale));
+            if (mb) {
+              const __mmask16 keep =
+                  _mm_cmpneq_epi8_mask(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mb + l)), _mm_setzero_si128());
+              sc = _mm512_mask_blend_ps(keep, _mm512_set1_ps(-INFINITY), sc);
+            }
+            _mm512_storeu_ps(s.data() + l, sc);
+            vmx = _mm512_max_ps(vmx, sc);
+          }
+          mx = _mm512_reduce_max_ps(vmx);
+        }
+#endif
+        for (; l < L; ++l) {
           s[l] = (mb && !mb[l]) ? -INFINITY : dot_row<P>(qh, kb + l * rb, Hd) * scale;
           mx = std::max(mx, s[l]);
         }

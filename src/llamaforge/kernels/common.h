@@ -65,11 +65,10 @@ void qdot_range(int64_t type, const uint8_t* w, int64_t ws, int64_t N, const uin
 // (dequantize 256 weights at a time, then multiply): every type but the has_fast_f32 ones
 void fdot_rows(int64_t type, const uint8_t* w, const float* x, int64_t ldx, int R, int64_t K, float* out, float* buf);
 // Q4_0 / Q4_1 / Q8_0: y[m * ldy + n] = w_n . x_m for the N weight rows at
-// w + n * ws and the M rows of x (contiguous, K each); xs: per-32 block sums of x's rows (block_sums)
+// w + n * ws and the M rows of x (contiguous, K each)
 bool has_fast_f32(int64_t type);
 void fdot_range(int64_t type, const uint8_t* w, int64_t ws, int64_t N, const float* x, int64_t M, int64_t K,
-                const float* xs, float* y, int64_t ldy);
-void block_sums(const float* x, int64_t K, float* out);
+                float* y, int64_t ldy);
 
 // Tiles of 16 weight rows (AVX-512 VNNI builds; tiles.cpp): whether `type` has them, and
 // y[m * ldy + n] = w_n . x_m for the 16 rows at w (row stride ws) and the M q8 rows at xq (stride xs)

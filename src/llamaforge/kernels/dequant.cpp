@@ -209,103 +209,172 @@ void dequant_row(int64_t type, const uint8_t* w, float* out, int64_t K) {
 namespace {
 
 // ---- float32 activations straight from Q4_0 / Q4_1 / Q8_0 blocks ---------------------------------
-// The small models' decode path (where per-step overhead, not bandwidth, bounds a token): codes
-// converted to float in registers, w . x = sum over blocks of d * (codes . x) + m * sum(x), with
-// two accumulators per row so the FMA chain does not bound the loop. xs: per-block sums of x.
-template <int64_t T, int R>
-void fdot32(const uint8_t* w, int64_t nb, const float* x, int64_t ldx, const float* xs, int64_t ldxs, float* out) {
-  constexpr int64_t S = 2;                                // bytes of one scale (float16)
-  constexpr int64_t QS = T == Q4_1 ? 2 * S : S;           // codes start
-  constexpr int64_t BYTES = QS + (T == Q8_0 ? 32 : 16);
-  auto scale = [](const uint8_t* p) { return f16(p); };
-  float off[R];
-  for (int r = 0; r < R; ++r) off[r] = 0.f;
+// The small models' decode path (where per-step overhead, not bandwidth, bounds a token). Each
+// block is dequantized in registers, then multiplied into every row of x: the unpacking is paid
+// once per block for up to MAX_R rows (batched decode: 1.4x for 6 rows of Q4_1 over the form that
+// scaled each row's block sum), and a row costs one FMA per 16 (AVX-512) or 8 (AVX2) weights. A
+// row's arithmetic is the same whatever rows share the call, so a decoded token never depends on
+// its batch.
+template <int64_t T>
+struct F32Block {
+  static constexpr int64_t QS = T == Q4_1 ? 4 : 2;               // codes start (after d, and m)
+  static constexpr int64_t BYTES = QS + (T == Q8_0 ? 32 : 16);
+};
+
 #ifdef LF_AVX512
-  __m512 acc[2][R];
-  for (int r = 0; r < R; ++r) acc[0][r] = acc[1][r] = _mm512_setzero_ps();
-  auto block = [&](int64_t g, int a) {
-    const uint8_t* b = w + g * BYTES;
-    __m512 lo, hi;
-    if constexpr (T == Q8_0) {
-      lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + QS))));
-      hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + QS + 16))));
-    } else {
-      const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + QS)));
-      __m512i l = _mm512_and_si512(v, _mm512_set1_epi32(15)), h = _mm512_srli_epi32(v, 4);
-      if constexpr (T == Q4_0) { l = _mm512_sub_epi32(l, _mm512_set1_epi32(8)); h = _mm512_sub_epi32(h, _mm512_set1_epi32(8)); }
-      lo = _mm512_cvtepi32_ps(l);
-      hi = _mm512_cvtepi32_ps(h);
+constexpr int MAX_R = 8;   // 16 accumulators + the block's two vectors fit 32 zmm registers
+// weights 0..15 and 16..31 of 4-bit block b, dequantized: the block's 16 possible weights
+// are computed once (d * code, or d * code + m rounded once: gguf-py rounds the product too, which
+// costs Q4_1 one more dependent operation per block, ~10% of a one-row product), and each code
+// picks its weight with a permute (which reads only an index's low 4 bits, so the low nibbles need
+// no mask): a third of the instructions of converting and scaling every code
+template <int64_t T>
+inline void dequant32(const uint8_t* b, __m512& lo, __m512& hi) {
+  constexpr int64_t QS = F32Block<T>::QS;
+  const __m512 codes = T == Q4_0 ? _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7)
+                                 : _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  __m512 table;
+  if constexpr (T == Q4_1) table = _mm512_fmadd_ps(codes, _mm512_set1_ps(f16(b)), _mm512_set1_ps(f16(b + 2)));
+  else table = _mm512_mul_ps(codes, _mm512_set1_ps(f16(b)));
+  const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + QS)));
+  lo = _mm512_permutexvar_ps(v, table);
+  hi = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table);
+}
+
+template <int64_t T, int R>
+void fdot32(const uint8_t* w, int64_t nb, const float* x, int64_t ldx, float* out) {
+  __m512 a[R], c[R];
+  for (int r = 0; r < R; ++r) a[r] = c[r] = _mm512_setzero_ps();
+  if constexpr (T == Q8_0) {
+    // Q8_0's codes need a conversion each, and scaling 32 of them costs more than scaling a row's
+    // block sum: d * (codes . x), into two chains alternating by block
+    auto block = [&](int64_t g, __m512* acc) {
+      const uint8_t* b = w + g * F32Block<T>::BYTES;
+      const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 2))));
+      const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 18))));
+      const __m512 d = _mm512_set1_ps(f16(b));
+      for (int r = 0; r < R; ++r) {
+        const float* xr = x + r * ldx + g * 32;
+        const __m512 t = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xr + 16), _mm512_mul_ps(lo, _mm512_loadu_ps(xr)));
+        acc[r] = _mm512_fmadd_ps(t, d, acc[r]);
+      }
+    };
+    int64_t g = 0;
+    for (; g + 2 <= nb; g += 2) { block(g, a); block(g + 1, c); }
+    if (g < nb) block(g, a);
+  } else {
+    for (int64_t g = 0; g < nb; ++g) {
+      __m512 lo, hi;
+      dequant32<T>(w + g * F32Block<T>::BYTES, lo, hi);
+      for (int r = 0; r < R; ++r) {
+        const float* xr = x + r * ldx + g * 32;
+        a[r] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xr), a[r]);
+        c[r] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xr + 16), c[r]);
+      }
     }
-    const __m512 d = _mm512_set1_ps(scale(b));
+  }
+  for (int r = 0; r < R; ++r) out[r] = _mm512_reduce_add_ps(_mm512_add_ps(a[r], c[r]));
+}
+#elif defined(LF_AVX2)
+constexpr int MAX_R = 3;   // 12 accumulators + the block's four vectors: AVX2 has 16 ymm registers
+// weights 8v .. 8v + 7 of block b (v = 0..3), dequantized
+template <int64_t T>
+inline void dequant32(const uint8_t* b, __m256* wv) {
+  constexpr int64_t QS = F32Block<T>::QS;
+  if constexpr (T == Q8_0) {
+    for (int v = 0; v < 4; ++v)
+      wv[v] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(b + QS + 8 * v))));
+  } else {
+    for (int v = 0; v < 2; ++v) {   // bytes 8v..8v+7: low nibbles are weights 8v.., high ones 16 + 8v..
+      const __m256i u = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(b + QS + 8 * v)));
+      __m256i l = _mm256_and_si256(u, _mm256_set1_epi32(15)), h = _mm256_srli_epi32(u, 4);
+      if constexpr (T == Q4_0) { l = _mm256_sub_epi32(l, _mm256_set1_epi32(8)); h = _mm256_sub_epi32(h, _mm256_set1_epi32(8)); }
+      wv[v] = _mm256_cvtepi32_ps(l);
+      wv[v + 2] = _mm256_cvtepi32_ps(h);
+    }
+  }
+  const __m256 d = _mm256_set1_ps(f16(b));
+  for (int v = 0; v < 4; ++v) wv[v] = _mm256_mul_ps(wv[v], d);
+  if constexpr (T == Q4_1) {
+    const __m256 m = _mm256_set1_ps(f16(b + 2));
+    for (int v = 0; v < 4; ++v) wv[v] = _mm256_add_ps(wv[v], m);
+  }
+}
+
+template <int64_t T, int R>
+void fdot32(const uint8_t* w, int64_t nb, const float* x, int64_t ldx, float* out) {
+  __m256 a[R][4];
+  for (int r = 0; r < R; ++r) for (int v = 0; v < 4; ++v) a[r][v] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < nb; ++g) {
+    __m256 wv[4];
+    dequant32<T>(w + g * F32Block<T>::BYTES, wv);
     for (int r = 0; r < R; ++r) {
       const float* xr = x + r * ldx + g * 32;
-      __m512 t = _mm512_mul_ps(lo, _mm512_loadu_ps(xr));
-      t = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xr + 16), t);
-      acc[a][r] = _mm512_fmadd_ps(t, d, acc[a][r]);
+      for (int v = 0; v < 4; ++v) a[r][v] = _mm256_fmadd_ps(wv[v], _mm256_loadu_ps(xr + 8 * v), a[r][v]);
     }
-    if constexpr (T == Q4_1) {
-      const float m = scale(b + S);
-      for (int r = 0; r < R; ++r) off[r] += m * xs[r * ldxs + g];
-    }
-  };
-  int64_t g = 0;
-  for (; g + 2 <= nb; g += 2) { block(g, 0); block(g + 1, 1); }
-  if (g < nb) block(g, 0);
-  for (int r = 0; r < R; ++r) out[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0][r], acc[1][r])) + off[r];
+  }
+  for (int r = 0; r < R; ++r) {
+    const __m256 s = _mm256_add_ps(_mm256_add_ps(a[r][0], a[r][1]), _mm256_add_ps(a[r][2], a[r][3]));
+    __m128 v = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+    v = _mm_add_ps(v, _mm_movehl_ps(v, v));
+    v = _mm_add_ss(v, _mm_movehdup_ps(v));
+    out[r] = _mm_cvtss_f32(v);
+  }
+}
 #else
-  // portable: 8 partial sums per row, which compilers vectorise on AVX2 / NEON
+constexpr int MAX_R = 4;
+// portable: 8 partial sums per row, which compilers vectorise on NEON and the like
+template <int64_t T, int R>
+void fdot32(const uint8_t* w, int64_t nb, const float* x, int64_t ldx, float* out) {
+  constexpr int64_t QS = F32Block<T>::QS;
   float acc[R][8] = {};
   float q[32];
   for (int64_t g = 0; g < nb; ++g) {
-    const uint8_t* b = w + g * BYTES;
+    const uint8_t* b = w + g * F32Block<T>::BYTES;
+    const float d = f16(b), m = T == Q4_1 ? f16(b + 2) : 0.f;
     for (int j = 0; j < 16; ++j) {
-      if constexpr (T == Q8_0) { q[j] = float(int8_t(b[QS + j])); q[j + 16] = float(int8_t(b[QS + 16 + j])); }
+      if constexpr (T == Q8_0) { q[j] = d * float(int8_t(b[QS + j])); q[j + 16] = d * float(int8_t(b[QS + 16 + j])); }
       else {
         const int k = T == Q4_0 ? 8 : 0;
-        const uint8_t c = b[QS + j];
-        q[j] = float(int(c & 15) - k);
-        q[j + 16] = float(int(c >> 4) - k);
+        const uint8_t cb = b[QS + j];
+        q[j] = d * float(int(cb & 15) - k);
+        q[j + 16] = d * float(int(cb >> 4) - k);
+        if constexpr (T == Q4_1) { q[j] += m; q[j + 16] += m; }
       }
     }
-    const float d = scale(b);
     for (int r = 0; r < R; ++r) {
       const float* xr = x + r * ldx + g * 32;
-      float t[8];
-      for (int l = 0; l < 8; ++l) t[l] = q[l] * xr[l] + q[l + 8] * xr[l + 8] + q[l + 16] * xr[l + 16] + q[l + 24] * xr[l + 24];
-      for (int l = 0; l < 8; ++l) acc[r][l] += t[l] * d;
-    }
-    if constexpr (T == Q4_1) {
-      const float m = scale(b + S);
-      for (int r = 0; r < R; ++r) off[r] += m * xs[r * ldxs + g];
+      for (int l = 0; l < 8; ++l) acc[r][l] += q[l] * xr[l] + q[l + 8] * xr[l + 8] + q[l + 16] * xr[l + 16] + q[l + 24] * xr[l + 24];
     }
   }
   for (int r = 0; r < R; ++r) {
     float s = 0.f;
     for (int l = 0; l < 8; ++l) s += acc[r][l];
-    out[r] = s + off[r];
+    out[r] = s;
   }
+}
 #endif
+
+template <int64_t T, int R>
+inline void fdot32_rows(const uint8_t* w, int64_t nb, const float* x, int64_t K, int rows, float* out) {
+  if constexpr (R > 1) {
+    if (rows < R) return fdot32_rows<T, R - 1>(w, nb, x, K, rows, out);
+  }
+  fdot32<T, R>(w, nb, x, K, out);
 }
 
-// every weight row of the range against all M rows of x, four at a time: the type and row-count
+// every weight row of the range against all M rows of x, MAX_R at a time: the type and row-count
 // dispatch happens once per range, not once per weight row (a call per row of 18 blocks costs ~15%)
 template <int64_t T>
-void fdot32_range(const uint8_t* w, int64_t ws, int64_t N, const float* x, int64_t M, int64_t K, const float* xs,
-                  float* y, int64_t ldy) {
+void fdot32_range(const uint8_t* w, int64_t ws, int64_t N, const float* x, int64_t M, int64_t K, float* y,
+                  int64_t ldy) {
   const int64_t nb = K / 32;
-  float out[4];
+  float out[MAX_R];
   for (int64_t n = 0; n < N; ++n) {
     const uint8_t* wr = w + n * ws;
-    for (int64_t m = 0; m < M; m += 4) {
-      const int R = int(M - m < 4 ? M - m : 4);
-      const float* xm = x + m * K;
-      const float* sm = xs + m * nb;
-      switch (R) {
-        case 4: fdot32<T, 4>(wr, nb, xm, K, sm, nb, out); break;
-        case 3: fdot32<T, 3>(wr, nb, xm, K, sm, nb, out); break;
-        case 2: fdot32<T, 2>(wr, nb, xm, K, sm, nb, out); break;
-        default: fdot32<T, 1>(wr, nb, xm, K, sm, nb, out); break;
-      }
+    for (int64_t m = 0; m < M; m += MAX_R) {
+      const int R = int(M - m < MAX_R ? M - m : MAX_R);
+      fdot32_rows<T, MAX_R>(wr, nb, x + m * K, K, R, out);
       for (int r = 0; r < R; ++r) y[(m + r) * ldy + n] = out[r];
     }
   }
@@ -316,20 +385,12 @@ void fdot32_range(const uint8_t* w, int64_t ws, int64_t N, const float* x, int64
 bool has_fast_f32(int64_t type) { return type == Q4_0 || type == Q4_1 || type == Q8_0; }
 
 void fdot_range(int64_t type, const uint8_t* w, int64_t ws, int64_t N, const float* x, int64_t M, int64_t K,
-                const float* xs, float* y, int64_t ldy) {
+                float* y, int64_t ldy) {
   switch (type) {
-    case Q4_0: return fdot32_range<Q4_0>(w, ws, N, x, M, K, xs, y, ldy);
-    case Q4_1: return fdot32_range<Q4_1>(w, ws, N, x, M, K, xs, y, ldy);
-    case Q8_0: return fdot32_range<Q8_0>(w, ws, N, x, M, K, xs, y, ldy);
+    case Q4_0: return fdot32_range<Q4_0>(w, ws, N, x, M, K, y, ldy);
+    case Q4_1: return fdot32_range<Q4_1>(w, ws, N, x, M, K, y, ldy);
+    case Q8_0: return fdot32_range<Q8_0>(w, ws, N, x, M, K, y, ldy);
     default: return;
-  }
-}
-
-void block_sums(const float* x, int64_t K, float* out) {
-  for (int64_t g = 0; g < K / 32; ++g) {
-    float s = 0.f;
-    for (int j = 0; j < 32; ++j) s += x[g * 32 + j];
-    out[g] = s;
   }
 }
 

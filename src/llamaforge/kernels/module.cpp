@@ -79,12 +79,7 @@ std::vector<torch::Tensor> ggml_matmul(torch::Tensor x, std::vector<torch::Tenso
       for (int64_t m = m0; m < m1; ++m) quantize_act_row(type, X + m * K, xq.data() + m * xs, K);
     });
   }
-  std::vector<float> sums;   // per-32 sums of x for the float32 Q4_0/Q4_1/Q8_0 kernel
-  if (!int8 && has_fast_f32(type)) {
-    sums.resize(M * (K / 32));
-    for (int64_t m = 0; m < M; ++m) block_sums(X + m * K, K, sums.data() + m * (K / 32));
-  }
-  const float* S = sums.empty() ? nullptr : sums.data();
+  const bool fast_f32 = !int8 && has_fast_f32(type);
   // Prompts (more than TILE_MIN_ROWS rows) on 16-row tiles (tiles.cpp): 2-3x the one-row kernels'
   // speed there. Up to TILE_MIN_ROWS rows (decode, batched decode of up to 16 sequences) the
   // one-row kernels are as fast or faster (Zen 4 splits the tiles' 512-bit shuffles in two), and
@@ -121,10 +116,10 @@ std::vector<torch::Tensor> ggml_matmul(torch::Tensor x, std::vector<torch::Tenso
     }
     int64_t i = 0;
     while (start[i + 1] <= n0) ++i;
-    if (S != nullptr) {   // float32 Q4_0/Q4_1/Q8_0: one call per matrix's share of the range
+    if (fast_f32) {   // float32 Q4_0/Q4_1/Q8_0: one call per matrix's share of the range
       for (int64_t n = n0; n < n1; n = std::min(n1, start[++i])) {
         const int64_t row = n - start[i], N = start[i + 1] - start[i];
-        fdot_range(type, W[i] + row * stride[i], stride[i], std::min(n1, start[i + 1]) - n, X, M, K, S, Y[i] + row, N);
+        fdot_range(type, W[i] + row * stride[i], stride[i], std::min(n1, start[i + 1]) - n, X, M, K, Y[i] + row, N);
       }
       return;
     }
