@@ -105,5 +105,11 @@ def test_avx2_build_agrees_with_the_reference():
     code = ("from llamaforge import native; import sys; k = native.kernels(); "
             "sys.exit(0 if k is not None and k.isa() == 'avx2' else 1)")
     subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=1200)
-    subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__,
+    here = os.path.dirname(__file__)
+    attention = [os.path.join(here, f) for f in (   # the per-token kernels have AVX2 forms of their own
+        "test_native.py::test_decode_attention_matches_sdpa", "test_native.py::test_rms_norm_and_rope_match_torch",
+        "test_native.py::test_decode_attention_reads_scattered_cache_rows_in_place",
+        "test_kv_types.py::test_decode_attention_reads_a_float16_cache",
+        "test_kv_types.py::test_decode_attention_reads_a_q8_0_cache")]
+    subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, *attention,
                     "-k", "not avx2_build"], env=env, check=True, timeout=1200)

@@ -19,12 +19,27 @@ namespace {
 // are uint8 [.., L, Hd / 32 * 34] (quantize_q8_0);
 // mask [B, 1, 1, L] bool (true = attend) or undefined (attend all L). Grouped-query heads: query
 // head h reads kv head h / (H / Kh). Float32 throughout, softmax with the max subtracted.
+#if defined(LF_AVX2) && !defined(LF_AVX512)
+inline float hsum8(__m256 a) {
+  __m128 v = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  v = _mm_add_ps(v, _mm_movehl_ps(v, v));
+  return _mm_cvtss_f32(_mm_add_ss(v, _mm_movehdup_ps(v)));
+}
+#endif
+
 inline float dot(const float* a, const float* b, int64_t n) {
 #ifdef LF_AVX512
   __m512 acc = _mm512_setzero_ps();
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
   float s = _mm512_reduce_add_ps(acc);
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+#elif defined(LF_AVX2)
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+  float s = hsum8(acc);
   for (; i < n; ++i) s += a[i] * b[i];
   return s;
 #else
@@ -39,6 +54,11 @@ inline void axpy(float a, const float* x, float* y, int64_t n) {  // y += a * x
   const __m512 va = _mm512_set1_ps(a);
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) _mm512_storeu_ps(y + i, _mm512_fmadd_ps(va, _mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i)));
+  for (; i < n; ++i) y[i] += a * x[i];
+#elif defined(LF_AVX2)
+  const __m256 va = _mm256_set1_ps(a);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
   for (; i < n; ++i) y[i] += a * x[i];
 #else
   for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
@@ -73,6 +93,15 @@ inline __m512 values16(const uint8_t* row, int64_t i) {
   const __m128i c = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 2 + i % 32));
   return _mm512_mul_ps(_mm512_set1_ps(half_at(b)), _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(c)));
 }
+#elif defined(LF_AVX2)
+// values i .. i + 7 of a float16 / Q8_0 row as float32 (d * code for Q8_0, as dequant_row)
+template <int64_t P>
+inline __m256 values8(const uint8_t* row, int64_t i) {
+  if constexpr (P == F16) return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 2 * i)));
+  const uint8_t* b = row + i / 32 * 34;
+  const __m128i c = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(b + 2 + i % 32));
+  return _mm256_mul_ps(_mm256_set1_ps(half_at(b)), _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(c)));
+}
 #endif
 
 template <int64_t P>
@@ -88,6 +117,13 @@ inline float dot_row(const float* q, const uint8_t* row, int64_t Hd) {
       acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + i), w, acc);
     }
     float s = _mm512_reduce_add_ps(acc);
+    for (; i < Hd; ++i) s += q[i] * value_at<P>(row, i);
+    return s;
+#elif defined(LF_AVX2)
+    __m256 acc = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= Hd; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), values8<P>(row, i), acc);
+    float s = hsum8(acc);
     for (; i < Hd; ++i) s += q[i] * value_at<P>(row, i);
     return s;
 #else
@@ -110,6 +146,11 @@ inline void axpy_row(float a, const uint8_t* row, float* y, int64_t Hd) {
       const __m512 w = values16<P>(row, i);
       _mm512_storeu_ps(y + i, _mm512_fmadd_ps(va, w, _mm512_loadu_ps(y + i)));
     }
+    for (; i < Hd; ++i) y[i] += a * value_at<P>(row, i);
+#elif defined(LF_AVX2)
+    const __m256 va = _mm256_set1_ps(a);
+    int64_t i = 0;
+    for (; i + 8 <= Hd; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, values8<P>(row, i), _mm256_loadu_ps(y + i)));
     for (; i < Hd; ++i) y[i] += a * value_at<P>(row, i);
 #else
     for (int64_t i = 0; i < Hd; ++i) y[i] += a * value_at<P>(row, i);
@@ -149,6 +190,31 @@ inline __m512 dot16_rows(const float* q, const uint8_t* kb, int64_t rb, int64_t 
   }
   return sum16(a);
 }
+#elif defined(LF_AVX2)
+// lane j = the sum of a[j]'s 8 lanes (the AVX2 form of sum16)
+inline __m256 sum8(const __m256* a) {
+  const __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
+  const __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
+  const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+// q . row for the 8 cached rows at kb (row stride rb bytes), Hd % 8 == 0
+template <int64_t P>
+inline __m256 dot8_rows(const float* q, const uint8_t* kb, int64_t rb, int64_t Hd) {
+  __m256 a[8];
+  for (int j = 0; j < 8; ++j) {
+    const uint8_t* row = kb + j * rb;
+    auto at = [&](int64_t i) {
+      if constexpr (P == 0) return _mm256_loadu_ps(reinterpret_cast<const float*>(row) + i);
+      else return values8<P>(row, i);
+    };
+    __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(q), at(0));
+    for (int64_t i = 8; i < Hd; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), at(i), acc);
+    a[j] = acc;
+  }
+  return sum8(a);
+}
 #endif
 
 #ifdef LF_AVX512
@@ -168,6 +234,25 @@ inline __m512 exp_nonpos(__m512 x) {
   const __m512 y = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.f));
   return _mm512_maskz_mov_ps(finite, _mm512_scalef_ps(y, n));
 }
+#elif defined(LF_AVX2)
+// the same for 8 lanes; 2^n from the exponent bits, so x is held at >= -87 (exp(-87) is 1.6e-38,
+// against a sum >= 1: the max's own term)
+inline __m256 exp_nonpos(__m256 x) {
+  const __m256 finite = _mm256_cmp_ps(x, _mm256_set1_ps(-INFINITY), _CMP_NEQ_OQ);
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  const __m256 y = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(p, r), r, r), _mm256_set1_ps(1.f));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_and_ps(finite, _mm256_mul_ps(y, _mm256_castsi256_ps(e)));
+}
 #endif
 
 // s[0:L] = exp(s - mx) in place; returns the sum
@@ -183,6 +268,15 @@ inline float exp_sum(float* s, int64_t L, float mx) {
     acc = _mm512_add_ps(acc, e);
   }
   sum = _mm512_reduce_add_ps(acc);
+#elif defined(LF_AVX2)
+  __m256 acc = _mm256_setzero_ps();
+  const __m256 vmx = _mm256_set1_ps(mx);
+  for (; l + 8 <= L; l += 8) {
+    const __m256 e = exp_nonpos(_mm256_sub_ps(_mm256_loadu_ps(s + l), vmx));
+    _mm256_storeu_ps(s + l, e);
+    acc = _mm256_add_ps(acc, e);
+  }
+  sum = hsum8(acc);
 #endif
   for (; l < L; ++l) { s[l] = std::exp(s[l] - mx); sum += s[l]; }
   return sum;
@@ -259,6 +353,23 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
           }
           mx = _mm512_reduce_max_ps(vmx);
         }
+#elif defined(LF_AVX2)
+        if (Hd % 8 == 0) {   // 8 positions at a time (one score per lane)
+          __m256 vmx = _mm256_set1_ps(-INFINITY);
+          for (; l + 8 <= L; l += 8) {
+            __m256 sc = _mm256_mul_ps(dot8_rows<P>(qh, kb + l * rb, rb, Hd), _mm256_set1_ps(scale));
+            if (mb) {   // bool bytes 0/1 -> lanes of all ones where attended
+              const __m256i keep = _mm256_cmpgt_epi32(
+                  _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(mb + l))), _mm256_setzero_si256());
+              sc = _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), sc, _mm256_castsi256_ps(keep));
+            }
+            _mm256_storeu_ps(s.data() + l, sc);
+            vmx = _mm256_max_ps(vmx, sc);
+          }
+          __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(vmx), _mm256_extractf128_ps(vmx, 1));
+          m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+          mx = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+        }
 #endif
         for (; l < L; ++l) {
           s[l] = (mb && !mb[l]) ? -INFINITY : dot_row<P>(qh, kb + l * rb, Hd) * scale;
@@ -285,6 +396,20 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
           _mm512_storeu_ps(o + 16, _mm512_mul_ps(o1, vi));
           _mm512_storeu_ps(o + 32, _mm512_mul_ps(o2, vi));
           _mm512_storeu_ps(o + 48, _mm512_mul_ps(o3, vi));
+          continue;
+        }
+#elif defined(LF_AVX2)
+        if (P == 0 && Hd == 64) {  // the output row in eight registers
+          __m256 acc[8];
+          for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
+          for (int64_t l = 0; l < L; ++l) {
+            if (s[l] == 0.f) continue;
+            const __m256 p = _mm256_set1_ps(s[l]);
+            const float* vl = reinterpret_cast<const float*>(vb + l * rb);
+            for (int j = 0; j < 8; ++j) acc[j] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vl + 8 * j), acc[j]);
+          }
+          const __m256 vi = _mm256_set1_ps(inv);
+          for (int j = 0; j < 8; ++j) _mm256_storeu_ps(o + 8 * j, _mm256_mul_ps(acc[j], vi));
           continue;
         }
 #endif
