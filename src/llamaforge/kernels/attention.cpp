@@ -19,51 +19,6 @@ namespace {
 // are uint8 [.., L, Hd / 32 * 34] (quantize_q8_0);
 // mask [B, 1, 1, L] bool (true = attend) or undefined (attend all L). Grouped-query heads: query
 // head h reads kv head h / (H / Kh). Float32 throughout, softmax with the max subtracted.
-#if defined(LF_AVX2) && !defined(LF_AVX512)
-inline float hsum8(__m256 a) {
-  __m128 v = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-  v = _mm_add_ps(v, _mm_movehl_ps(v, v));
-  return _mm_cvtss_f32(_mm_add_ss(v, _mm_movehdup_ps(v)));
-}
-#endif
-
-inline float dot(const float* a, const float* b, int64_t n) {
-#ifdef LF_AVX512
-  __m512 acc = _mm512_setzero_ps();
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
-  float s = _mm512_reduce_add_ps(acc);
-  for (; i < n; ++i) s += a[i] * b[i];
-  return s;
-#elif defined(LF_AVX2)
-  __m256 acc = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
-  float s = hsum8(acc);
-  for (; i < n; ++i) s += a[i] * b[i];
-  return s;
-#else
-  float s = 0.f;
-  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
-  return s;
-#endif
-}
-
-inline void axpy(float a, const float* x, float* y, int64_t n) {  // y += a * x
-#ifdef LF_AVX512
-  const __m512 va = _mm512_set1_ps(a);
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(y + i, _mm512_fmadd_ps(va, _mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i)));
-  for (; i < n; ++i) y[i] += a * x[i];
-#elif defined(LF_AVX2)
-  const __m256 va = _mm256_set1_ps(a);
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
-  for (; i < n; ++i) y[i] += a * x[i];
-#else
-  for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
-#endif
-}
 
 // value i of a float16 / Q8_0 row, as dequant_row rounds it (d * code in float32)
 inline float half_at(const uint8_t* p) {
@@ -80,57 +35,175 @@ inline float value_at(const uint8_t* row, int64_t i) {
   return half_at(b) * float(int8_t(b[2 + i % 32]));
 }
 
+// The vector operations the kernels below are written in, W float32 lanes: AVX-512 (16) or AVX2
+// (8). Everything after this block is written once for both.
+#if defined(LF_AVX512)
+#define LF_VEC 1
+struct Vec {
+  using T = __m512;
+  static constexpr int W = 16;
+  static T zero() { return _mm512_setzero_ps(); }
+  static T set1(float a) { return _mm512_set1_ps(a); }
+  static T load(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, T v) { _mm512_storeu_ps(p, v); }
+  static T add(T a, T b) { return _mm512_add_ps(a, b); }
+  static T sub(T a, T b) { return _mm512_sub_ps(a, b); }
+  static T mul(T a, T b) { return _mm512_mul_ps(a, b); }
+  static T max(T a, T b) { return _mm512_max_ps(a, b); }
+  static T fmadd(T a, T b, T c) { return _mm512_fmadd_ps(a, b, c); }
+  static float sum(T a) { return _mm512_reduce_add_ps(a); }
+  static float hmax(T a) { return _mm512_reduce_max_ps(a); }
+  // values i .. i + 15 of a float16 / Q8_0 row as float32 (d * code for Q8_0, as dequant_row)
+  template <int64_t P>
+  static T values(const uint8_t* row, int64_t i) {
+    if constexpr (P == F16) return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 2 * i)));
+    const uint8_t* b = row + i / 32 * 34;
+    const __m128i c = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 2 + i % 32));
+    return _mm512_mul_ps(_mm512_set1_ps(half_at(b)), _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(c)));
+  }
+  // -inf in the lanes whose mask byte (bool) is false
+  static T masked(T v, const bool* m) {
+    const __mmask16 keep = _mm_cmpneq_epi8_mask(_mm_loadu_si128(reinterpret_cast<const __m128i*>(m)), _mm_setzero_si128());
+    return _mm512_mask_blend_ps(keep, _mm512_set1_ps(-INFINITY), v);
+  }
+  // lane j = the sum of a[j]'s 16 lanes: a transposing tree of 45 shuffles and adds for 16 sums,
+  // where 16 separate horizontal sums take ~8 dependent operations each
+  static T sum_each(const T* a) {
+    __m512 b[8], c[4];
+    for (int j = 0; j < 8; ++j)   // 128-bit lanes: [a2j 0+2, a2j+1 0+2, a2j 1+3, a2j+1 1+3]
+      b[j] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * j], a[2 * j + 1]), _mm512_unpackhi_ps(a[2 * j], a[2 * j + 1]));
+    for (int k = 0; k < 4; ++k) {   // 128-bit lanes: one partial sum of each of a4k .. a4k+3
+      const __m512d x = _mm512_castps_pd(b[2 * k]), y = _mm512_castps_pd(b[2 * k + 1]);
+      c[k] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+    }
+    const __m512 d0 = _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], 0x44), _mm512_shuffle_f32x4(c[0], c[1], 0xEE));
+    const __m512 d1 = _mm512_add_ps(_mm512_shuffle_f32x4(c[2], c[3], 0x44), _mm512_shuffle_f32x4(c[2], c[3], 0xEE));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(d0, d1, 0x88), _mm512_shuffle_f32x4(d0, d1, 0xDD));
+  }
+  // exp for x <= 0 (Cephes' expf polynomial, ~1 ulp): x = n ln2 + r, exp(x) = 2^n * p(r); exp(-inf) = 0
+  static T exp_nonpos(T x) {
+    const __mmask16 finite = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ);
+    x = _mm512_max_ps(x, _mm512_set1_ps(-103.f));
+    const T n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    return _mm512_maskz_mov_ps(finite, _mm512_scalef_ps(exp_poly(x, n), n));
+  }
+  // p(r) of exp_nonpos, r = x - n ln2 in two steps
+  static T exp_poly(T x, T n) {
+    T r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    T p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    return _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.f));
+  }
+};
+#elif defined(LF_AVX2)
+#define LF_VEC 1
+struct Vec {
+  using T = __m256;
+  static constexpr int W = 8;
+  static T zero() { return _mm256_setzero_ps(); }
+  static T set1(float a) { return _mm256_set1_ps(a); }
+  static T load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, T v) { _mm256_storeu_ps(p, v); }
+  static T add(T a, T b) { return _mm256_add_ps(a, b); }
+  static T sub(T a, T b) { return _mm256_sub_ps(a, b); }
+  static T mul(T a, T b) { return _mm256_mul_ps(a, b); }
+  static T max(T a, T b) { return _mm256_max_ps(a, b); }
+  static T fmadd(T a, T b, T c) { return _mm256_fmadd_ps(a, b, c); }
+  static float sum(T a) {
+    __m128 v = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    v = _mm_add_ps(v, _mm_movehl_ps(v, v));
+    return _mm_cvtss_f32(_mm_add_ss(v, _mm_movehdup_ps(v)));
+  }
+  static float hmax(T a) {
+    __m128 v = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    v = _mm_max_ps(v, _mm_movehl_ps(v, v));
+    return _mm_cvtss_f32(_mm_max_ss(v, _mm_movehdup_ps(v)));
+  }
+  template <int64_t P>
+  static T values(const uint8_t* row, int64_t i) {
+    if constexpr (P == F16) return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 2 * i)));
+    const uint8_t* b = row + i / 32 * 34;
+    const __m128i c = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(b + 2 + i % 32));
+    return _mm256_mul_ps(_mm256_set1_ps(half_at(b)), _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(c)));
+  }
+  static T masked(T v, const bool* m) {   // bool bytes 0/1 -> lanes of all ones where attended
+    const __m256i keep = _mm256_cmpgt_epi32(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(m))),
+                                            _mm256_setzero_si256());
+    return _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), v, _mm256_castsi256_ps(keep));
+  }
+  static T sum_each(const T* a) {   // lane j = the sum of a[j]'s 8 lanes
+    const __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
+    const __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
+    const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+  }
+  // as the AVX-512 form, with 2^n from the exponent bits, so x is held at >= -87 (exp(-87) is
+  // 1.6e-38, against a sum >= 1: the max's own term)
+  static T exp_nonpos(T x) {
+    const __m256 finite = _mm256_cmp_ps(x, _mm256_set1_ps(-INFINITY), _CMP_NEQ_OQ);
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.f));
+    const T n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_and_ps(finite, _mm256_mul_ps(exp_poly(x, n), _mm256_castsi256_ps(e)));
+  }
+  static T exp_poly(T x, T n) {
+    T r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    T p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    return _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(p, r), r, r), _mm256_set1_ps(1.f));
+  }
+};
+#endif
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  int64_t i = 0;
+  float s = 0.f;
+#ifdef LF_VEC
+  typename Vec::T acc = Vec::zero();
+  for (; i + Vec::W <= n; i += Vec::W) acc = Vec::fmadd(Vec::load(a + i), Vec::load(b + i), acc);
+  s = Vec::sum(acc);
+#endif
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+inline void axpy(float a, const float* x, float* y, int64_t n) {  // y += a * x
+  int64_t i = 0;
+#ifdef LF_VEC
+  const auto va = Vec::set1(a);
+  for (; i + Vec::W <= n; i += Vec::W) Vec::store(y + i, Vec::fmadd(va, Vec::load(x + i), Vec::load(y + i)));
+#endif
+  for (; i < n; ++i) y[i] += a * x[i];
+}
+
 // One cached key or value row (Hd values) stored as P (0: float32, F16, or Q8_0 blocks), read in
 // place: dot with q, or y += a * row. Each computes exactly what dot / axpy compute on the row
 // dequantized to float32 (same products, same order), without writing the float32 row anywhere:
 // a float16 cache then streams half the bytes of a float32 one, a Q8_0 cache 34/128
-#ifdef LF_AVX512
-// values i .. i + 15 of a float16 / Q8_0 row as float32 (d * code for Q8_0, as dequant_row)
-template <int64_t P>
-inline __m512 values16(const uint8_t* row, int64_t i) {
-  if constexpr (P == F16) return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 2 * i)));
-  const uint8_t* b = row + i / 32 * 34;
-  const __m128i c = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 2 + i % 32));
-  return _mm512_mul_ps(_mm512_set1_ps(half_at(b)), _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(c)));
-}
-#elif defined(LF_AVX2)
-// values i .. i + 7 of a float16 / Q8_0 row as float32 (d * code for Q8_0, as dequant_row)
-template <int64_t P>
-inline __m256 values8(const uint8_t* row, int64_t i) {
-  if constexpr (P == F16) return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 2 * i)));
-  const uint8_t* b = row + i / 32 * 34;
-  const __m128i c = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(b + 2 + i % 32));
-  return _mm256_mul_ps(_mm256_set1_ps(half_at(b)), _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(c)));
-}
-#endif
-
 template <int64_t P>
 inline float dot_row(const float* q, const uint8_t* row, int64_t Hd) {
   if constexpr (P == 0) {
     return dot(q, reinterpret_cast<const float*>(row), Hd);
   } else {
-#ifdef LF_AVX512
-    __m512 acc = _mm512_setzero_ps();
     int64_t i = 0;
-    for (; i + 16 <= Hd; i += 16) {   // Q8_0 rows hold whole blocks (Hd % 32 == 0)
-      const __m512 w = values16<P>(row, i);
-      acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + i), w, acc);
-    }
-    float s = _mm512_reduce_add_ps(acc);
-    for (; i < Hd; ++i) s += q[i] * value_at<P>(row, i);
-    return s;
-#elif defined(LF_AVX2)
-    __m256 acc = _mm256_setzero_ps();
-    int64_t i = 0;
-    for (; i + 8 <= Hd; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), values8<P>(row, i), acc);
-    float s = hsum8(acc);
-    for (; i < Hd; ++i) s += q[i] * value_at<P>(row, i);
-    return s;
-#else
     float s = 0.f;
-    for (int64_t i = 0; i < Hd; ++i) s += q[i] * value_at<P>(row, i);
-    return s;
+#ifdef LF_VEC
+    typename Vec::T acc = Vec::zero();   // Q8_0 rows hold whole blocks (Hd % 32 == 0)
+    for (; i + Vec::W <= Hd; i += Vec::W) acc = Vec::fmadd(Vec::load(q + i), Vec::template values<P>(row, i), acc);
+    s = Vec::sum(acc);
 #endif
+    for (; i < Hd; ++i) s += q[i] * value_at<P>(row, i);
+    return s;
   }
 }
 
@@ -139,119 +212,33 @@ inline void axpy_row(float a, const uint8_t* row, float* y, int64_t Hd) {
   if constexpr (P == 0) {
     axpy(a, reinterpret_cast<const float*>(row), y, Hd);
   } else {
-#ifdef LF_AVX512
-    const __m512 va = _mm512_set1_ps(a);
     int64_t i = 0;
-    for (; i + 16 <= Hd; i += 16) {
-      const __m512 w = values16<P>(row, i);
-      _mm512_storeu_ps(y + i, _mm512_fmadd_ps(va, w, _mm512_loadu_ps(y + i)));
-    }
-    for (; i < Hd; ++i) y[i] += a * value_at<P>(row, i);
-#elif defined(LF_AVX2)
-    const __m256 va = _mm256_set1_ps(a);
-    int64_t i = 0;
-    for (; i + 8 <= Hd; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, values8<P>(row, i), _mm256_loadu_ps(y + i)));
-    for (; i < Hd; ++i) y[i] += a * value_at<P>(row, i);
-#else
-    for (int64_t i = 0; i < Hd; ++i) y[i] += a * value_at<P>(row, i);
+#ifdef LF_VEC
+    const auto va = Vec::set1(a);
+    for (; i + Vec::W <= Hd; i += Vec::W)
+      Vec::store(y + i, Vec::fmadd(va, Vec::template values<P>(row, i), Vec::load(y + i)));
 #endif
+    for (; i < Hd; ++i) y[i] += a * value_at<P>(row, i);
   }
 }
 
-#ifdef LF_AVX512
-// lane j = the sum of a[j]'s 16 lanes: a transposing tree of 45 shuffles and adds for 16 sums,
-// where 16 separate horizontal sums take ~8 dependent operations each
-inline __m512 sum16(__m512* a) {
-  __m512 b[8], c[4];
-  for (int j = 0; j < 8; ++j)   // 128-bit lanes: [a2j 0+2, a2j+1 0+2, a2j 1+3, a2j+1 1+3]
-    b[j] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * j], a[2 * j + 1]), _mm512_unpackhi_ps(a[2 * j], a[2 * j + 1]));
-  for (int k = 0; k < 4; ++k) {   // 128-bit lanes: one partial sum of each of a4k .. a4k+3
-    const __m512d x = _mm512_castps_pd(b[2 * k]), y = _mm512_castps_pd(b[2 * k + 1]);
-    c[k] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
-  }
-  const __m512 d0 = _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], 0x44), _mm512_shuffle_f32x4(c[0], c[1], 0xEE));
-  const __m512 d1 = _mm512_add_ps(_mm512_shuffle_f32x4(c[2], c[3], 0x44), _mm512_shuffle_f32x4(c[2], c[3], 0xEE));
-  return _mm512_add_ps(_mm512_shuffle_f32x4(d0, d1, 0x88), _mm512_shuffle_f32x4(d0, d1, 0xDD));
-}
-
-// q . row for the 16 cached rows at kb (row stride rb bytes), Hd % 16 == 0
+#ifdef LF_VEC
+// q . row for the W cached rows at kb (row stride rb bytes), Hd % W == 0: one FMA chain per row,
+// then one transposing sum (Vec::sum_each) for all W instead of a horizontal sum per row
 template <int64_t P>
-inline __m512 dot16_rows(const float* q, const uint8_t* kb, int64_t rb, int64_t Hd) {
-  __m512 a[16];
-  for (int j = 0; j < 16; ++j) {
+inline typename Vec::T dot_rows(const float* q, const uint8_t* kb, int64_t rb, int64_t Hd) {
+  typename Vec::T a[Vec::W];
+  for (int j = 0; j < Vec::W; ++j) {
     const uint8_t* row = kb + j * rb;
     auto at = [&](int64_t i) {
-      if constexpr (P == 0) return _mm512_loadu_ps(reinterpret_cast<const float*>(row) + i);
-      else return values16<P>(row, i);
+      if constexpr (P == 0) return Vec::load(reinterpret_cast<const float*>(row) + i);
+      else return Vec::template values<P>(row, i);
     };
-    __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(q), at(0));
-    for (int64_t i = 16; i < Hd; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + i), at(i), acc);
+    auto acc = Vec::mul(Vec::load(q), at(0));
+    for (int64_t i = Vec::W; i < Hd; i += Vec::W) acc = Vec::fmadd(Vec::load(q + i), at(i), acc);
     a[j] = acc;
   }
-  return sum16(a);
-}
-#elif defined(LF_AVX2)
-// lane j = the sum of a[j]'s 8 lanes (the AVX2 form of sum16)
-inline __m256 sum8(const __m256* a) {
-  const __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
-  const __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
-  const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
-  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
-}
-
-// q . row for the 8 cached rows at kb (row stride rb bytes), Hd % 8 == 0
-template <int64_t P>
-inline __m256 dot8_rows(const float* q, const uint8_t* kb, int64_t rb, int64_t Hd) {
-  __m256 a[8];
-  for (int j = 0; j < 8; ++j) {
-    const uint8_t* row = kb + j * rb;
-    auto at = [&](int64_t i) {
-      if constexpr (P == 0) return _mm256_loadu_ps(reinterpret_cast<const float*>(row) + i);
-      else return values8<P>(row, i);
-    };
-    __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(q), at(0));
-    for (int64_t i = 8; i < Hd; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), at(i), acc);
-    a[j] = acc;
-  }
-  return sum8(a);
-}
-#endif
-
-#ifdef LF_AVX512
-// exp for x <= 0 (Cephes' expf polynomial, ~1 ulp): x = n ln2 + r, exp(x) = 2^n * p(r); exp(-inf) = 0
-inline __m512 exp_nonpos(__m512 x) {
-  const __mmask16 finite = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ);
-  x = _mm512_max_ps(x, _mm512_set1_ps(-103.f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  const __m512 y = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.f));
-  return _mm512_maskz_mov_ps(finite, _mm512_scalef_ps(y, n));
-}
-#elif defined(LF_AVX2)
-// the same for 8 lanes; 2^n from the exponent bits, so x is held at >= -87 (exp(-87) is 1.6e-38,
-// against a sum >= 1: the max's own term)
-inline __m256 exp_nonpos(__m256 x) {
-  const __m256 finite = _mm256_cmp_ps(x, _mm256_set1_ps(-INFINITY), _CMP_NEQ_OQ);
-  x = _mm256_max_ps(x, _mm256_set1_ps(-87.f));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  const __m256 y = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(p, r), r, r), _mm256_set1_ps(1.f));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_and_ps(finite, _mm256_mul_ps(y, _mm256_castsi256_ps(e)));
+  return Vec::sum_each(a);
 }
 #endif
 
@@ -259,24 +246,15 @@ inline __m256 exp_nonpos(__m256 x) {
 inline float exp_sum(float* s, int64_t L, float mx) {
   float sum = 0.f;
   int64_t l = 0;
-#ifdef LF_AVX512
-  __m512 acc = _mm512_setzero_ps();
-  const __m512 vmx = _mm512_set1_ps(mx);
-  for (; l + 16 <= L; l += 16) {
-    const __m512 e = exp_nonpos(_mm512_sub_ps(_mm512_loadu_ps(s + l), vmx));
-    _mm512_storeu_ps(s + l, e);
-    acc = _mm512_add_ps(acc, e);
+#ifdef LF_VEC
+  typename Vec::T acc = Vec::zero();
+  const auto vmx = Vec::set1(mx);
+  for (; l + Vec::W <= L; l += Vec::W) {
+    const auto e = Vec::exp_nonpos(Vec::sub(Vec::load(s + l), vmx));
+    Vec::store(s + l, e);
+    acc = Vec::add(acc, e);
   }
-  sum = _mm512_reduce_add_ps(acc);
-#elif defined(LF_AVX2)
-  __m256 acc = _mm256_setzero_ps();
-  const __m256 vmx = _mm256_set1_ps(mx);
-  for (; l + 8 <= L; l += 8) {
-    const __m256 e = exp_nonpos(_mm256_sub_ps(_mm256_loadu_ps(s + l), vmx));
-    _mm256_storeu_ps(s + l, e);
-    acc = _mm256_add_ps(acc, e);
-  }
-  sum = hsum8(acc);
+  sum = Vec::sum(acc);
 #endif
   for (; l < L; ++l) { s[l] = std::exp(s[l] - mx); sum += s[l]; }
   return sum;
@@ -338,37 +316,16 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
         const bool* mb = M ? M + b * L : nullptr;
         float mx = -INFINITY;
         int64_t l = 0;
-#ifdef LF_AVX512
-        if (Hd % 16 == 0) {   // 16 positions at a time (one score per lane)
-          __m512 vmx = _mm512_set1_ps(-INFINITY);
-          for (; l + 16 <= L; l += 16) {
-            __m512 sc = _mm512_mul_ps(dot16_rows<P>(qh, kb + l * rb, rb, Hd), _mm512_set1_ps(scale));
-            if (mb) {
-              const __mmask16 keep =
-                  _mm_cmpneq_epi8_mask(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mb + l)), _mm_setzero_si128());
-              sc = _mm512_mask_blend_ps(keep, _mm512_set1_ps(-INFINITY), sc);
-            }
-            _mm512_storeu_ps(s.data() + l, sc);
-            vmx = _mm512_max_ps(vmx, sc);
+#ifdef LF_VEC
+        if (Hd % Vec::W == 0) {   // W positions at a time (one score per lane)
+          auto vmx = Vec::set1(-INFINITY);
+          for (; l + Vec::W <= L; l += Vec::W) {
+            auto sc = Vec::mul(dot_rows<P>(qh, kb + l * rb, rb, Hd), Vec::set1(scale));
+            if (mb) sc = Vec::masked(sc, mb + l);
+            Vec::store(s.data() + l, sc);
+            vmx = Vec::max(vmx, sc);
           }
-          mx = _mm512_reduce_max_ps(vmx);
-        }
-#elif defined(LF_AVX2)
-        if (Hd % 8 == 0) {   // 8 positions at a time (one score per lane)
-          __m256 vmx = _mm256_set1_ps(-INFINITY);
-          for (; l + 8 <= L; l += 8) {
-            __m256 sc = _mm256_mul_ps(dot8_rows<P>(qh, kb + l * rb, rb, Hd), _mm256_set1_ps(scale));
-            if (mb) {   // bool bytes 0/1 -> lanes of all ones where attended
-              const __m256i keep = _mm256_cmpgt_epi32(
-                  _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(mb + l))), _mm256_setzero_si256());
-              sc = _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), sc, _mm256_castsi256_ps(keep));
-            }
-            _mm256_storeu_ps(s.data() + l, sc);
-            vmx = _mm256_max_ps(vmx, sc);
-          }
-          __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(vmx), _mm256_extractf128_ps(vmx, 1));
-          m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-          mx = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+          mx = Vec::hmax(vmx);
         }
 #endif
         for (; l < L; ++l) {
@@ -379,37 +336,19 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
         for (int64_t i = 0; i < Hd; ++i) o[i] = 0.f;
         if (mx == -INFINITY) continue;  // nothing visible: zeros (SDPA would give NaN)
         const float inv = 1.0f / exp_sum(s.data(), L, mx);
-#ifdef LF_AVX512
-        if (P == 0 && Hd == 64) {  // the common head size: the output row lives in four registers
-          __m512 o0 = _mm512_setzero_ps(), o1 = o0, o2 = o0, o3 = o0;
+#ifdef LF_VEC
+        if (P == 0 && Hd == 64) {  // the common head size: the output row lives in 64 / W registers
+          constexpr int NV = 64 / Vec::W;
+          typename Vec::T acc[NV];
+          for (int j = 0; j < NV; ++j) acc[j] = Vec::zero();
           for (int64_t l = 0; l < L; ++l) {
             if (s[l] == 0.f) continue;
-            const __m512 p = _mm512_set1_ps(s[l]);
+            const auto p = Vec::set1(s[l]);
             const float* vl = reinterpret_cast<const float*>(vb + l * rb);
-            o0 = _mm512_fmadd_ps(p, _mm512_loadu_ps(vl), o0);
-            o1 = _mm512_fmadd_ps(p, _mm512_loadu_ps(vl + 16), o1);
-            o2 = _mm512_fmadd_ps(p, _mm512_loadu_ps(vl + 32), o2);
-            o3 = _mm512_fmadd_ps(p, _mm512_loadu_ps(vl + 48), o3);
+            for (int j = 0; j < NV; ++j) acc[j] = Vec::fmadd(p, Vec::load(vl + Vec::W * j), acc[j]);
           }
-          const __m512 vi = _mm512_set1_ps(inv);
-          _mm512_storeu_ps(o, _mm512_mul_ps(o0, vi));
-          _mm512_storeu_ps(o + 16, _mm512_mul_ps(o1, vi));
-          _mm512_storeu_ps(o + 32, _mm512_mul_ps(o2, vi));
-          _mm512_storeu_ps(o + 48, _mm512_mul_ps(o3, vi));
-          continue;
-        }
-#elif defined(LF_AVX2)
-        if (P == 0 && Hd == 64) {  // the output row in eight registers
-          __m256 acc[8];
-          for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
-          for (int64_t l = 0; l < L; ++l) {
-            if (s[l] == 0.f) continue;
-            const __m256 p = _mm256_set1_ps(s[l]);
-            const float* vl = reinterpret_cast<const float*>(vb + l * rb);
-            for (int j = 0; j < 8; ++j) acc[j] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vl + 8 * j), acc[j]);
-          }
-          const __m256 vi = _mm256_set1_ps(inv);
-          for (int j = 0; j < 8; ++j) _mm256_storeu_ps(o + 8 * j, _mm256_mul_ps(acc[j], vi));
+          const auto vi = Vec::set1(inv);
+          for (int j = 0; j < NV; ++j) Vec::store(o + Vec::W * j, Vec::mul(acc[j], vi));
           continue;
         }
 #endif
