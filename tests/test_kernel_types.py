@@ -77,6 +77,30 @@ def test_matmul_paths_match_float64_products(qtype, rows):
         assert torch.equal(one, yq)
 
 
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_K", "Q8_0"])
+def test_large_calls_do_not_depend_on_the_thread_schedule(qtype):
+    """Calls over 8 MB of weights x rows hand rows to the threads in chunks from a shared counter (a
+    schedule that differs from run to run): two threads give one thread's results bit for bit, for a
+    decoded row and for a prompt (tiles), on both activation paths."""
+    k, K = native.kernels(), 1024
+    qt = _qt(qtype, 16384, K, seed=5)
+    blocks = torch.from_numpy(qt.data)
+    assert blocks.numel() >= 8 << 20   # one row of x already takes the chunked schedule
+    x = torch.randn(24, K, generator=torch.Generator().manual_seed(5))
+    threads, out = torch.get_num_threads(), {}
+    try:
+        for nt in (1, 2):
+            torch.set_num_threads(nt)
+            out[nt] = [k.matmul(x[:m], [blocks], native.TYPE_IDS[qtype], K, int8)[0]
+                       for m in (1, 24) for int8 in (False, True)]
+    finally:
+        torch.set_num_threads(threads)
+    for one, two in zip(out[1], out[2]):
+        assert torch.equal(one, two)
+    ref = x[:1].double() @ qt.dequantize()[:4096].double().t()   # and they are the product
+    assert (out[2][0][:, :4096].double() - ref).abs().max() < 2e-5 * ref.abs().max()
+
+
 def test_one_call_over_several_matrices_equals_separate_calls():
     k, K = native.kernels(), 512
     parts = [torch.from_numpy(_qt("Q4_K", n, K, seed=n).data) for n in (256, 64, 64)]
