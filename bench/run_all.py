@@ -33,6 +33,7 @@ SLOW = [
     ("quantize", ["bench_quantize.py", "--limit", "40"]),
     ("lora", ["bench_lora.py"]),
     ("align", ["bench_align.py"]),
+    ("align-targets", ["bench_align_targets.py"]),
 ]
 
 
