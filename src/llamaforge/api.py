@@ -17,6 +17,7 @@ from .embedding import check_inputs, embed_ids
 from .formats import Checkpoint, load_checkpoint
 from .generate import ContextOverflow, generate, generate_batch
 from .lora import load_adapter
+from .memory import release_code_pages
 from .model import Transformer
 from .paths import default_model_path
 from .quant import KINDS, quantize_model
@@ -133,6 +134,7 @@ class Llama:
         if tok is None:
             raise ValueError(f"{path}: no tokenizer found next to the weights")
         template = ckpt.chat_template or getattr(tok, "chat_template", None)
+        release_code_pages()   # torch's start-up code, resident since import and not needed again
         return cls(model, tok, template, ckpt)
 
     # -- scoring -------------------------------------------------------------------------------

@@ -55,3 +55,37 @@ def trim_heap() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+def release_code_pages() -> int:
+    """Unmap the resident pages of shared libraries' code that nothing modified (Linux; best effort).
+
+    Importing torch runs the static initialisers spread over its 400 MB libtorch_cpu.so, which
+    leaves ~90 MiB of its code resident that a forward pass never executes again: 1/3 of the
+    process's memory beside a 1B model's weights. Code mappings (r-xp) are clean copies of their
+    file, so dropping them loses nothing: the page cache keeps the data and a later call faults its
+    page back in (a minor fault). A mapping with any anonymous (copied-on-write) page is left alone.
+    Returns the KiB released.
+    """
+    if not hasattr(mmap, "MADV_DONTNEED"):
+        return 0
+    try:
+        smaps = open("/proc/self/smaps").read().splitlines()
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return 0
+    released, span, path, rss = 0, None, "", 0
+    for line in smaps + ["0-0 ---p"]:   # a sentinel header flushes the last mapping
+        fields = line.split()
+        if fields and "-" in fields[0] and not fields[0].endswith(":"):   # a mapping's header
+            span, path = (fields[0], fields[1]), fields[5] if len(fields) > 5 else ""
+        elif fields[:1] == ["Rss:"]:
+            rss = int(fields[1])
+        elif fields[:1] == ["Anonymous:"] and span is not None:
+            (bounds, perms), anonymous = span, int(fields[1])
+            if perms == "r-xp" and ".so" in path and anonymous == 0 and rss > 0:
+                start, end = (int(a, 16) for a in bounds.split("-"))
+                if madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), mmap.MADV_DONTNEED) == 0:
+                    released += rss
+            span = None
+    return released
