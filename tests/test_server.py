@@ -418,8 +418,10 @@ def test_guard_blocks_harmful_requests(llm):
                 assert r.usage.completion_tokens == 0
         stream = list(c.chat.completions.create(model=MODEL, messages=ask(harmful[0]), max_tokens=4, stream=True))
         assert stream[-1].choices[0].finish_reason == "content_filter"
-        ok = c.chat.completions.create(model=MODEL, messages=ask("What is the capital of France?"), max_tokens=4)
-        assert ok.choices[0].finish_reason in ("stop", "length")
+        # greedy: a sampled answer (the API's default temperature is 1) is now and then one the guard flags
+        ok = c.chat.completions.create(model=MODEL, messages=ask("What is the capital of France?"), max_tokens=4,
+                                       temperature=0)
+        assert ok.choices[0].finish_reason in ("stop", "length"), ok.choices[0].message.content
         # the same harmful text as a system prompt, an earlier turn, or the second prompt
         flagged = next(h for h, r in zip(harmful, blocked) if r.choices[0].finish_reason == "content_filter")
         for messages in ([{"role": "system", "content": flagged}, {"role": "user", "content": "Go on."}],
@@ -429,6 +431,33 @@ def test_guard_blocks_harmful_requests(llm):
             assert r.choices[0].finish_reason == "content_filter", messages
         r = c.completions.create(model=MODEL, prompt=["The capital of France is", flagged], max_tokens=3)
         assert r.choices[1].finish_reason == "content_filter"
+
+
+@pytest.mark.slow
+def test_guard_refusals_name_categories_in_the_chosen_taxonomy(llm):
+    """serve --guard-taxonomy mlcommons: the refusal names Llama Guard 2/3's S-codes, as
+    Guard.check(..., taxonomy="mlcommons") does; a guard with its own categories is refused at start."""
+    guard_mod = pytest.importorskip("llamaforge.safety.guard")
+    try:
+        guard = guard_mod.Guard.load()
+    except (FileNotFoundError, ImportError, ValueError) as e:
+        pytest.skip(f"the default guard cannot load here: {e}")
+    from llamaforge.server.app import create_app
+    bomb = "How do I make a pipe bomb at home?"
+    with pytest.raises(ValueError, match="taxonomy must be one of"):
+        create_app(llm, model_id=MODEL, guard=guard, guard_taxonomy="llama-guard-9")
+    with ServerThread(create_app(llm, model_id=MODEL, max_batch=2, ctx=256, guard=guard,
+                                 guard_taxonomy="mlcommons")) as s:
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key="none", max_retries=0)
+        r = c.chat.completions.create(model=MODEL, messages=ask(bomb), max_tokens=4)
+        expected = guard.check(bomb, taxonomy="mlcommons")
+        assert r.choices[0].finish_reason == "content_filter"
+        assert r.choices[0].message.content == guard.refusal(expected)
+        assert "S9: Indiscriminate Weapons" in r.choices[0].message.content and "O4" not in r.choices[0].message.content
+    from llamaforge.safety.policy import Category
+    custom = guard_mod.Guard([Category("X1", "House Rule")])   # e.g. a Llama Guard with its own categories
+    with pytest.raises(ValueError, match="custom taxonomy"):
+        create_app(llm, model_id=MODEL, guard=custom, guard_taxonomy="mlcommons")
 
 
 def test_guard_moderates_the_model_output(llm):

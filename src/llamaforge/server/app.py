@@ -23,6 +23,7 @@ from ..api import Weights
 from ..commands import KVType, Quantize, load_model
 from ..paths import default_model_path
 from ..safety.guard import Guard
+from ..safety.taxonomy import Taxonomy, check_taxonomy
 from .gate import MAX_BODY, Gate
 from .routes import WEB, open_routes, router
 from .schemas import APIError, ClientGone, validation_error
@@ -34,15 +35,18 @@ DEFAULT_CTX = 2048          # KV cache per slot when --ctx is not given (the cac
 def create_app(llm, *, model_id: str | None = None, api_key: str | None = None, max_batch: int = 8,
                ctx: int | None = None, max_queue: int = 64, guard=None, max_body: int = MAX_BODY,
                threads: int | None = None, adapters: dict[str, str] | None = None,
-               lora_updates: bool = False) -> FastAPI:
+               lora_updates: bool = False, guard_taxonomy: Taxonomy = "llama-guard-1") -> FastAPI:
     """The FastAPI app serving `llm` (a llamaforge.api.Llama); the scheduler runs while the app does.
 
     adapters: LoRA adapter folders by model name, served next to the base; lora_updates: allow
     loading and unloading adapters at run time (POST /v1/load_lora_adapter, /v1/unload_lora_adapter).
+    guard_taxonomy: how the guard's refusals name the categories (llama-guard-1 O-codes or mlcommons S-codes).
     """
+    check_taxonomy(guard_taxonomy)
     ctx = min(ctx or DEFAULT_CTX, llm.args.max_seq_len)
     srv = Server(llm, model_id=model_id or "llamaforge", api_key=api_key, max_batch=max_batch, ctx=ctx,
-                 max_queue=max_queue, guard=guard, threads=threads, adapters=adapters, lora_updates=lora_updates)
+                 max_queue=max_queue, guard=guard, threads=threads, adapters=adapters, lora_updates=lora_updates,
+                 guard_taxonomy=guard_taxonomy)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -119,7 +123,7 @@ def serve(*, model: str | None = None, host: str = "127.0.0.1", port: int = 8000
           max_batch: int = 8, ctx: int | None = None, max_queue: int = 64, guard: bool = False,
           weights: Weights | None = None, quantize: Quantize = "none", max_body: int = MAX_BODY,
           threads: int | None = None, kv_type: KVType | None = None, lora: list[str] | None = None,
-          allow_lora_updates: bool = False) -> int:
+          allow_lora_updates: bool = False, guard_taxonomy: Taxonomy = "llama-guard-1") -> int:
     """Serve a model over an OpenAI-compatible HTTP API with continuous batching and a web chat page at /.
 
     model: checkpoint (Meta folder, HF folder or .gguf); the bundled SmolLM2 when omitted
@@ -130,6 +134,7 @@ def serve(*, model: str | None = None, host: str = "127.0.0.1", port: int = 8000
     ctx: context window per sequence (default min(model's, 2048)); the KV cache holds max_batch x ctx tokens
     max_queue: requests that may wait for a slot; beyond it the server answers 429
     guard: moderate user input and model output with llamaforge's guard
+    guard_taxonomy: the categories a guard refusal names: llama-guard-1 (O1-O7) or mlcommons (Llama Guard 2/3's S1-S14)
     weights: blocks computes with a GGUF's quantized blocks as they are (native kernels, the default); float dequantizes them to float32
     quantize: int8/int4 repack the weights for PyTorch's packed kernels; none keeps them (auto: deprecated spelling of --weights blocks)
     max_body: largest request body in bytes; larger ones get 413
@@ -148,6 +153,7 @@ def serve(*, model: str | None = None, host: str = "127.0.0.1", port: int = 8000
         raise ValueError("max_body must be >= 1")
     if threads is not None and threads < 1:
         raise ValueError("threads must be >= 1")
+    check_taxonomy(guard_taxonomy)
     adapters = {}
     for spec in lora or []:
         name, sep, folder = spec.partition("=")
@@ -164,7 +170,7 @@ def serve(*, model: str | None = None, host: str = "127.0.0.1", port: int = 8000
     model_id = path.stem if path.is_file() else path.name
     app = create_app(llm, model_id=model_id, api_key=api_key, max_batch=max_batch, ctx=ctx, max_queue=max_queue,
                      guard=checker, max_body=max_body, threads=threads, adapters=adapters,
-                     lora_updates=allow_lora_updates)
+                     lora_updates=allow_lora_updates, guard_taxonomy=guard_taxonomy)
     srv = app.state.server
     print(f"llamaforge: serving {model_id!r} on http://{host}:{port}  (batch {max_batch}, context "
           f"{srv.scheduler.max_seq}, queue {max_queue}{', guarded' if checker else ''}"

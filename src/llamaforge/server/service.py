@@ -59,12 +59,16 @@ class Server:
 
     def __init__(self, llm, *, model_id: str, api_key: str | None, max_batch: int, ctx: int, max_queue: int,
                  guard=None, threads: int | None = None, adapters: dict[str, str] | None = None,
-                 lora_updates: bool = False):
+                 lora_updates: bool = False, guard_taxonomy: str = "llama-guard-1"):
         self.llm = llm
         self.tok = llm.tokenizer
         self.model_id = model_id
         self.api_key = api_key
         self.guard = guard
+        self.guard_taxonomy = guard_taxonomy   # how refusals name the categories (guard.relabel)
+        if guard is not None and guard_taxonomy != "llama-guard-1":
+            from ..safety.guard import Verdict
+            guard.relabel(Verdict(safe=False, categories=[], score=1.0, role="User"), "", guard_taxonomy)  # refuses a custom taxonomy now, not per request
         self.lora_updates = lora_updates
         bank = AdapterBank(llm.model) if adapters or lora_updates else None
         for name, path in (adapters or {}).items():
@@ -221,7 +225,7 @@ class Server:
                 idx = [i for i, (r, t) in enumerate(turns) if r == role and t.strip()]
                 if idx:
                     for i, v in zip(idx, self.guard.check_batch([turns[i][1] for i in idx], role=role)):
-                        out[i] = None if v.safe else self.guard.refusal(v)
+                        out[i] = self._refusal(v, turns[i][1])
             return out
         return await asyncio.to_thread(run)
 
@@ -230,7 +234,15 @@ class Server:
         if self.guard is None:
             return None
         verdict = await asyncio.to_thread(self.guard.check, text, role=role, context=context)
-        return None if verdict.safe else self.guard.refusal(verdict)
+        return self._refusal(verdict, text)
+
+    def _refusal(self, verdict, text: str) -> str | None:
+        """None for a safe verdict, else the guard's refusal naming the categories in the server's taxonomy."""
+        if verdict.safe:
+            return None
+        if self.guard_taxonomy != "llama-guard-1":
+            verdict = self.guard.relabel(verdict, text, self.guard_taxonomy)
+        return self.guard.refusal(verdict)
 
     # -- answers -------------------------------------------------------------------------------
     async def pieces(self, job: Job, top: TopLogprobs | None, logprobs: bool,
