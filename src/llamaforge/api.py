@@ -102,8 +102,8 @@ class Llama:
         adapter: a PEFT-format LoRA folder applied on top.
         kv_type: KV cache element type, "f32", "f16" (half the cache memory) or "q8_0" (GGML Q8_0
             blocks, 34 bytes per 32 values; the head size must be a multiple of 32); None: float16 for
-            GGUF models computed from their blocks with 8-bit activations (256 MiB of weights or more,
-            as llama.cpp's default), else the model's dtype.
+            the generation caches of GGUF models computed from their blocks (llama.cpp's default),
+            with evaluation scoring in the model's dtype, else the model's dtype everywhere.
         """
         weights, quantize = load_options(weights, quantize)
         path = Path(path) if path is not None else default_model_path()

@@ -82,7 +82,7 @@ def bench(*, model: str | None = None, prompt_tokens: int = 512, gen_tokens: int
     json: print one JSON object (prefill_tok_s, decode_tok_s, ttft_s, peak_rss_mb, ...)
     weights: blocks (default) computes with a GGUF's quantized blocks (native kernels); float dequantizes them to float32
     quantize: int8/int4 repack the weights for PyTorch's weight-only kernels (auto: deprecated, = --weights blocks)
-    kv_type: KV cache element type, f32, f16 or q8_0; default: f16 for GGUF models of 256 MiB or more (as llama.cpp), else the model's dtype
+    kv_type: KV cache element type, f32, f16 or q8_0; default: f16 for GGUF models computed from their blocks (as llama.cpp), else the model's dtype
     """
     if prompt_tokens < 1 or gen_tokens < 1 or threads < 1:
         raise ValueError("--prompt-tokens, --gen-tokens and --threads must be at least 1")

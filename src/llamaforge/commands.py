@@ -42,7 +42,7 @@ def generate(prompt: str, *, model: str | None = None, max_tokens: int = 128, te
     stop: strings that end generation
     weights: blocks (default) computes with a GGUF's quantized blocks (native kernels); float dequantizes them to float32
     quantize: int8/int4 repack the float weights for PyTorch's weight-only kernels (auto: deprecated, = --weights blocks)
-    kv_type: KV cache element type (f16 halves its memory, q8_0 keeps 34/128 of it); default: f16 for GGUF models of 256 MiB or more (as llama.cpp), else the model's dtype
+    kv_type: KV cache element type (f16 halves its memory, q8_0 keeps 34/128 of it); default: f16 for GGUF models computed from their blocks (as llama.cpp), else the model's dtype
     lookup: speculative decoding by prompt lookup, up to K draft tokens per forward (e.g. 8; 0: off); same output, faster when it repeats the prompt
     """
     as_lookup(lookup)   # a bad K fails before the model loads
@@ -66,7 +66,7 @@ def chat(prompt: str | None = None, *, model: str | None = None, system: str | N
     guard: moderate user input and model output with the default guard
     weights: blocks (default) computes with a GGUF's quantized blocks (native kernels); float dequantizes them to float32
     quantize: int8/int4 repack the float weights for PyTorch's weight-only kernels (auto: deprecated, = --weights blocks)
-    kv_type: KV cache element type (f16 halves its memory, q8_0 keeps 34/128 of it); default: f16 for GGUF models of 256 MiB or more (as llama.cpp), else the model's dtype
+    kv_type: KV cache element type (f16 halves its memory, q8_0 keeps 34/128 of it); default: f16 for GGUF models computed from their blocks (as llama.cpp), else the model's dtype
     """
     llm = load_model(model, weights, quantize, kv_type=kv_type)
     checker = None

@@ -145,10 +145,17 @@ class Transformer(nn.Module):
         return self.output(h).float()
 
     def new_cache(self, batch: int = 1, max_seq: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
+        """A KV cache of `dtype`, else the chosen type (kv_dtype: Llama.load's kv_type), else the
+        loader's default for generation (kv_default: float16 for GGUF blocks), else the weights' dtype."""
         a = self.args
         p = self.rope_cos
-        return KVCache(a.n_layers, batch, a.kv_heads, max_seq or a.max_seq_len, a.head_dim,
-                       dtype=dtype or getattr(self, "kv_dtype", None) or self.norm.weight.dtype, device=p.device)
+        dtype = dtype or getattr(self, "kv_dtype", None) or getattr(self, "kv_default", None) or self.norm.weight.dtype
+        return KVCache(a.n_layers, batch, a.kv_heads, max_seq or a.max_seq_len, a.head_dim, dtype=dtype, device=p.device)
+
+    def exact_cache(self, batch: int = 1, max_seq: int | None = None) -> KVCache:
+        """A cache for scoring (evaluation): the weights' dtype unless a kv_type was chosen, so that
+        benchmark scores are those of the model, not of a rounded cache."""
+        return self.new_cache(batch, max_seq, getattr(self, "kv_dtype", None) or self.norm.weight.dtype)
 
     def init_weights(self, seed: int | None = None) -> "Transformer":
         """Fresh weights for pretraining: N(0, 0.02), residual projections scaled by 1/sqrt(2 n_layers)."""

@@ -160,7 +160,7 @@ class LM:
         cont_in = [reqs[i][1][:-1] for i, _ in row_of]
         Lk = max(len(c) for c in cont_in)
         need = max(ctx_lens) + Lk
-        cache = self.model.new_cache(R, need)
+        cache = self.model.exact_cache(R, need)
         first = []                                    # the cache row each group's context goes to
         for g in range(G):
             first.append(next(r for r, (_, gg) in enumerate(row_of) if gg == g))

@@ -139,7 +139,7 @@ def serve(*, model: str | None = None, host: str = "127.0.0.1", port: int = 8000
     quantize: int8/int4 repack the weights for PyTorch's packed kernels; none keeps them (auto: deprecated spelling of --weights blocks)
     max_body: largest request body in bytes; larger ones get 413
     threads: CPU threads for the model (default: torch's, i.e. the cores or OMP_NUM_THREADS)
-    kv_type: KV cache element type (f16 halves its memory, q8_0 keeps 34/128 of it: more tokens fit); default: f16 for GGUF models of 256 MiB or more (as llama.cpp), else the model's dtype
+    kv_type: KV cache element type (f16 halves its memory, q8_0 keeps 34/128 of it: more tokens fit); default: f16 for GGUF models computed from their blocks (as llama.cpp), else the model's dtype
     lora: NAME=DIR: serve the PEFT LoRA adapter in DIR as model NAME next to the base (repeatable); rows of different adapters share each batch
     allow_lora_updates: let API clients load and unload adapters (POST /v1/load_lora_adapter {lora_name, lora_path}, /v1/unload_lora_adapter): it reads any adapter folder the server can
     """
