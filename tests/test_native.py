@@ -156,6 +156,54 @@ def test_fused_decode_block_is_bit_identical_to_the_module_path(tmp_path, tiny_t
     assert len(module_calls) == 3 + 6
 
 
+@pytest.mark.parametrize("qtype,kv_type", [("q4_k_m", "f16"), ("q4_1", "f32"), ("q8_0", "q8_0")])
+def test_fused_rows_block_is_bit_identical_to_the_module_path(tmp_path, tiny_tokenizer, qtype, kv_type):
+    """block_rows (block.cpp): one-token rows in their own cache slots at their own positions (a
+    batched decode step), and rows sharing one slot (a speculative verify), compute what the
+    block's modules compute, bit for bit, cache contents included."""
+    from llamaforge.api import Llama
+    from llamaforge.config import PRESETS
+    from llamaforge.formats import gguf
+    from llamaforge.model import Transformer
+    from llamaforge.quant.ggml import _FusedDecode
+    args = PRESETS["tiny"].replace(dim=256, n_heads=4, n_kv_heads=2, hidden_dim=512, n_layers=3)
+    src = Transformer(args).init_weights(seed=1).eval()
+    path = gguf.write(tmp_path / "m.gguf", args, src.state_dict(), tokenizer=tiny_tokenizer, qtype=qtype)
+    m = Llama.load(path, kv_type=kv_type).model
+    fused = [vars(layer)["forward"] for layer in m.layers]
+    assert all(isinstance(f, _FusedDecode) for f in fused)
+    module_calls = []
+    for f in fused:
+        f.module_forward = (lambda fwd: lambda *a: module_calls.append(1) or fwd(*a))(f.module_forward)
+
+    def run(use_fused: bool):
+        for layer, f in zip(m.layers, fused):
+            layer.forward = f if use_fused else f.module_forward
+        cache, out = m.new_cache(3, 40), []
+        with torch.inference_mode():
+            for slot, n in ((0, 7), (2, 12)):          # two prompts of different lengths: module path
+                m(torch.arange(3, 3 + n)[None], torch.arange(n)[None], cache, torch.tensor([slot]))
+            at = {0: 7, 2: 12}
+            for i in range(4):                         # batched decode: slots 2 and 0, each at its own position
+                pos = torch.tensor([[at[2]], [at[0]]])
+                out.append(m(torch.tensor([[30 + i], [40 + i]]), pos, cache, torch.tensor([2, 0])))
+                at = {0: at[0] + 1, 2: at[2] + 1}
+            # a verify forward: four one-token rows of slot 0 at consecutive positions
+            p0 = at[0]
+            out.append(m(torch.tensor([[50], [51], [52], [53]]), torch.arange(p0, p0 + 4)[:, None], cache,
+                         torch.zeros(4, dtype=torch.long)))
+        return torch.cat([o.reshape(-1, o.shape[-1]) for o in out]), cache
+
+    module_calls.clear()
+    want, want_cache = run(False)
+    n_module = len(module_calls)
+    module_calls.clear()
+    got, got_cache = run(True)
+    assert len(module_calls) == 2 * 3 and n_module == (2 + 4 + 1) * 3   # only the prompts took the module path
+    assert torch.equal(got, want)
+    assert torch.equal(got_cache.k, want_cache.k) and torch.equal(got_cache.v, want_cache.v)
+
+
 @pytest.mark.slow
 def test_bundled_fast_path_agrees_with_float32_path(bundled_gguf):
     """The issue's quality target on the bundled Q4_1 model: greedy output of the fast path equals

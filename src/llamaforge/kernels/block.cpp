@@ -1,4 +1,6 @@
-// One transformer block for one new token of one sequence, in one call from Python.
+// One transformer block for one new token of one sequence (block_decode), or for a batch of
+// one-token rows each in its own cache slot and position (block_rows: batched decode, and the
+// verify forward of speculative decoding, whose rows share a slot), in one call from Python.
 //
 // A decode step of a small model is bound by per-operation overhead, not arithmetic: the bundled
 // 135M model spent about as long in the Python and dispatch around its 30 blocks (a dozen module
@@ -35,12 +37,14 @@ std::vector<torch::Tensor> products(const torch::Tensor& x, const std::vector<to
   return out;
 }
 
+// float32 keys or values in a cache's storage type (Q8_0 blocks for a uint8 cache), as KVCache._encode
+torch::Tensor encode(const torch::Tensor& x, c10::ScalarType t) {
+  return t == torch::kByte ? quantize_q8_0(x) : x.to(t);
+}
+
 // k [1, 1, Kh, Hd] float32 into the cache window [1, Kh, 1, Hd | row bytes] of the cache's type
 void store(const torch::Tensor& window, const torch::Tensor& k) {
-  const auto t = window.scalar_type();
-  auto rows = k.view({1, k.size(2), 1, k.size(3)});
-  if (t == torch::kByte) window.copy_(quantize_q8_0(rows));
-  else window.copy_(rows.to(t));
+  window.copy_(encode(k.view({1, k.size(2), 1, k.size(3)}), window.scalar_type()));
 }
 }  // namespace
 
@@ -64,6 +68,46 @@ torch::Tensor block_decode(torch::Tensor h, std::vector<torch::Tensor> w, std::v
   store(kv[1], qkv[2].view({1, 1, Kh, Hd}));
   auto att = decode_attention(q.view({1, H, 1, Hd}), kv[2], kv[3], c10::nullopt, c10::nullopt);   // [1, H, 1, Hd]
   h = h + ggml_matmul(att.view({1, 1, H * Hd}), {w[3]}, types[3], H * Hd, int8)[0];
+
+  auto gu = products(rms_norm(h, ffn_norm, eps), {w[4], w[5]}, {types[4], types[5]}, int8);
+  auto a = at::silu(gu[0]) * gu[1];
+  return h + ggml_matmul(a, {w[6]}, types[6], a.size(-1), int8)[0];
+}
+
+// h [B, 1, D] float32: row b is the token at position pos[b] of cache slot slots[b]; kc, vc: this
+// layer's whole cache [S, Kh, max_seq, Hd | row bytes]; mask [B, 1, 1, L] bool, L the keys to attend;
+// cos, sin [B, 1, Hd / 2]. The module path of a batched decode step (KVCache.update's scattered
+// writes, then ops.attention reading the slots in place), with the same kernels in the same order.
+torch::Tensor block_rows(torch::Tensor h, std::vector<torch::Tensor> w, std::vector<int64_t> types, bool int8,
+                         torch::Tensor attn_norm, torch::Tensor ffn_norm, double eps, torch::Tensor cos,
+                         torch::Tensor sin, torch::Tensor kc, torch::Tensor vc, torch::Tensor slots,
+                         torch::Tensor pos, torch::Tensor mask) {
+  TORCH_CHECK(h.dim() == 3 && h.size(1) == 1 && h.scalar_type() == torch::kFloat32,
+              "block_rows takes one-token rows: float32 h [B, 1, D]");
+  TORCH_CHECK(w.size() == 7 && types.size() == 7, "block_rows: 7 matrices");
+  const int64_t B = h.size(0), Kh = kc.size(1), Hd = cos.size(-1) * 2, H = w[0].size(0) / Hd;
+  TORCH_CHECK(H * Hd == w[0].size(0) && Kh * Hd == w[1].size(0), "block_rows: head sizes do not match");
+  TORCH_CHECK(kc.dim() == 4 && vc.sizes() == kc.sizes() && mask.dim() == 4 && mask.size(0) == B,
+              "block_rows: cache [S, K, max_seq, .] and mask [B, 1, 1, L]");
+  const int64_t L = mask.size(-1);
+  TORCH_CHECK(L <= kc.size(2), "block_rows: more keys than the cache holds");
+  auto sl = slots.to(torch::kLong).contiguous(), ps = pos.to(torch::kLong).contiguous();
+  TORCH_CHECK(sl.numel() == B && ps.numel() == B, "block_rows: one slot and one position per row");
+  const int64_t* S = sl.data_ptr<int64_t>();
+  const int64_t* P = ps.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK(S[b] >= 0 && S[b] < kc.size(0) && P[b] >= 0 && P[b] < L, "block_rows: row ", b, " writes outside the cache");
+
+  auto qkv = products(rms_norm(h, attn_norm, eps), {w[0], w[1], w[2]}, {types[0], types[1], types[2]}, int8);
+  auto q = rope(qkv[0].view({B, 1, H, Hd}), cos, sin);           // [B, 1, H, Hd]
+  auto k = encode(rope(qkv[1].view({B, 1, Kh, Hd}), cos, sin).view({B, Kh, Hd}), kc.scalar_type());
+  auto v = encode(qkv[2].view({B, Kh, Hd}), vc.scalar_type());
+  for (int64_t b = 0; b < B; ++b) {                               // kc[slot, :, pos] = k[b]
+    kc.select(0, S[b]).select(1, P[b]).copy_(k[b]);
+    vc.select(0, S[b]).select(1, P[b]).copy_(v[b]);
+  }
+  auto att = decode_attention(q.view({B, H, 1, Hd}), kc.narrow(2, 0, L), vc.narrow(2, 0, L), mask, sl);  // [B, H, 1, Hd]
+  h = h + ggml_matmul(att.view({B, 1, H * Hd}), {w[3]}, types[3], H * Hd, int8)[0];
 
   auto gu = products(rms_norm(h, ffn_norm, eps), {w[4], w[5]}, {types[4], types[5]}, int8);
   auto a = at::silu(gu[0]) * gu[1];

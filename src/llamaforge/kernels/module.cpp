@@ -7,6 +7,7 @@
 //       their rows. Each weight row is read once for every row of x.
 //   dequantize(w, type, K, into=None) -> float32 [N, K], bit-identical to gguf-py.
 //   block_decode(h, ...) -> one transformer block for one token of one sequence (block.cpp).
+//   block_rows(h, ...) -> one transformer block for one-token rows in their own cache slots (block.cpp).
 //   lora_add_(y, x, [A_i], [B_i^T], idx, scaling): y += each row's own adapter update (lora.cpp).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -25,6 +26,10 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps);
 torch::Tensor block_decode(torch::Tensor h, std::vector<torch::Tensor> w, std::vector<int64_t> types, bool int8,
                            torch::Tensor attn_norm, torch::Tensor ffn_norm, double eps, torch::Tensor cos,
                            torch::Tensor sin, std::vector<torch::Tensor> kv);
+torch::Tensor block_rows(torch::Tensor h, std::vector<torch::Tensor> w, std::vector<int64_t> types, bool int8,
+                         torch::Tensor attn_norm, torch::Tensor ffn_norm, double eps, torch::Tensor cos,
+                         torch::Tensor sin, torch::Tensor kc, torch::Tensor vc, torch::Tensor slots,
+                         torch::Tensor pos, torch::Tensor mask);
 void lora_add_(torch::Tensor y, torch::Tensor x, std::vector<torch::Tensor> a, std::vector<torch::Tensor> bt,
                torch::Tensor idx, torch::Tensor scaling);
 }
@@ -241,6 +246,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("block_decode", &lf::block_decode, "one transformer block for one token of one sequence (block.cpp)",
         py::arg("h"), py::arg("w"), py::arg("types"), py::arg("int8"), py::arg("attn_norm"), py::arg("ffn_norm"),
         py::arg("eps"), py::arg("cos"), py::arg("sin"), py::arg("kv"));
+  m.def("block_rows", &lf::block_rows, "one transformer block for one-token rows in their own cache slots (block.cpp)",
+        py::arg("h"), py::arg("w"), py::arg("types"), py::arg("int8"), py::arg("attn_norm"), py::arg("ffn_norm"),
+        py::arg("eps"), py::arg("cos"), py::arg("sin"), py::arg("kc"), py::arg("vc"), py::arg("slots"),
+        py::arg("pos"), py::arg("mask"));
   m.def("lora_add_", &lf::lora_add_, "y += each row's own low-rank adapter update, each row alone (lora.cpp)",
         py::arg("y"), py::arg("x"), py::arg("a"), py::arg("bt"), py::arg("idx"), py::arg("scaling"));
   m.def("isa", &isa, "instruction set the kernels were built for");

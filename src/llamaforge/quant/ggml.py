@@ -262,15 +262,22 @@ class _FusedDecode:
                 and am["wv"] is v and am["wo"] is o and fm["w1"] is w1 and fm["w3"] is w3 and fm["w2"] is w2)
 
     def __call__(self, x, rot, mask, cache, pos, slots):
-        if (x.shape[0] != 1 or x.shape[1] != 1 or cache is None or cache._row is None or mask is not None
-                or x.dtype != torch.float32 or not torch.is_inference_mode_enabled() or not self._unchanged()):
+        if (x.shape[1] != 1 or cache is None or x.dtype != torch.float32 or not torch.is_inference_mode_enabled()
+                or not self._unchanged()):
             return self.module_forward(x, rot, mask, cache, pos, slots)
-        m0 = self.mods[0]
-        new_k, new_v, seen_k, seen_v = cache._views
-        i = self.layer_id
-        return m0._k.block_decode(x, self.blocks, self.types, _int8(m0.int8_auto), self.params[0]["weight"],
-                                  self.params[1]["weight"],
-                                  self.eps, rot[0], rot[1], [new_k[i], new_v[i], seen_k[i], seen_v[i]])
+        m0, i = self.mods[0], self.layer_id
+        if cache._row is not None and mask is None and x.shape[0] == 1:   # one sequence's next token
+            new_k, new_v, seen_k, seen_v = cache._views
+            return m0._k.block_decode(x, self.blocks, self.types, _int8(m0.int8_auto), self.params[0]["weight"],
+                                      self.params[1]["weight"],
+                                      self.eps, rot[0], rot[1], [new_k[i], new_v[i], seen_k[i], seen_v[i]])
+        if mask is None or cache._row is not None:
+            return self.module_forward(x, rot, mask, cache, pos, slots)
+        # one-token rows in their own slots (batched decode; a speculative verify's rows share one)
+        rows = slots if slots is not None else torch.arange(x.shape[0])
+        return m0._k.block_rows(x, self.blocks, self.types, _int8(m0.int8_auto), self.params[0]["weight"],
+                                self.params[1]["weight"], self.eps, rot[0], rot[1], cache.k[i], cache.v[i],
+                                rows, pos, mask)
 
 
 class GGMLEmbedding(nn.Module):
