@@ -115,3 +115,36 @@ def test_prefix_reuse_never_crosses_adapters(bundled_gguf, adapters):
         batch.step()
     assert a.out == _alone(bundled_gguf, adapters["all"], PROMPTS[0])
     assert b.out == _alone(bundled_gguf, None, PROMPTS[0])
+
+
+def test_mixed_adapter_decode_steps_take_the_one_call_block_bit_for_bit(bundled_gguf, adapters):
+    """A mixed-adapter decode step runs each block in one native call (block_rows with each row's
+    adapter updates) and computes what the blocks' modules compute: the same tokens and logprobs."""
+    llm = Llama.load(bundled_gguf)
+    bank = AdapterBank(llm.model)
+    for name, path in adapters.items():
+        bank.load(name, path)
+    fused = [vars(layer)["forward"] for layer in llm.model.layers]
+    one_token_module_calls = []
+    for f in fused:
+        f.module_forward = (lambda fwd: lambda *a: (a[0].shape[1] == 1 and one_token_module_calls.append(1))
+                            or fwd(*a))(f.module_forward)
+    names = [None, "qv", "attn", "mlp", "all", "qv"]
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=True)
+
+    def run(use_fused: bool):
+        for layer, f in zip(llm.model.layers, fused):
+            layer.forward = f if use_fused else f.module_forward
+        batch = Batch(llm.model, llm.tokenizer, max_batch=6, adapters=bank)
+        seqs = [batch.add(llm.tokenizer.encode(p), params, adapter=n) for p, n in zip(PROMPTS, names)]
+        while any(not s.finish_reason for s in seqs):
+            batch.step()
+        return [(s.out, s.logprobs) for s in seqs]
+
+    want = run(False)
+    assert one_token_module_calls
+    one_token_module_calls.clear()
+    got = run(True)
+    assert not one_token_module_calls     # every decode step took block_rows
+    assert got == want
+    assert any(isinstance(m, MultiLoraLinear) for m in llm.model.modules())

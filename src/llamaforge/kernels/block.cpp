@@ -22,6 +22,8 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
 torch::Tensor quantize_q8_0(torch::Tensor x);
 torch::Tensor rope(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps);
+void lora_add_(torch::Tensor y, torch::Tensor x, std::vector<torch::Tensor> a, std::vector<torch::Tensor> bt,
+               torch::Tensor idx, torch::Tensor scaling);
 
 namespace {
 // x times each of the matrices ws[i] (GGML type types[i]); matrices of one type in one call, as
@@ -78,10 +80,15 @@ torch::Tensor block_decode(torch::Tensor h, std::vector<torch::Tensor> w, std::v
 // layer's whole cache [S, Kh, max_seq, Hd | row bytes]; mask [B, 1, 1, L] bool, L the keys to attend;
 // cos, sin [B, 1, Hd / 2]. The module path of a batched decode step (KVCache.update's scattered
 // writes, then ops.attention reading the slots in place), with the same kernels in the same order.
+// Multi-LoRA rows (multilora.py): lora_a[i], lora_bt[i], lora_scaling[i] are projection i's
+// adapter factors in the bank's order (empty: no adapter targets it), lora_rows [B] each row's
+// adapter (-1: none); each update is added to its product as MultiLoraLinear does (lora_add_).
 torch::Tensor block_rows(torch::Tensor h, std::vector<torch::Tensor> w, std::vector<int64_t> types, bool int8,
                          torch::Tensor attn_norm, torch::Tensor ffn_norm, double eps, torch::Tensor cos,
                          torch::Tensor sin, torch::Tensor kc, torch::Tensor vc, torch::Tensor slots,
-                         torch::Tensor pos, torch::Tensor mask) {
+                         torch::Tensor pos, torch::Tensor mask, std::vector<std::vector<torch::Tensor>> lora_a,
+                         std::vector<std::vector<torch::Tensor>> lora_bt, std::vector<torch::Tensor> lora_scaling,
+                         c10::optional<torch::Tensor> lora_rows) {
   TORCH_CHECK(h.dim() == 3 && h.size(1) == 1 && h.scalar_type() == torch::kFloat32,
               "block_rows takes one-token rows: float32 h [B, 1, D]");
   TORCH_CHECK(w.size() == 7 && types.size() == 7, "block_rows: 7 matrices");
@@ -98,7 +105,16 @@ torch::Tensor block_rows(torch::Tensor h, std::vector<torch::Tensor> w, std::vec
   for (int64_t b = 0; b < B; ++b)
     TORCH_CHECK(S[b] >= 0 && S[b] < kc.size(0) && P[b] >= 0 && P[b] < L, "block_rows: row ", b, " writes outside the cache");
 
-  auto qkv = products(rms_norm(h, attn_norm, eps), {w[0], w[1], w[2]}, {types[0], types[1], types[2]}, int8);
+  const bool lora = lora_rows.has_value() && lora_rows->defined();
+  TORCH_CHECK(!lora || (lora_a.size() == 7 && lora_bt.size() == 7 && lora_scaling.size() == 7),
+              "block_rows: adapter factors for each of the 7 matrices");
+  auto adapt = [&](int i, torch::Tensor& y, const torch::Tensor& x) {   // y [B, 1, out] += row updates
+    if (lora && !lora_a[i].empty())
+      lora_add_(y.view({B, y.size(-1)}), x.reshape({B, x.size(-1)}), lora_a[i], lora_bt[i], *lora_rows, lora_scaling[i]);
+  };
+  auto x = rms_norm(h, attn_norm, eps);
+  auto qkv = products(x, {w[0], w[1], w[2]}, {types[0], types[1], types[2]}, int8);
+  for (int i = 0; i < 3; ++i) adapt(i, qkv[i], x);
   auto q = rope(qkv[0].view({B, 1, H, Hd}), cos, sin);           // [B, 1, H, Hd]
   auto k = encode(rope(qkv[1].view({B, 1, Kh, Hd}), cos, sin).view({B, Kh, Hd}), kc.scalar_type());
   auto v = encode(qkv[2].view({B, Kh, Hd}), vc.scalar_type());
@@ -106,11 +122,19 @@ torch::Tensor block_rows(torch::Tensor h, std::vector<torch::Tensor> w, std::vec
     kc.select(0, S[b]).select(1, P[b]).copy_(k[b]);
     vc.select(0, S[b]).select(1, P[b]).copy_(v[b]);
   }
-  auto att = decode_attention(q.view({B, H, 1, Hd}), kc.narrow(2, 0, L), vc.narrow(2, 0, L), mask, sl);  // [B, H, 1, Hd]
-  h = h + ggml_matmul(att.view({B, 1, H * Hd}), {w[3]}, types[3], H * Hd, int8)[0];
+  auto att = decode_attention(q.view({B, H, 1, Hd}), kc.narrow(2, 0, L), vc.narrow(2, 0, L), mask, sl)
+                 .view({B, 1, H * Hd});
+  auto o = ggml_matmul(att, {w[3]}, types[3], H * Hd, int8)[0];
+  adapt(3, o, att);
+  h = h + o;
 
-  auto gu = products(rms_norm(h, ffn_norm, eps), {w[4], w[5]}, {types[4], types[5]}, int8);
+  x = rms_norm(h, ffn_norm, eps);
+  auto gu = products(x, {w[4], w[5]}, {types[4], types[5]}, int8);
+  adapt(4, gu[0], x);
+  adapt(5, gu[1], x);
   auto a = at::silu(gu[0]) * gu[1];
-  return h + ggml_matmul(a, {w[6]}, types[6], a.size(-1), int8)[0];
+  auto d = ggml_matmul(a, {w[6]}, types[6], a.size(-1), int8)[0];
+  adapt(6, d, a);
+  return h + d;
 }
 }  // namespace lf

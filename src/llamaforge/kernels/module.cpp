@@ -29,7 +29,9 @@ torch::Tensor block_decode(torch::Tensor h, std::vector<torch::Tensor> w, std::v
 torch::Tensor block_rows(torch::Tensor h, std::vector<torch::Tensor> w, std::vector<int64_t> types, bool int8,
                          torch::Tensor attn_norm, torch::Tensor ffn_norm, double eps, torch::Tensor cos,
                          torch::Tensor sin, torch::Tensor kc, torch::Tensor vc, torch::Tensor slots,
-                         torch::Tensor pos, torch::Tensor mask);
+                         torch::Tensor pos, torch::Tensor mask, std::vector<std::vector<torch::Tensor>> lora_a,
+                         std::vector<std::vector<torch::Tensor>> lora_bt, std::vector<torch::Tensor> lora_scaling,
+                         c10::optional<torch::Tensor> lora_rows);
 void lora_add_(torch::Tensor y, torch::Tensor x, std::vector<torch::Tensor> a, std::vector<torch::Tensor> bt,
                torch::Tensor idx, torch::Tensor scaling);
 }
@@ -249,7 +251,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("block_rows", &lf::block_rows, "one transformer block for one-token rows in their own cache slots (block.cpp)",
         py::arg("h"), py::arg("w"), py::arg("types"), py::arg("int8"), py::arg("attn_norm"), py::arg("ffn_norm"),
         py::arg("eps"), py::arg("cos"), py::arg("sin"), py::arg("kc"), py::arg("vc"), py::arg("slots"),
-        py::arg("pos"), py::arg("mask"));
+        py::arg("pos"), py::arg("mask"), py::arg("lora_a") = std::vector<std::vector<torch::Tensor>>(),
+        py::arg("lora_bt") = std::vector<std::vector<torch::Tensor>>(),
+        py::arg("lora_scaling") = std::vector<torch::Tensor>(), py::arg("lora_rows") = py::none());
   m.def("lora_add_", &lf::lora_add_, "y += each row's own low-rank adapter update, each row alone (lora.cpp)",
         py::arg("y"), py::arg("x"), py::arg("a"), py::arg("bt"), py::arg("idx"), py::arg("scaling"));
   m.def("isa", &isa, "instruction set the kernels were built for");
