@@ -111,26 +111,32 @@ def test_siblings_compute_what_separate_modules_compute():
                 assert torch.equal(m(xl), F.linear(xl, _blocks("Q4_1", rows=qt_rows, cols=64, seed=qt_rows).dequantize()))
 
 
-@pytest.mark.parametrize("qtype,kv_type", [("q4_k_m", "f16"), ("q4_k_m", "q8_0"), ("q4_1", "f32"), ("q8_0", "f16")])
-def test_fused_decode_block_is_bit_identical_to_the_module_path(tmp_path, tiny_tokenizer, qtype, kv_type):
-    """The one-call decode block (block.cpp) computes what the block's modules compute, bit for bit:
-    8-bit activations with mixed types among q/k/v (Q4_K_M puts some in Q6_K) and float32 ones
-    (a small Q4_1 model), every KV cache type. Prompts, batches and swapped-in modules take the
-    module path."""
+def _fused_tiny(tmp_path, tokenizer, qtype: str, kv_type: str, seed: int):
+    """A tiny GGUF model whose blocks have the one-call path; its blocks' module forwards counted."""
     from llamaforge.api import Llama
     from llamaforge.config import PRESETS
     from llamaforge.formats import gguf
     from llamaforge.model import Transformer
     from llamaforge.quant.ggml import _FusedDecode
     args = PRESETS["tiny"].replace(dim=256, n_heads=4, n_kv_heads=2, hidden_dim=512, n_layers=3)
-    src = Transformer(args).init_weights(seed=0).eval()
-    path = gguf.write(tmp_path / "m.gguf", args, src.state_dict(), tokenizer=tiny_tokenizer, qtype=qtype)
+    src = Transformer(args).init_weights(seed=seed).eval()
+    path = gguf.write(tmp_path / "m.gguf", args, src.state_dict(), tokenizer=tokenizer, qtype=qtype)
     m = Llama.load(path, kv_type=kv_type).model
     fused = [vars(layer)["forward"] for layer in m.layers]
     assert all(isinstance(f, _FusedDecode) for f in fused)
     module_calls = []
     for f in fused:
         f.module_forward = (lambda fwd: lambda *a: module_calls.append(1) or fwd(*a))(f.module_forward)
+    return m, fused, module_calls
+
+
+@pytest.mark.parametrize("qtype,kv_type", [("q4_k_m", "f16"), ("q4_k_m", "q8_0"), ("q4_1", "f32"), ("q8_0", "f16")])
+def test_fused_decode_block_is_bit_identical_to_the_module_path(tmp_path, tiny_tokenizer, qtype, kv_type):
+    """The one-call decode block (block.cpp) computes what the block's modules compute, bit for bit:
+    8-bit activations with mixed types among q/k/v (Q4_K_M puts some in Q6_K) and float32 ones
+    (a small Q4_1 model), every KV cache type. Prompts, batches and swapped-in modules take the
+    module path."""
+    m, fused, module_calls = _fused_tiny(tmp_path, tiny_tokenizer, qtype, kv_type, seed=0)
 
     def decode(use_fused: bool) -> torch.Tensor:
         for layer, f in zip(m.layers, fused):
@@ -161,20 +167,7 @@ def test_fused_rows_block_is_bit_identical_to_the_module_path(tmp_path, tiny_tok
     """block_rows (block.cpp): one-token rows in their own cache slots at their own positions (a
     batched decode step), and rows sharing one slot (a speculative verify), compute what the
     block's modules compute, bit for bit, cache contents included."""
-    from llamaforge.api import Llama
-    from llamaforge.config import PRESETS
-    from llamaforge.formats import gguf
-    from llamaforge.model import Transformer
-    from llamaforge.quant.ggml import _FusedDecode
-    args = PRESETS["tiny"].replace(dim=256, n_heads=4, n_kv_heads=2, hidden_dim=512, n_layers=3)
-    src = Transformer(args).init_weights(seed=1).eval()
-    path = gguf.write(tmp_path / "m.gguf", args, src.state_dict(), tokenizer=tiny_tokenizer, qtype=qtype)
-    m = Llama.load(path, kv_type=kv_type).model
-    fused = [vars(layer)["forward"] for layer in m.layers]
-    assert all(isinstance(f, _FusedDecode) for f in fused)
-    module_calls = []
-    for f in fused:
-        f.module_forward = (lambda fwd: lambda *a: module_calls.append(1) or fwd(*a))(f.module_forward)
+    m, fused, module_calls = _fused_tiny(tmp_path, tiny_tokenizer, qtype, kv_type, seed=1)
 
     def run(use_fused: bool):
         for layer, f in zip(m.layers, fused):

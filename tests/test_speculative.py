@@ -193,3 +193,44 @@ def test_adaptive_budget_drafts_long_when_drafts_are_kept_and_stops_when_they_ar
     assert b.length(3, 8) == 8 and b.length(3, 2) == 2
     assert b.length(1, 8) == 0              # and a skipped hit creeps back towards the prior
     assert b.rate[1] > 0 and _Budget(8, range(3, 0, -1), adaptive=False).length(1, 5) == 5
+
+
+# -- a draft model ---------------------------------------------------------------------------------
+def test_draft_model_keeps_plain_decoding_output(llm, tmp_path):
+    """--draft-model: a second model proposes, the target verifies: greedy output is token for token
+    plain decoding's with a draft that is always right (the model itself: every draft kept), one that
+    is mostly wrong (a random model with the same vocabulary), and through the CLI."""
+    import subprocess
+    import sys
+
+    from llamaforge.config import PRESETS
+    from llamaforge.formats import gguf
+    from llamaforge.model import Transformer
+    from llamaforge.speculative import DraftModel
+    prompt = llm.encode_chat([{"role": "user", "content": "Write a short story about a lighthouse keeper."}])
+    params = SamplingParams(max_tokens=40)
+    plain = ids_of(generate(llm.model, prompt, params, llm.tokenizer))
+    same = llm.drafter(4)
+    assert ids_of(generate(llm.model, prompt, params, llm.tokenizer, lookup=same)) == plain
+    assert same.stats.accepted == same.stats.drafted > 20          # it drafts what the target decodes
+    args = PRESETS["tiny"].replace(vocab_size=llm.args.vocab_size, max_seq_len=512)
+    rand = DraftModel(Transformer(args).init_weights(seed=3).eval(), k=3)
+    assert ids_of(generate(llm.model, prompt, params, llm.tokenizer, lookup=rand)) == plain
+    assert rand.stats.drafted > 0 and rand.stats.accepted < rand.stats.drafted
+    # sampled decoding with a seed: the same tokens as plain decoding too
+    sampled = SamplingParams(max_tokens=24, temperature=0.8, seed=5)
+    assert ids_of(generate(llm.model, prompt, sampled, llm.tokenizer, lookup=llm.drafter(3))) == \
+        ids_of(generate(llm.model, prompt, sampled, llm.tokenizer))
+    # a draft with another vocabulary is refused
+    other = DraftModel(Transformer(PRESETS["tiny"]).init_weights(seed=0).eval())
+    with pytest.raises(ValueError, match="same tokenizer"):
+        list(generate(llm.model, prompt, params, llm.tokenizer, lookup=other))
+    with pytest.raises(ValueError, match=">= 1"):
+        DraftModel(llm.model, k=0)
+    # the CLI: the bundled model drafting for itself gives the plain output
+    cmd = [sys.executable, "-m", "llamaforge.cli", "generate", "Once upon a time", "--max-tokens", "16"]
+    a = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    b = subprocess.run(cmd + ["--draft-model", str(llm.checkpoint.path), "--lookup", "3"], capture_output=True,
+                       text=True, timeout=300)
+    assert a.returncode == 0 and b.returncode == 0, b.stderr
+    assert a.stdout == b.stdout and len(a.stdout.split()) > 5

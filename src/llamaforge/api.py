@@ -24,7 +24,7 @@ from .quant import KINDS, quantize_model
 from .quant.repack import load_packed
 from .safety.license import notice_once
 from .sampling import SamplingParams
-from .speculative import PromptLookup, as_lookup
+from .speculative import DraftModel, PromptLookup, as_lookup
 
 log = logging.getLogger(__name__)
 
@@ -176,11 +176,12 @@ class Llama:
         return encode_chat(self.tokenizer, messages, self.chat_template)
 
     def complete(self, prompt: str | Sequence[int], *, stream: bool = False, echo: bool = False,
-                 lookup: int | PromptLookup | None = None, **sampling: Any) -> Completion | Iterator[str]:
+                 lookup: int | PromptLookup | DraftModel | None = None, **sampling: Any) -> Completion | Iterator[str]:
         """Continue a prompt. Sampling options are SamplingParams fields (max_tokens, temperature, ...).
 
         lookup: speculative decoding by prompt lookup, k draft tokens per forward (or a PromptLookup,
-        whose stats count drafts); the output is the same, faster when it repeats the prompt.
+        whose stats count drafts), or by a smaller model with the same vocabulary
+        (`small.drafter(k)`); the output is the same, faster when the drafts are right.
         """
         ids = self.encode_prompt(prompt)
         params = SamplingParams(**sampling)
@@ -188,10 +189,15 @@ class Llama:
         return self._run(ids, params, stream, prefix, lookup)
 
     def chat(self, messages: Sequence[dict[str, Any]], *, stream: bool = False,
-             lookup: int | PromptLookup | None = None, **sampling: Any) -> Completion | Iterator[str]:
+             lookup: int | PromptLookup | DraftModel | None = None, **sampling: Any) -> Completion | Iterator[str]:
         """Answer the last user message with the model's chat format (Llama 2 [INST], or its Jinja
         template); lookup as in `complete`."""
         return self._run(self.encode_chat(messages), SamplingParams(**sampling), stream, "", lookup)
+
+    def drafter(self, k: int = 4) -> DraftModel:
+        """This model as the draft of a bigger one with the same vocabulary: `big.complete(prompt,
+        lookup=small.drafter(4))` proposes 4 tokens per verify forward of the big model."""
+        return DraftModel(self.model, k)
 
     def complete_batch(self, prompts: Sequence[str | Sequence[int]], **sampling: Any) -> list[Completion]:
         """Several prompts decoded together in one batch."""
@@ -202,7 +208,7 @@ class Llama:
                            s.logprobs if params.logprobs else None) for s in seqs]
 
     def _run(self, ids: list[int], params: SamplingParams, stream: bool, prefix: str,
-             lookup: int | PromptLookup | None = None):
+             lookup: int | PromptLookup | DraftModel | None = None):
         lookup = as_lookup(lookup)   # a bad value fails here, not at the first streamed piece
         if len(ids) >= self.args.max_seq_len:
             raise ContextOverflow(f"the prompt has {len(ids)} tokens but the context window is {self.args.max_seq_len}")

@@ -34,7 +34,7 @@ def generate(prompt: str, *, model: str | None = None, max_tokens: int = 128, te
              top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0, repetition_penalty: float = 1.0,
              seed: int | None = None, stop: list[str] | None = None, echo: bool = False,
              weights: Weights | None = None, quantize: Quantize = "none", kv_type: KVType | None = None,
-             lookup: int = 0) -> int:
+             lookup: int = 0, draft_model: str | None = None) -> int:
     """Continue a prompt (raw completion, no chat template), streaming to stdout.
 
     model: checkpoint path (Meta folder, HF folder or .gguf); the bundled SmolLM2 when omitted
@@ -44,10 +44,14 @@ def generate(prompt: str, *, model: str | None = None, max_tokens: int = 128, te
     quantize: int8/int4 repack the float weights for PyTorch's weight-only kernels (auto: deprecated, = --weights blocks)
     kv_type: KV cache element type (f16 halves its memory, q8_0 keeps 34/128 of it); default: f16 for GGUF models computed from their blocks (as llama.cpp), else the model's dtype
     lookup: speculative decoding by prompt lookup, up to K draft tokens per forward (e.g. 8; 0: off); same output, faster when it repeats the prompt
+    draft_model: speculative decoding with this smaller model (same tokenizer) drafting K tokens per forward (--lookup K, default 4); same output
     """
     as_lookup(lookup)   # a bad K fails before the model loads
     llm = load_model(model, weights, quantize, kv_type=kv_type)
-    for piece in llm.complete(prompt, stream=True, echo=echo, lookup=lookup,
+    drafts = lookup
+    if draft_model is not None:
+        drafts = load_model(draft_model, weights, quantize, kv_type=kv_type).drafter(lookup or 4)
+    for piece in llm.complete(prompt, stream=True, echo=echo, lookup=drafts,
                               **_sampling(max_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed, stop)):
         sys.stdout.write(piece)
         sys.stdout.flush()

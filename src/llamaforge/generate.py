@@ -14,7 +14,7 @@ from typing import Callable, Iterator, Sequence as Seq
 import torch
 
 from .sampling import SamplingParams, make_generator, sample
-from .speculative import PromptLookup, as_lookup, decode_with_lookup
+from .speculative import DraftModel, PromptLookup, as_lookup, decode_with_lookup
 
 
 class ContextOverflow(ValueError):
@@ -457,11 +457,11 @@ class Batch:
 
 def generate(model, prompt: Seq[int], params: SamplingParams = SamplingParams(), tokenizer=None,
              stop_ids: Seq[int] | None = None, max_seq: int | None = None,
-             lookup: int | PromptLookup | None = None) -> Iterator[TokenEvent]:
+             lookup: "int | PromptLookup | DraftModel | None" = None) -> Iterator[TokenEvent]:
     """Yield one TokenEvent per generated token; the last carries finish_reason.
 
-    lookup: speculative decoding by prompt lookup (llamaforge.speculative), a draft length k or a
-    PromptLookup (whose stats then count the drafts); the same tokens, fewer forwards.
+    lookup: speculative decoding (llamaforge.speculative): a prompt-lookup draft length k, a
+    PromptLookup (whose stats then count the drafts) or a DraftModel; the same tokens, fewer forwards.
     """
     lookup = as_lookup(lookup)
     n = len(prompt)

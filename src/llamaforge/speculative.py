@@ -1,4 +1,4 @@
-"""Speculative decoding without a second model: prompt-lookup (n-gram) drafting.
+"""Speculative decoding: prompt-lookup (n-gram) drafting, or a smaller draft model (`DraftModel`).
 
 When the text being written repeats the context (a summary quoting its source, an edited copy,
 an answer citing a passage, code), the tokens that followed the latest n-gram's earlier occurrence
@@ -75,9 +75,59 @@ class PromptLookup:
                              f"(got {self.ngram_min}, {self.ngram_max})")
 
 
-def as_lookup(lookup: int | PromptLookup | None) -> PromptLookup | None:
-    """A PromptLookup from an int k (None or 0: no speculative decoding)."""
-    if lookup is None or isinstance(lookup, PromptLookup):
+class DraftModel:
+    """Drafting by a second, smaller model with the target's vocabulary (greedy, k tokens per verify).
+
+    The draft keeps its own KV cache of the sequence so far; each `propose` feeds only the tokens it
+    has not seen (a rejected draft's positions are overwritten), then decodes k tokens. Only the
+    target's verify forward decides what is emitted, so the output is the target's own (greedy:
+    token for token plain decoding's), whatever the draft proposes.
+    """
+
+    def __init__(self, model, k: int = 4):
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"draft tokens per verify must be an integer >= 1 (got {k!r})")
+        self.model, self.k = model, k
+        self.stats = LookupStats()
+        self._cache = None
+        self._ids: list[int] = []     # the tokens whose keys and values the draft's cache holds
+
+    def begin(self, target, max_seq: int) -> None:
+        """Check the draft against the target model and size its cache for sequences of max_seq."""
+        if self.model.args.vocab_size != target.args.vocab_size:
+            raise ValueError(f"the draft model's vocabulary ({self.model.args.vocab_size} tokens) is not the "
+                             f"target's ({target.args.vocab_size}): speculative decoding needs the same tokenizer")
+        size = min(max_seq, self.model.args.max_seq_len)
+        if self._cache is None or self._cache.max_seq < size:
+            self._cache, self._ids = self.model.new_cache(1, size), []
+
+    @torch.inference_mode()
+    def propose(self, context: list[int], n: int) -> list[int]:
+        """Up to n (<= k) greedy draft tokens after context (all tokens so far, the last one included)."""
+        n = min(n, self.k, self._cache.max_seq - len(context))
+        if n <= 0:
+            return []
+        done = 0
+        for a, b in zip(self._ids, context[:-1]):   # cached keys still valid: the common prefix
+            if a != b:
+                break
+            done += 1
+        self._ids = self._ids[:done]
+        dev = self.model.rope_cos.device
+        feed, out = context[done:], []
+        while True:
+            pos = torch.arange(len(self._ids), len(self._ids) + len(feed), device=dev)[None]
+            h = self.model.hidden(torch.tensor([feed], device=dev), pos, self._cache)[:, -1]
+            self._ids += feed
+            out.append(int(self.model.output(h).float().argmax(-1)))
+            if len(out) == n:
+                return out
+            feed = out[-1:]
+
+
+def as_lookup(lookup: "int | PromptLookup | DraftModel | None") -> "PromptLookup | DraftModel | None":
+    """A PromptLookup from an int k (None or 0: no speculative decoding); a DraftModel as it is."""
+    if lookup is None or isinstance(lookup, (PromptLookup, DraftModel)):
         return lookup
     if isinstance(lookup, bool) or not isinstance(lookup, int) or lookup < 0:
         raise ValueError(f"lookup must be a number of draft tokens >= 1, 0 for none, or a PromptLookup "
@@ -182,20 +232,27 @@ def decode_with_lookup(batch: Any, seq: Any, lookup: PromptLookup) -> Iterator[A
     `batch` (its first token not sampled yet), drafting by prompt lookup and verifying each draft
     in one forward. (Untyped here: generate imports this module.)"""
     stats = lookup.stats
-    index = NgramIndex(seq.prompt, lookup.ngram_min, lookup.ngram_max)
-    budget = _Budget(lookup.k, index.sizes, lookup.adaptive)
+    drafter = lookup if isinstance(lookup, DraftModel) else None
+    if drafter is not None:
+        drafter.begin(batch.model, batch.max_seq)
+    else:
+        index = NgramIndex(seq.prompt, lookup.ngram_min, lookup.ngram_max)
+        budget = _Budget(lookup.k, index.sizes, lookup.adaptive)
     ev = batch.advance(seq)
     yield ev
     while not seq.finish_reason:
-        index.extend(seq.out[len(index.ids) - len(seq.prompt):])
-        draft, n = index.draft(lookup.k)
         L = seq.length           # keys the last token's row attends to (it is not in the cache yet)
-        room = min(len(draft),
-                   seq.params.max_tokens - len(seq.out) - 1,   # the forward yields up to room + 1 tokens
+        room = min(seq.params.max_tokens - len(seq.out) - 1,   # the forward yields up to room + 1 tokens
                    batch.max_seq - L,                           # the last row's position stays in the cache
                    _ATTN_GROUP - 1 - L % _ATTN_GROUP)           # see _ATTN_GROUP
-        d = budget.length(n, room) if draft else 0
-        draft = draft[:d]
+        if drafter is not None:
+            draft = drafter.propose(seq.prompt + seq.out, room)
+            d = len(draft)
+        else:
+            index.extend(seq.out[len(index.ids) - len(seq.prompt):])
+            draft, n = index.draft(lookup.k)
+            d = budget.length(n, min(len(draft), room)) if draft else 0
+            draft = draft[:d]
         t0 = time.thread_time()
         hidden = batch.forward_rows(seq, [seq.out[-1]] + draft)   # [1 + d, D]
         # the vocabulary projection is a third of a row's cost: row 0 first, the others only if its
@@ -214,12 +271,14 @@ def decode_with_lookup(batch: Any, seq: Any, lookup: PromptLookup) -> Iterator[A
             if seq.finish_reason or i == d or ev.id != draft[i]:
                 break
             kept += 1
-        budget.timed(d, spent)
+        if drafter is None:
+            budget.timed(d, spent)
         # positions of the rejected draft tokens hold stale keys: forget them (the next forward
         # overwrites them, and no row attends beyond its own position)
         batch.rollback(seq, seq.fed - d + kept)
         if d:
-            budget.record(n, d, kept)
+            if drafter is None:
+                budget.record(n, d, kept)
             stats.verifies += 1
             stats.drafted += d
             stats.accepted += kept
