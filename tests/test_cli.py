@@ -83,3 +83,18 @@ def test_data_dir_follows_the_variable_and_fails_clearly_when_it_is_wrong(tmp_pa
     monkeypatch.setenv("LLAMAFORGE_DATA", str(tmp_path / "absent"))
     with pytest.raises(FileNotFoundError, match="LLAMAFORGE_DATA"):
         paths.data_dir()
+
+
+def test_chat_with_speculative_decoding_gives_the_same_answer():
+    """chat --lookup K (prompt lookup) and --draft-model (here the bundled model drafting for itself)
+    answer exactly as plain chat does; a bad K is a clear error before the model loads."""
+    from llamaforge.paths import default_model_path
+    ask = ("chat", "Repeat exactly: the quick brown fox jumps over the lazy dog near the river bank.", "--max-tokens", "24")
+    plain = run(*ask)
+    assert plain.returncode == 0 and "fox" in plain.stdout, plain.stderr
+    for extra in (("--lookup", "8"), ("--draft-model", str(default_model_path()), "--lookup", "3")):
+        r = run(*ask, *extra)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout == plain.stdout, extra
+    bad = run(*ask, "--lookup", "-2")
+    assert bad.returncode != 0 and "lookup" in bad.stderr and "Traceback" not in bad.stderr

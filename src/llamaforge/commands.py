@@ -30,6 +30,13 @@ def _sampling(max_tokens, temperature, top_p, top_k, min_p, repetition_penalty, 
                 repetition_penalty=repetition_penalty, seed=seed, stop=tuple(stop or ()))
 
 
+def _drafts(lookup: int, draft_model: str | None, weights, quantize, kv_type):
+    """What --lookup / --draft-model ask for: a prompt-lookup k, or a draft model drafting k (default 4)."""
+    if draft_model is None:
+        return lookup
+    return load_model(draft_model, weights, quantize, kv_type=kv_type).drafter(lookup or 4)
+
+
 def generate(prompt: str, *, model: str | None = None, max_tokens: int = 128, temperature: float = 0.0,
              top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0, repetition_penalty: float = 1.0,
              seed: int | None = None, stop: list[str] | None = None, echo: bool = False,
@@ -48,9 +55,7 @@ def generate(prompt: str, *, model: str | None = None, max_tokens: int = 128, te
     """
     as_lookup(lookup)   # a bad K fails before the model loads
     llm = load_model(model, weights, quantize, kv_type=kv_type)
-    drafts = lookup
-    if draft_model is not None:
-        drafts = load_model(draft_model, weights, quantize, kv_type=kv_type).drafter(lookup or 4)
+    drafts = _drafts(lookup, draft_model, weights, quantize, kv_type)
     for piece in llm.complete(prompt, stream=True, echo=echo, lookup=drafts,
                               **_sampling(max_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed, stop)):
         sys.stdout.write(piece)
@@ -62,7 +67,8 @@ def generate(prompt: str, *, model: str | None = None, max_tokens: int = 128, te
 def chat(prompt: str | None = None, *, model: str | None = None, system: str | None = None, max_tokens: int = 512,
          temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0,
          repetition_penalty: float = 1.0, seed: int | None = None, stop: list[str] | None = None,
-         weights: Weights | None = None, quantize: Quantize = "none", guard: bool = False, kv_type: KVType | None = None) -> int:
+         weights: Weights | None = None, quantize: Quantize = "none", guard: bool = False, kv_type: KVType | None = None,
+         lookup: int = 0, draft_model: str | None = None) -> int:
     """Chat with a model: interactive with a terminal, one answer for a prompt argument or piped stdin.
 
     prompt: one user message; omitted, read turns from the terminal (or all of stdin when piped)
@@ -71,8 +77,13 @@ def chat(prompt: str | None = None, *, model: str | None = None, system: str | N
     weights: blocks (default) computes with a GGUF's quantized blocks (native kernels); float dequantizes them to float32
     quantize: int8/int4 repack the float weights for PyTorch's weight-only kernels (auto: deprecated, = --weights blocks)
     kv_type: KV cache element type (f16 halves its memory, q8_0 keeps 34/128 of it); default: f16 for GGUF models computed from their blocks (as llama.cpp), else the model's dtype
+    lookup: speculative decoding by prompt lookup, up to K draft tokens per forward (e.g. 8; 0: off); same answers, faster when they repeat the conversation
+    draft_model: speculative decoding with this smaller model (same tokenizer) drafting K tokens per forward (--lookup K, default 4); same answers
     """
+    as_lookup(lookup)   # a bad K fails before the model loads
     llm = load_model(model, weights, quantize, kv_type=kv_type)
+    drafts = _drafts(lookup, draft_model, weights, quantize, kv_type)
+    opts_lookup = {"lookup": drafts} if drafts else {}
     checker = None
     if guard:
         checker = Guard.load()
@@ -93,13 +104,13 @@ def chat(prompt: str | None = None, *, model: str | None = None, system: str | N
         messages.append({"role": "user", "content": user})
         pieces = []
         if checker is None:
-            for piece in llm.chat(messages, stream=True, **opts):
+            for piece in llm.chat(messages, stream=True, **opts, **opts_lookup):
                 pieces.append(piece)
                 sys.stdout.write(piece)
                 sys.stdout.flush()
             sys.stdout.write("\n")
         else:  # moderated output is shown only once it is checked
-            text = llm.chat(messages, **opts).text
+            text = llm.chat(messages, **opts, **opts_lookup).text
             verdict = checker.check(text, role="Agent", context=messages)
             text = text if verdict.safe else checker.refusal(verdict)
             pieces.append(text)
