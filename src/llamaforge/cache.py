@@ -27,7 +27,7 @@ def kv_dtype(kv_type: str | None) -> torch.dtype | None:
 
 def kv_name(model) -> str:
     """The KV cache type name of the caches `model.new_cache()` makes."""
-    dtype = getattr(model, "kv_dtype", None) or getattr(model, "kv_default", None) or model.norm.weight.dtype
+    dtype = model.cache_dtype
     return next((name for name, d in KV_TYPES.items() if d == dtype), str(dtype))
 
 

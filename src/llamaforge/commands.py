@@ -83,7 +83,6 @@ def chat(prompt: str | None = None, *, model: str | None = None, system: str | N
     as_lookup(lookup)   # a bad K fails before the model loads
     llm = load_model(model, weights, quantize, kv_type=kv_type)
     drafts = _drafts(lookup, draft_model, weights, quantize, kv_type)
-    opts_lookup = {"lookup": drafts} if drafts else {}
     checker = None
     if guard:
         checker = Guard.load()
@@ -104,13 +103,13 @@ def chat(prompt: str | None = None, *, model: str | None = None, system: str | N
         messages.append({"role": "user", "content": user})
         pieces = []
         if checker is None:
-            for piece in llm.chat(messages, stream=True, **opts, **opts_lookup):
+            for piece in llm.chat(messages, stream=True, lookup=drafts, **opts):
                 pieces.append(piece)
                 sys.stdout.write(piece)
                 sys.stdout.flush()
             sys.stdout.write("\n")
         else:  # moderated output is shown only once it is checked
-            text = llm.chat(messages, **opts, **opts_lookup).text
+            text = llm.chat(messages, lookup=drafts, **opts).text
             verdict = checker.check(text, role="Agent", context=messages)
             text = text if verdict.safe else checker.refusal(verdict)
             pieces.append(text)

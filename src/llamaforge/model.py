@@ -144,13 +144,17 @@ class Transformer(nn.Module):
             h = h[:, -1:]
         return self.output(h).float()
 
+    @property
+    def cache_dtype(self) -> torch.dtype:
+        """The generation caches' type: the chosen one (kv_dtype: Llama.load's kv_type), else the
+        loader's default (kv_default: float16 for GGUF blocks), else the weights' dtype."""
+        return getattr(self, "kv_dtype", None) or getattr(self, "kv_default", None) or self.norm.weight.dtype
+
     def new_cache(self, batch: int = 1, max_seq: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
-        """A KV cache of `dtype`, else the chosen type (kv_dtype: Llama.load's kv_type), else the
-        loader's default for generation (kv_default: float16 for GGUF blocks), else the weights' dtype."""
+        """A KV cache of `dtype`, else of `cache_dtype`."""
         a = self.args
-        p = self.rope_cos
-        dtype = dtype or getattr(self, "kv_dtype", None) or getattr(self, "kv_default", None) or self.norm.weight.dtype
-        return KVCache(a.n_layers, batch, a.kv_heads, max_seq or a.max_seq_len, a.head_dim, dtype=dtype, device=p.device)
+        return KVCache(a.n_layers, batch, a.kv_heads, max_seq or a.max_seq_len, a.head_dim,
+                       dtype=dtype or self.cache_dtype, device=self.rope_cos.device)
 
     def exact_cache(self, batch: int = 1, max_seq: int | None = None) -> KVCache:
         """A cache for scoring (evaluation): the weights' dtype unless a kv_type was chosen, so that

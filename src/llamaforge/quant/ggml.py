@@ -252,8 +252,6 @@ class _FusedDecode:
         # and this runs once per block per generated token
         self.parts = (layer._modules, layer.attention, layer.feed_forward)
         self.params = (layer.attention_norm._parameters, layer.ffn_norm._parameters)
-        self._lora: tuple = ()   # multi-LoRA factors and rows of the current forward (_adapted)
-        self._batch = 0
 
     def _unchanged(self) -> bool:
         """Whether the block still holds the projections it was fused with (LoRA swaps modules in)."""
@@ -267,11 +265,10 @@ class _FusedDecode:
         if x.shape[1] != 1 or cache is None or x.dtype != torch.float32 or not torch.is_inference_mode_enabled():
             return self.module_forward(x, rot, mask, cache, pos, slots)
         if not self._unchanged():
-            self._batch = x.shape[0]
-            if self._adapted():
-                return self._rows(x, rot, mask, cache, pos, slots)
-            return self.module_forward(x, rot, mask, cache, pos, slots)
-        self._lora = ()
+            lora = self._adapters(x.shape[0])
+            if lora is None:
+                return self.module_forward(x, rot, mask, cache, pos, slots)
+            return self._rows(x, rot, mask, cache, pos, slots, lora)
         m0, i = self.mods[0], self.layer_id
         if cache._row is not None and mask is None and x.shape[0] == 1:   # one sequence's next token
             new_k, new_v, seen_k, seen_v = cache._views
@@ -280,36 +277,36 @@ class _FusedDecode:
                                       self.eps, rot[0], rot[1], [new_k[i], new_v[i], seen_k[i], seen_v[i]])
         return self._rows(x, rot, mask, cache, pos, slots)
 
-    def _rows(self, x, rot, mask, cache, pos, slots):
-        """One-token rows in their own slots (batched decode; a speculative verify's rows share one)."""
+    def _rows(self, x, rot, mask, cache, pos, slots, lora: tuple = ()):
+        """One-token rows in their own slots (batched decode; a speculative verify's rows share one);
+        lora: block_rows' multi-LoRA arguments (`_adapters`), () for none."""
         m0, i = self.mods[0], self.layer_id
         if mask is None or cache._row is not None:
             return self.module_forward(x, rot, mask, cache, pos, slots)
         rows = slots if slots is not None else torch.arange(x.shape[0])
         return m0._k.block_rows(x, self.blocks, self.types, _int8(m0.int8_auto), self.params[0]["weight"],
                                 self.params[1]["weight"], self.eps, rot[0], rot[1], cache.k[i], cache.v[i],
-                                rows, pos, mask, *self._lora)
+                                rows, pos, mask, *lora)
 
-    def _adapted(self) -> bool:
-        """Whether the block holds its fused projections, each as it is or inside a multi-LoRA module
-        (multilora.py); sets self._lora, the adapters' factors and rows for block_rows."""
+    def _adapters(self, batch: int) -> tuple | None:
+        """None unless the block holds its fused projections, each as it is or inside a multi-LoRA
+        module (multilora.py); else block_rows' adapter arguments for a forward of `batch` rows (the
+        factors per projection and each row's adapter), () when no row uses an adapter."""
         from ..multilora import MultiLoraLinear
         top, a, f = self.parts
         if top["attention"] is not a or top["feed_forward"] is not f:
-            return False
+            return None
         am, fm = a._modules, f._modules
         now = [am["wq"], am["wk"], am["wv"], am["wo"], fm["w1"], fm["w3"], fm["w2"]]
         wrapped = [isinstance(m, MultiLoraLinear) and m.base is orig for m, orig in zip(now, self.mods)]
         if not all(m is orig or w for m, orig, w in zip(now, self.mods, wrapped)):
-            return False
-        rows = next((m._bank[0] for m, w in zip(now, wrapped) if w), None)
-        idx = rows.rows_for(torch.empty(self._batch, 1, 1)) if rows is not None else None
+            return None
+        bank = next((m._bank[0] for m, w in zip(now, wrapped) if w), None)
+        idx = bank.rows_for(torch.empty(batch, 1, 1)) if bank is not None else None
         if idx is None or not any(w and m.factors for m, w in zip(now, wrapped)):
-            self._lora = ()
-            return True
+            return ()
         plans = [m._plan if w and m.factors else ([], [], torch.empty(0)) for m, w in zip(now, wrapped)]
-        self._lora = ([p[0] for p in plans], [p[1] for p in plans], [p[2] for p in plans], idx)
-        return True
+        return ([p[0] for p in plans], [p[1] for p in plans], [p[2] for p in plans], idx)
 
 
 class GGMLEmbedding(nn.Module):

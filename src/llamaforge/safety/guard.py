@@ -93,14 +93,19 @@ class Guard:
             text, role, context = last_turn(text)
         return self.relabel(self.check_batch([text], role=role, context=context)[0], text, taxonomy)
 
+    def require_taxonomy(self, taxonomy: Taxonomy) -> None:
+        """Raise ValueError unless this guard's verdicts can be named in ``taxonomy``."""
+        check_taxonomy(taxonomy)
+        known = category_map(DEFAULT_CATEGORIES)
+        if taxonomy != "llama-guard-1" and any(known.get(c.code) != c for c in self.categories):
+            raise ValueError("taxonomy='mlcommons' maps the Llama Guard v1 categories; this guard has a custom taxonomy")
+
     def relabel(self, verdict: Verdict, text: str, taxonomy: Taxonomy = "llama-guard-1") -> Verdict:
         """``verdict`` with its categories named in ``taxonomy`` (refined by the checked ``text``)."""
         check_taxonomy(taxonomy)
         if taxonomy == "llama-guard-1" or verdict.safe:
             return verdict
-        known = category_map(DEFAULT_CATEGORIES)
-        if any(known.get(c.code) != c for c in self.categories):
-            raise ValueError("taxonomy='mlcommons' maps the Llama Guard v1 categories; this guard has a custom taxonomy")
+        self.require_taxonomy(taxonomy)
         return replace(verdict, categories=mlcommons_labels(verdict.codes, clean(text)))
 
     def check_batch(self, texts: Sequence[str], role: Role = "User",

@@ -67,8 +67,7 @@ class Server:
         self.guard = guard
         self.guard_taxonomy = guard_taxonomy   # how refusals name the categories (guard.relabel)
         if guard is not None and guard_taxonomy != "llama-guard-1":
-            from ..safety.guard import Verdict
-            guard.relabel(Verdict(safe=False, categories=[], score=1.0, role="User"), "", guard_taxonomy)  # refuses a custom taxonomy now, not per request
+            guard.require_taxonomy(guard_taxonomy)   # a custom taxonomy fails now, not per request
         self.lora_updates = lora_updates
         bank = AdapterBank(llm.model) if adapters or lora_updates else None
         for name, path in (adapters or {}).items():
