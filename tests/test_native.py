@@ -46,6 +46,21 @@ def test_matmul_matches_float64_product_of_gguf_weights(qtype, rows):
     assert torch.equal(solo[0], y[-1])
 
 
+@pytest.mark.parametrize("qtype", ("Q4_1", "Q6_K"))
+@pytest.mark.parametrize("inference", [False, True])
+def test_dequant_matmul_matches_float64_product_of_gguf_weights(qtype, inference):
+    # the float32 prompt path: tiles of dequantized rows times x through BLAS, on the thread pool;
+    # several matrices of different heights (tails of tiles) in one call
+    qts = [QTensor(random_blocks(qtype, r, 256, seed=r), qtype, (r, 256)) for r in (300, 77)]
+    x = torch.randn(2, 40, 256, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode(inference):
+        ys = native.kernels().dequant_matmul(x, [torch.from_numpy(qt.data) for qt in qts], native.TYPE_IDS[qtype], 256)
+    for y, qt in zip(ys, qts):
+        ref = x.double() @ qt.dequantize().double().t()
+        assert y.shape == (2, 40, qt.shape[0]) and y.dtype == torch.float32
+        assert (y.double() - ref).abs().max() < 1e-5 * ref.abs().max()
+
+
 def test_matmul_rejects_bad_shapes_and_types():
     qt = _blocks("Q4_1")
     k, blocks = native.kernels(), torch.from_numpy(qt.data)

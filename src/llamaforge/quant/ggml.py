@@ -9,19 +9,17 @@ blocks and uses integer dot products, as llama.cpp does; "f32" multiplies float3
 file's weights (exact up to float32 sums: what exactness tests compare). "auto" (the default) takes
 int8 for models of SMALL_MODEL_BYTES of weights or more, f32 below. Few rows
 (decode, a batch of decoding sequences) go through the block kernel, which reads each weight once
-for all rows; many rows (a prompt) either stay on the int8 kernel or dequantize the matrix once
-and use the BLAS matmul (see `DIRECT_MAX_ROWS`).
+for all rows; many rows (a prompt) either stay on the int8 kernel or are multiplied with float32
+tiles of the matrix, dequantized a few rows at a time for the BLAS matmul (see `DIRECT_MAX_ROWS`).
 """
 from __future__ import annotations
 
 import os
-import threading
 from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .gguf_blocks import NATIVE_TYPES, QTensor
@@ -38,7 +36,7 @@ _mode = [os.environ.get("LLAMAFORGE_ACTIVATIONS", "auto")]
 SMALL_MODEL_BYTES = 256 << 20
 FAST_F32_TYPES = ("Q4_0", "Q4_1", "Q8_0", "F16", "BF16")
 
-# float32 path: row counts up to this use the block kernel; above it, dequantize + BLAS. Measured on
+# float32 path: row counts up to this use the block kernel; above it, dequantized tiles + BLAS. Measured on
 # the bundled model's shapes (2 threads): the kernel costs ~16 us per row of a 3072x576 Q4_1 matrix
 # up to 16 rows, against ~1 ms for dequantize + BLAS, whose weight packing dominates at few rows.
 DIRECT_MAX_ROWS = 32
@@ -149,31 +147,9 @@ def _matmul(k, x: torch.Tensor, blocks: list[torch.Tensor], type_id: int, in_fea
     int8 = _int8(int8_auto)
     if rows <= (INT8_MAX_ROWS if int8 else DIRECT_MAX_ROWS):
         ys = k.matmul(xf, blocks, type_id, in_features, int8)
-    else:   # dequantize into one scratch matrix (all siblings), one BLAS call
-        n = sum(b.shape[0] for b in blocks)
-        w = _scratch(n * in_features)
-        start = 0
-        for b in blocks:
-            k.dequantize(b, type_id, in_features, w[start * in_features:])
-            start += b.shape[0]
-        y = F.linear(xf, w[:n * in_features].view(n, in_features))
-        ys = list(y.split([b.shape[0] for b in blocks], dim=-1)) if len(blocks) > 1 else [y]
+    else:   # dequantized a tile of weight rows at a time, one BLAS call per tile
+        ys = k.dequant_matmul(xf, blocks, type_id, in_features)
     return [y if y.dtype == x.dtype else y.to(x.dtype) for y in ys]
-
-
-_local = threading.local()
-
-
-def _scratch(numel: int) -> torch.Tensor:
-    """A per-thread float32 buffer for dequantized weights, reused across layers and calls.
-
-    A fresh tensor per matrix would fault in new pages every time: measured 105 ms of a 0.93 s
-    512-token prefill of the bundled model, against 20 ms with the buffer reused.
-    """
-    buf = getattr(_local, "buf", None)
-    if buf is None or buf.numel() < numel:
-        buf = _local.buf = torch.empty(numel)
-    return buf
 
 
 class _Siblings:
