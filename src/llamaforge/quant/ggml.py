@@ -36,10 +36,11 @@ _mode = [os.environ.get("LLAMAFORGE_ACTIVATIONS", "auto")]
 SMALL_MODEL_BYTES = 256 << 20
 FAST_F32_TYPES = ("Q4_0", "Q4_1", "Q8_0", "F16", "BF16")
 
-# float32 path: row counts up to this use the block kernel; above it, dequantized tiles + BLAS. Measured on
-# the bundled model's shapes (2 threads): the kernel costs ~16 us per row of a 3072x576 Q4_1 matrix
-# up to 16 rows, against ~1 ms for dequantize + BLAS, whose weight packing dominates at few rows.
-DIRECT_MAX_ROWS = 32
+# float32 path: row counts up to this use the block kernel; above it, dequantized tiles + BLAS
+# (dequant_matmul). Whole prompt forwards of the bundled model (2 threads, in-process A/B, medians
+# of 7): 12 tokens 33 ms on the block kernel vs 44 on tiles, 20 tokens even, 32 tokens 84 vs 68.
+# Decode steps never come here: their blocks run in one native call on the block kernel.
+DIRECT_MAX_ROWS = 16
 # int8 path: prompts stay on the integer kernel up to this many rows (see docs/inference.md)
 INT8_MAX_ROWS = 1 << 30
 
