@@ -48,6 +48,25 @@ torch::Tensor encode(const torch::Tensor& x, c10::ScalarType t) {
 void store(const torch::Tensor& window, const torch::Tensor& k) {
   window.copy_(encode(k.view({1, k.size(2), 1, k.size(3)}), window.scalar_type()));
 }
+
+// No adapter updates (block_decode): `adapt(i, y, x)` adds projection i's to its product y of x.
+struct NoAdapters {
+  void operator()(int, torch::Tensor&, const torch::Tensor&) const {}
+};
+
+// The block's second half, h + (silu(x W1) * x W3) W2 with x = rms_norm(h), w[4..6] the FFN's
+template <class Adapt>
+torch::Tensor feed_forward(const torch::Tensor& h, const std::vector<torch::Tensor>& w, const std::vector<int64_t>& types,
+                           bool int8, const torch::Tensor& norm, double eps, const Adapt& adapt) {
+  auto x = rms_norm(h, norm, eps);
+  auto gu = products(x, {w[4], w[5]}, {types[4], types[5]}, int8);
+  adapt(4, gu[0], x);
+  adapt(5, gu[1], x);
+  auto a = at::silu(gu[0]) * gu[1];
+  auto d = ggml_matmul(a, {w[6]}, types[6], a.size(-1), int8)[0];
+  adapt(6, d, a);
+  return h + d;
+}
 }  // namespace
 
 // h [1, 1, D] float32; w: the blocks of wq, wk, wv, wo, w1, w3, w2 with their GGML types;
@@ -70,10 +89,7 @@ torch::Tensor block_decode(torch::Tensor h, std::vector<torch::Tensor> w, std::v
   store(kv[1], qkv[2].view({1, 1, Kh, Hd}));
   auto att = decode_attention(q.view({1, H, 1, Hd}), kv[2], kv[3], c10::nullopt, c10::nullopt);   // [1, H, 1, Hd]
   h = h + ggml_matmul(att.view({1, 1, H * Hd}), {w[3]}, types[3], H * Hd, int8)[0];
-
-  auto gu = products(rms_norm(h, ffn_norm, eps), {w[4], w[5]}, {types[4], types[5]}, int8);
-  auto a = at::silu(gu[0]) * gu[1];
-  return h + ggml_matmul(a, {w[6]}, types[6], a.size(-1), int8)[0];
+  return feed_forward(h, w, types, int8, ffn_norm, eps, NoAdapters{});
 }
 
 // h [B, 1, D] float32: row b is the token at position pos[b] of cache slot slots[b]; kc, vc: this
@@ -126,15 +142,6 @@ torch::Tensor block_rows(torch::Tensor h, std::vector<torch::Tensor> w, std::vec
                  .view({B, 1, H * Hd});
   auto o = ggml_matmul(att, {w[3]}, types[3], H * Hd, int8)[0];
   adapt(3, o, att);
-  h = h + o;
-
-  x = rms_norm(h, ffn_norm, eps);
-  auto gu = products(x, {w[4], w[5]}, {types[4], types[5]}, int8);
-  adapt(4, gu[0], x);
-  adapt(5, gu[1], x);
-  auto a = at::silu(gu[0]) * gu[1];
-  auto d = ggml_matmul(a, {w[6]}, types[6], a.size(-1), int8)[0];
-  adapt(6, d, a);
-  return h + d;
+  return feed_forward(h + o, w, types, int8, ffn_norm, eps, adapt);
 }
 }  // namespace lf
