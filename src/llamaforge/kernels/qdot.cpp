@@ -270,13 +270,15 @@ inline __m512i codes64(const uint8_t* a, __mmask64& sign) {
     return _mm512_abs_epi8(q);
   } else {
     constexpr int64_t QS = T == Q4_0 ? 2 : T == Q4_1 ? 4 : T == Q5_0 ? 6 : 8;
-    const __m256i v = _mm256_set_m128i(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + QS)),
-                                       _mm_loadu_si128(reinterpret_cast<const __m128i*>(a + QS)));
-    const __m256i m4 = _mm256_set1_epi8(15);
-    const __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
-    // [A lo, B lo, A hi, B hi] -> [A lo, A hi, B lo, B hi]: each block's 32 codes in order
-    __m512i u = _mm512_permutexvar_epi64(_mm512_set_epi64(7, 6, 3, 2, 5, 4, 1, 0),
-                                         _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1));
+    // [A, A, B, B] (one 16-byte load broadcast, the other merged into the upper half), then a 16-bit
+    // shift by 0 or 4 per 128-bit lane and a mask: [A lo, A hi, B lo, B hi], each block's 32 codes
+    // in order, without a cross-lane shuffle (the form before, two masks of [A|B] joined and
+    // permuted, took three shuffles per 64 weights: one thread, 1024x4096 in cache, Q4_0 1.1x)
+    const __m512i v = _mm512_mask_broadcast_i32x4(
+        _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a + QS))), 0xFF00,
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + QS)));
+    constexpr int64_t S = 0x0004000400040004;   // four 16-bit shift counts of 4
+    __m512i u = _mm512_and_si512(_mm512_srlv_epi16(v, _mm512_set_epi64(S, S, 0, 0, S, S, 0, 0)), _mm512_set1_epi8(15));
     if constexpr (T == Q5_0 || T == Q5_1) {
       constexpr int64_t QH = T == Q5_0 ? 2 : 4;
       u = _mm512_or_si512(u, _mm512_inserti64x4(_mm512_castsi256_si512(bit4_of(a + QH)), bit4_of(b + QH), 1));
