@@ -110,8 +110,8 @@ class Transformer(nn.Module):
         self.gradient_checkpointing = False
 
     def hidden(self, tokens: torch.Tensor, pos: torch.Tensor | None = None, cache: KVCache | None = None,
-               slots: torch.Tensor | None = None) -> torch.Tensor:
-        """Final normed hidden states [B, T, D].
+               slots: torch.Tensor | None = None, norm: bool = True) -> torch.Tensor:
+        """Final normed hidden states [B, T, D] (the residual stream before the final norm: norm=False).
 
         tokens [B, T]; pos [B, T] absolute positions (default 0..T-1); with a cache, the new keys are
         written at (slot, pos) and each query attends to the keys of its row at positions <= its own.
@@ -134,7 +134,7 @@ class Transformer(nn.Module):
                 h = torch.utils.checkpoint.checkpoint(layer, h, rot, mask, cache, pos, slots, use_reentrant=False)
             else:
                 h = layer(h, rot, mask, cache, pos, slots)
-        return self.norm(h)
+        return self.norm(h) if norm else h
 
     def forward(self, tokens: torch.Tensor, pos: torch.Tensor | None = None, cache: KVCache | None = None,
                 slots: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:

@@ -1,8 +1,9 @@
 """Prompt features for the default guard from the bundled chat model's hidden states.
 
 The text is put in a ChatML user turn followed by the assistant header, as SmolLM2-135M-Instruct
-sees a request, and run through the first ``layer`` transformer blocks of that model (float32,
-dequantized from the bundled GGUF). The feature vector is the residual stream after block
+sees a request, and run through the first ``layer`` transformer blocks of that model (float32
+activations on the GGUF's own blocks through the native kernels; without them, weights dequantized
+to float32). The feature vector is the residual stream after block
 ``layer``: its mean over the user turn's content (the text's tokens and the end-of-turn token),
 then its value at the last token (the assistant header, where the model is about to answer) —
 [N, 2 * dim].
@@ -16,6 +17,8 @@ import torch
 
 from ..formats import load_checkpoint
 from ..model import Transformer
+from ..quant import ggml
+from ..quant.repack import load_packed
 from ..paths import default_model_path
 from .license import notice_once
 
@@ -39,8 +42,8 @@ class LMFeatures:
     def load(cls, layer: int, path: str | Path | None = None) -> "LMFeatures":
         """Blocks 0..layer-1 of ``path`` (default: the bundled SmolLM2-135M-Instruct), float32.
 
-        Only the tensors of those blocks (and the embeddings) are dequantized: the blocks above are
-        never run, so they are never loaded."""
+        Only the tensors of those blocks (and the embeddings) are loaded: the blocks above are never
+        run."""
         ckpt = load_checkpoint(path if path is not None else default_model_path(), dequantize=False)
         notice_once(ckpt)
         if ckpt.args is None or ckpt.tokenizer is None:
@@ -54,9 +57,20 @@ class LMFeatures:
                 return int(name.split(".")[1]) < layer
             return not name.startswith("output.")
 
-        tensors = {k: (t if isinstance(t, torch.Tensor) else t.dequantize()).float()
-                   for k, t in ckpt.tensors.items() if wanted(k)}
-        model = Transformer.empty(ckpt.args.replace(n_layers=layer)).load_tensors(tensors, strict=False)
+        tensors = {k: t for k, t in ckpt.tensors.items() if wanted(k)}
+        args = ckpt.args.replace(n_layers=layer)
+        if all(ggml.supported(t) for t in tensors.values() if not isinstance(t, torch.Tensor)):
+            # the file's own blocks (native kernels), float32 activations: the same weights as the
+            # dequantized ones and features equal to theirs up to float32 rounding (2e-5 on values
+            # of ~200), 3-5% faster at one thread, and no float32 copy (~210 MB less resident;
+            # shared with a server's model of the same file)
+            model = load_packed(args, tensors)
+            for m in model.modules():
+                if isinstance(m, ggml.GGMLLinear):
+                    m.int8_auto = False
+        else:
+            tensors = {k: (t if isinstance(t, torch.Tensor) else t.dequantize()).float() for k, t in tensors.items()}
+            model = Transformer.empty(args).load_tensors(tensors, strict=False)
         model.requires_grad_(False)
         return cls(model.eval(), ckpt.tokenizer, layer)
 
@@ -66,7 +80,6 @@ class LMFeatures:
     @torch.inference_mode()
     def embed(self, texts: Sequence[str], batch_size: int = 16) -> torch.Tensor:
         """Features [N, 2 * dim]: mean over the user turn's content, then the last token's state."""
-        m = self.model
         ids = [self.ids(t) for t in texts]
         out = torch.empty(len(ids), self.dim)
         lo = len(self.prefix)
@@ -79,12 +92,7 @@ class LMFeatures:
             x = torch.zeros(len(b), T, dtype=torch.long)
             for r, i in enumerate(b):
                 x[r, : len(ids[i])] = torch.tensor(ids[i])
-            pos = torch.arange(T).expand(len(b), T)
-            rot = (m.rope_cos[pos], m.rope_sin[pos])
-            h = m.tok_embeddings(x)                                 # [B, T, D]
-            for block in m.layers[: self.layer]:
-                h = block(h, rot, None, None, pos, None)
-            h = h.float()
+            h = self.model.hidden(x, norm=False).float()      # the residual stream [B, T, D]
             for r, i in enumerate(b):
                 n = len(ids[i])
                 turn = h[r, lo: n - len(self.suffix) + 1]          # the text and <|im_end|>
