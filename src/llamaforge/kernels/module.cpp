@@ -7,7 +7,7 @@
 //       their rows. Each weight row is read once for every row of x.
 //   dequant_matmul(x, [w, ...], type, K) -> [y_i]: the same products through float32 tiles of the
 //       matrices and BLAS (float32 prompts of more than a few rows).
-//   dequantize(w, type, K, into=None) -> float32 [N, K], bit-identical to gguf-py.
+//   dequantize(w, type, K) -> float32 [N, K], bit-identical to gguf-py.
 //   block_decode(h, ...) -> one transformer block for one token of one sequence (block.cpp).
 //   block_rows(h, ...) -> one transformer block for one-token rows in their own cache slots (block.cpp).
 //   lora_add_(y, x, [A_i], [B_i^T], idx, scaling): y += each row's own adapter update (lora.cpp).
@@ -201,17 +201,10 @@ std::vector<torch::Tensor> ggml_matmul(torch::Tensor x, std::vector<torch::Tenso
 namespace {
 using namespace lf;
 
-torch::Tensor ggml_dequantize(torch::Tensor w, int64_t type, int64_t K, c10::optional<torch::Tensor> into) {
+torch::Tensor ggml_dequantize(torch::Tensor w, int64_t type, int64_t K) {
   checked(w, type, K);
   const int64_t N = w.size(0);
-  torch::Tensor out;
-  if (into.has_value() && into->defined()) {  // a caller's scratch buffer: no fresh pages to fault in
-    TORCH_CHECK(into->scalar_type() == torch::kFloat32 && into->is_contiguous() && into->numel() >= N * K,
-                "dequantize: the output buffer is too small or not contiguous float32");
-    out = into->view(-1).narrow(0, 0, N * K).view({N, K});
-  } else {
-    out = torch::empty({N, K}, torch::dtype(torch::kFloat32));
-  }
+  auto out = torch::empty({N, K}, torch::dtype(torch::kFloat32));
   const uint8_t* W = w.data_ptr<uint8_t>();
   const int64_t rs = w.stride(0);
   float* O = out.data_ptr<float>();
@@ -287,8 +280,7 @@ std::string isa() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("matmul", &ggml_matmul, "[x @ dequant(w).T for each w] from GGML blocks",
         py::arg("x"), py::arg("ws"), py::arg("type"), py::arg("K"), py::arg("int8") = true);
-  m.def("dequantize", &ggml_dequantize, "float32 matrix of GGML blocks (optionally into a buffer)",
-        py::arg("w"), py::arg("type"), py::arg("K"), py::arg("into") = py::none());
+  m.def("dequantize", &ggml_dequantize, "float32 matrix of GGML blocks", py::arg("w"), py::arg("type"), py::arg("K"));
   m.def("dequant_matmul", &dequant_matmul, "[x @ dequant(w).T for each w], dequantized a tile of rows at a time",
         py::arg("x"), py::arg("ws"), py::arg("type"), py::arg("K"));
   m.def("decode_attention", &lf::decode_attention, "softmax(q k^T / sqrt(Hd)) v for one query per row, GQA",
