@@ -4,6 +4,7 @@ On a shared VM a fresh-process ratio against llama.cpp moves by +-15% between ru
 a kernel change of 10-20%. This builds the native kernels of an earlier git revision next to the
 current ones, loads the model once, and times whole decode steps with every module's kernel module
 swapped between the two builds, alternating and rotating the order; it prints the medians.
+With --prefill it times the prompt's forward (the first step of a new sequence) instead.
 
     .venv/bin/python bench/bench_kernel_ab.py --model /work/models/llama2-7b-shaped.Q4_K_M.gguf --baseline e51f816
 """
@@ -51,6 +52,7 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=32, help="prompt tokens (the cache length decode attends over)")
     ap.add_argument("--rows", type=int, default=1, help="sequences decoding together (batched decode)")
     ap.add_argument("--activations", choices=("auto", "int8", "f32"), default="auto")
+    ap.add_argument("--prefill", action="store_true", help="time the prompt's forward, not decode steps")
     args = ap.parse_args()
     import torch
     from llamaforge import native
@@ -74,6 +76,12 @@ def main() -> None:
                     m._k = builds[name]
                 batch = Batch(llm.model, llm.tokenizer, max_batch=args.rows, max_seq=args.prompt + args.rows + args.steps + 8,
                               prefill_chunk=512)
+                if args.prefill:   # one prompt of args.prompt tokens, prefilled by one step
+                    t = time.perf_counter()
+                    batch.add(ids[rep % args.rows:rep % args.rows + args.prompt], SamplingParams(max_tokens=2, temperature=0.0))
+                    batch.step()
+                    rates[name].append(args.prompt / (time.perf_counter() - t))
+                    continue
                 for r in range(args.rows):   # different prompts, each prefilled by its own step
                     batch.add(ids[r:r + args.prompt], SamplingParams(max_tokens=args.steps + 2, temperature=0.0, ignore_eos=True))
                 for _ in range(args.rows + 1):
@@ -83,10 +91,11 @@ def main() -> None:
                     batch.step()
                 rates[name].append(args.rows * args.steps / (time.perf_counter() - t))
     base, cur = statistics.median(rates[args.baseline]), statistics.median(rates["current"])
-    print(f"{Path(args.model).name}: decode {cur:.2f} tok/s with the current kernels, {base:.2f} with {args.baseline}'s:"
+    what = "prefill" if args.prefill else "decode"
+    print(f"{Path(args.model).name}: {what} {cur:.2f} tok/s with the current kernels, {base:.2f} with {args.baseline}'s:"
           f" {cur / base:.3f}x ({args.threads} threads, {args.rows} sequence(s) of {args.prompt} prompt tokens,"
           f" {args.activations} activations,"
-          f" {args.reps} alternating reps of {args.steps} steps, medians)")
+          f" {args.reps} alternating reps" + ("" if args.prefill else f" of {args.steps} steps") + ", medians)")
     print(machine_line())
 
 
