@@ -203,6 +203,52 @@ def test_greedy_rows_and_processed_rows_share_a_step(model):
     assert ban not in b.out and len(b.out) == 5
 
 
+class _Script:
+    """A logits processor that makes a sequence write `script` after its first token: with `fast`,
+    as a grammar's forced tokens (jump-forward, no decode step each), else by masking the logits
+    to the next token of the script at every step."""
+
+    def __init__(self, script: list[int], fast: bool):
+        self.script = script
+        if fast:
+            self.forced = lambda out: self.script[len(out) - 1:] if out else []
+
+    def __call__(self, out, logits):
+        i = len(out) - 1
+        if 0 <= i < len(self.script):
+            keep = torch.full_like(logits, float("-inf"))
+            keep[self.script[i]] = 0.0
+            return logits + keep
+        return logits
+
+
+def test_forced_tokens_join_the_batched_forward_and_change_nothing(model):
+    """Tokens a grammar forces are computed as one-token rows of the next batched forward (next to
+    the other sequences' rows): the same tokens, and nearly the same logits, as sampling them one
+    decode step at a time; the other sequences' answers are their single-run ones."""
+    script = [11, 12, 13, 14, 15]
+    runs = {}
+    for fast in (True, False):
+        batch = Batch(model, max_batch=3, max_seq=64)
+        a = batch.add([1, 2, 3, 4], SamplingParams(max_tokens=14))
+        s = batch.add([9, 8, 7], SamplingParams(max_tokens=14))
+        s.logits_processor = _Script(script, fast)
+        b = batch.add([42, 43], SamplingParams(max_tokens=14))
+        steps = 0
+        while not (a.finish_reason and s.finish_reason and b.finish_reason):
+            batch.step()
+            steps += 0 if s.finish_reason else 1
+        runs[fast] = (a.out, s.out, b.out, steps)
+    a_out, s_out, b_out, fast_steps = runs[True]
+    assert s_out[1:1 + len(script)] == script
+    assert (a_out, s_out, b_out) == runs[False][:3]
+    assert fast_steps == runs[False][3] - len(script)   # the script took no decode steps of its own
+    assert a_out == greedy_reference(model, [1, 2, 3, 4], 14)
+    assert b_out == greedy_reference(model, [42, 43], 14)
+    # after the script, the sequence continues as a greedy run of its prompt + first token + script
+    assert s_out[1 + len(script):] == greedy_reference(model, [9, 8, 7] + s_out[:1 + len(script)], 14 - 1 - len(script))
+
+
 def test_step_emits_tokens_before_its_forward(model):
     """A server streams a step's tokens while that step's forward runs, not after it."""
     calls = []
@@ -217,6 +263,13 @@ def test_step_emits_tokens_before_its_forward(model):
         def __call__(self, *a, **k):
             calls.append(1)
             return self.m(*a, **k)
+
+        def hidden(self, *a, **k):     # a decode step's forward (its rows' logits: `output`)
+            calls.append(1)
+            return self.m.hidden(*a, **k)
+
+        def output(self, h):
+            return self.m.output(h)
 
     batch = Batch(Counting(model), max_batch=1, max_seq=32)
     seq = batch.add([1, 2, 3], SamplingParams(max_tokens=3))

@@ -323,20 +323,25 @@ class Batch:
             emit(events)
         # rows in slot order: when the slots are 0..B-1 the cache is read in place, not gathered
         going = sorted((s for s in live if not s.finish_reason), key=lambda s: s.slot)
-        for s in going:      # tokens a grammar forced: their keys in one forward, all but the last
-            if s.fed < s.length - 1:
-                self._run(s, s.out[s.fed - len(s.prompt):-1], s.fed)
-                s.fed = s.length - 1
         if going:
-            toks = torch.tensor([[s.out[-1]] for s in going], device=self.device)
-            pos = torch.tensor([[s.length - 1] for s in going], device=self.device)
-            slots = [s.slot for s in going]
-            slot_t = None if slots[-1] == len(slots) - 1 else torch.tensor(slots, device=self.device)
-            with self._adapter_rows(going):
-                logits = self.model(toks, pos, self.cache, slot_t, last_only=True)[:, -1]
+            # every token not yet in the cache is a one-token row in its sequence's slot: the last
+            # sampled one, and before it any a grammar forced (jump-forward), whose keys join this
+            # forward instead of one of their own (rows of a slot see its earlier rows through the
+            # mask, as a speculative verify's do); only each sequence's last row is projected
+            rows = [(s, t, s.fed + j) for s in going for j, t in enumerate(s.out[s.fed - len(s.prompt):])]
+            toks = torch.tensor([[t] for _, t, _ in rows], device=self.device)
+            pos = torch.tensor([[p] for _, _, p in rows], device=self.device)
+            slots = [s.slot for s, _, _ in rows]
+            slot_t = None if slots == list(range(len(slots))) else torch.tensor(slots, device=self.device)
+            with self._adapter_rows([s for s, _, _ in rows]):
+                h = self.model.hidden(toks, pos, self.cache, slot_t)[:, -1]       # [rows, D]
+            if len(rows) > len(going):
+                last = [i for i, (s, _, _) in enumerate(rows) if i + 1 == len(rows) or rows[i + 1][0] is not s]
+                h = h[torch.tensor(last, device=self.device)]
+            logits = self.model.output(h).float()                                   # [B, V]
             for s, row in zip(going, logits):
                 s.next_logits = row
-                s.fed += 1
+                s.fed = s.length
             self._last = (logits, going)
         else:
             self._last = None
@@ -345,7 +350,7 @@ class Batch:
     def _fast_forward(self, seq: Sequence) -> list[TokenEvent]:
         """Append the tokens seq's logits processor forces next (a grammar's fixed text, such as a
         tool call's markup) without a decode step each: events for them; their keys are computed
-        together before the next batched forward (jump-forward decoding)."""
+        in the next batched forward, one row each (jump-forward decoding)."""
         forced = getattr(seq.logits_processor, "forced", None)
         if forced is None or seq.finish_reason or seq.params.logprobs:
             return []
@@ -357,8 +362,8 @@ class Batch:
         return out
 
     def _run(self, seq: Sequence, ids: list[int], begin: int) -> torch.Tensor:
-        """One forward of ids as one row at positions begin.. of seq's slot (a prompt chunk, or tokens
-        a grammar forced); logits [1, 1, V] of the last."""
+        """One forward of ids (a prompt chunk) as one row at positions begin.. of seq's slot; logits
+        [1, 1, V] of the last."""
         toks = torch.tensor([ids], device=self.device)
         pos = torch.arange(begin, begin + len(ids), device=self.device)[None]
         with self._adapter_rows([seq]):
