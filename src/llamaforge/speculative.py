@@ -74,6 +74,10 @@ class PromptLookup:
             raise ValueError(f"lookup n-gram sizes need 1 <= ngram_min <= ngram_max "
                              f"(got {self.ngram_min}, {self.ngram_max})")
 
+    def start(self, batch: Any, seq: Any) -> "_NgramDrafter":
+        """The drafter of one sequence: an n-gram index of its tokens and its own draft budget."""
+        return _NgramDrafter(self, seq.prompt)
+
 
 class DraftModel:
     """Drafting by a second, smaller model with the target's vocabulary (greedy, k tokens per verify).
@@ -100,6 +104,17 @@ class DraftModel:
         size = min(max_seq, self.model.args.max_seq_len)
         if self._cache is None or self._cache.max_seq < size:
             self._cache, self._ids = self.model.new_cache(1, size), []
+
+    def start(self, batch: Any, seq: Any) -> "DraftModel":
+        """The drafter of one sequence (the draft model itself: its cache follows the sequence)."""
+        self.begin(batch.model, batch.max_seq)
+        return self
+
+    def draft(self, seq: Any, room: int) -> list[int]:
+        return self.propose(seq.prompt + seq.out, room)
+
+    def measured(self, drafted: int, kept: int, seconds: float) -> None:
+        """Nothing to learn: the draft model always proposes k tokens."""
 
     @torch.inference_mode()
     def propose(self, context: list[int], n: int) -> list[int]:
@@ -227,17 +242,37 @@ class _Budget:
             self.cost[d] += (seconds / self.step - self.cost[d]) * w
 
 
-def decode_with_lookup(batch: Any, seq: Any, lookup: PromptLookup) -> Iterator[Any]:
+class _NgramDrafter:
+    """Prompt-lookup drafting for one sequence: the tokens after the latest earlier occurrence of its
+    final n-gram, as many as the budget says pay for themselves."""
+
+    def __init__(self, lookup: PromptLookup, prompt: list[int]):
+        self.k = lookup.k
+        self.index = NgramIndex(prompt, lookup.ngram_min, lookup.ngram_max)
+        self.budget = _Budget(lookup.k, self.index.sizes, lookup.adaptive)
+        self.n = 0      # the n-gram size of the last draft's hit
+
+    def draft(self, seq: Any, room: int) -> list[int]:
+        """Up to room draft tokens after seq's tokens so far."""
+        index = self.index
+        index.extend(seq.out[len(index.ids) - len(seq.prompt):])
+        draft, self.n = index.draft(self.k)
+        return draft[:self.budget.length(self.n, min(len(draft), room))] if draft else []
+
+    def measured(self, drafted: int, kept: int, seconds: float) -> None:
+        """A forward of 1 + drafted rows took `seconds` of CPU time and kept `kept` draft tokens."""
+        self.budget.timed(drafted, seconds)
+        if drafted:
+            self.budget.record(self.n, drafted, kept)
+
+
+def decode_with_lookup(batch: Any, seq: Any, lookup: PromptLookup | DraftModel) -> Iterator[Any]:
     """Yield the generate.TokenEvents of seq, a generate.Sequence just added to the generate.Batch
-    `batch` (its first token not sampled yet), drafting by prompt lookup and verifying each draft
-    in one forward. (Untyped here: generate imports this module.)"""
+    `batch` (its first token not sampled yet), drafting by the lookup's per-sequence drafter
+    (`start`: n-grams of the sequence, or a draft model) and verifying each draft in one forward.
+    (Untyped here: generate imports this module.)"""
     stats = lookup.stats
-    drafter = lookup if isinstance(lookup, DraftModel) else None
-    if drafter is not None:
-        drafter.begin(batch.model, batch.max_seq)
-    else:
-        index = NgramIndex(seq.prompt, lookup.ngram_min, lookup.ngram_max)
-        budget = _Budget(lookup.k, index.sizes, lookup.adaptive)
+    drafter = lookup.start(batch, seq)
     ev = batch.advance(seq)
     yield ev
     while not seq.finish_reason:
@@ -245,14 +280,8 @@ def decode_with_lookup(batch: Any, seq: Any, lookup: PromptLookup) -> Iterator[A
         room = min(seq.params.max_tokens - len(seq.out) - 1,   # the forward yields up to room + 1 tokens
                    batch.max_seq - L,                           # the last row's position stays in the cache
                    _ATTN_GROUP - 1 - L % _ATTN_GROUP)           # see _ATTN_GROUP
-        if drafter is not None:
-            draft = drafter.propose(seq.prompt + seq.out, room)
-            d = len(draft)
-        else:
-            index.extend(seq.out[len(index.ids) - len(seq.prompt):])
-            draft, n = index.draft(lookup.k)
-            d = budget.length(n, min(len(draft), room)) if draft else 0
-            draft = draft[:d]
+        draft = drafter.draft(seq, room)
+        d = len(draft)
         t0 = time.thread_time()
         hidden = batch.forward_rows(seq, [seq.out[-1]] + draft)   # [1 + d, D]
         # the vocabulary projection is a third of a row's cost: row 0 first, the others only if its
@@ -271,14 +300,11 @@ def decode_with_lookup(batch: Any, seq: Any, lookup: PromptLookup) -> Iterator[A
             if seq.finish_reason or i == d or ev.id != draft[i]:
                 break
             kept += 1
-        if drafter is None:
-            budget.timed(d, spent)
+        drafter.measured(d, kept, spent)
         # positions of the rejected draft tokens hold stale keys: forget them (the next forward
         # overwrites them, and no row attends beyond its own position)
         batch.rollback(seq, seq.fed - d + kept)
         if d:
-            if drafter is None:
-                budget.record(n, d, kept)
             stats.verifies += 1
             stats.drafted += d
             stats.accepted += kept
