@@ -162,59 +162,9 @@ void deq_q6_k(const uint8_t* b, float* o) {
   }
 }
 
-// Whole rows of the 32-weight types most small models ship (Q4_0, Q4_1, Q8_0) with vector code: the
-// float32 prompt path dequantizes every weight once per forward, and the scalar loops above (one
-// call per block) cost ~0.8 cycles per weight, a third of a 20-token forward of the guard's blocks.
-// Same operations, same order (a product, then a sum, each rounded), so the same bits.
-#ifdef LF_AVX2
+// whole rows of Q4_0 / Q4_1 / Q8_0 in vector code (AVX2 builds; defined with the float32 kernels below)
 template <int64_t T>
-void deq_row32(const uint8_t* w, float* o, int64_t nb) {
-  constexpr int64_t QS = T == Q4_1 ? 4 : 2, BYTES = bytes32<T>();
-  for (int64_t g = 0; g < nb; ++g, o += 32) {
-    const uint8_t* b = w + g * BYTES;
-    if constexpr (T == Q8_0) {
-#ifdef LF_AVX512
-      const __m512 d = _mm512_set1_ps(f16(b));
-      for (int h = 0; h < 2; ++h) {
-        const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + QS + 16 * h));
-        _mm512_storeu_ps(o + 16 * h, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)), d));
-      }
-#else
-      const __m256 d = _mm256_set1_ps(f16(b));
-      for (int h = 0; h < 4; ++h) {
-        const __m128i q = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(b + QS + 8 * h));
-        _mm256_storeu_ps(o + 8 * h, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), d));
-      }
-#endif
-    } else {
-#ifdef LF_AVX512
-      // the block's 16 possible weights once, then each code picks its own (a permute reads only
-      // an index's low 4 bits, so the low nibbles need no mask)
-      const __m512 codes = T == Q4_0 ? _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7)
-                                     : _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-      __m512 table = _mm512_mul_ps(_mm512_set1_ps(f16(b)), codes);
-      if constexpr (T == Q4_1) table = _mm512_add_ps(table, _mm512_set1_ps(f16(b + 2)));
-      const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + QS)));
-      _mm512_storeu_ps(o, _mm512_permutexvar_ps(v, table));
-      _mm512_storeu_ps(o + 16, _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table));
-#else
-      const __m256 d = _mm256_set1_ps(f16(b));
-      const __m256 m = _mm256_set1_ps(T == Q4_1 ? f16(b + 2) : 0.0f);
-      const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + QS));
-      const __m128i nib[2] = {_mm_and_si128(q, _mm_set1_epi8(15)), _mm_and_si128(_mm_srli_epi16(q, 4), _mm_set1_epi8(15))};
-      for (int h = 0; h < 2; ++h)        // low nibbles are weights 0..15, high ones 16..31
-        for (int e = 0; e < 2; ++e) {
-          __m256i c = _mm256_cvtepu8_epi32(e ? _mm_srli_si128(nib[h], 8) : nib[h]);
-          if constexpr (T == Q4_0) c = _mm256_sub_epi32(c, _mm256_set1_epi32(8));
-          __m256 f = _mm256_mul_ps(d, _mm256_cvtepi32_ps(c));
-          if constexpr (T == Q4_1) f = _mm256_add_ps(f, m);
-          _mm256_storeu_ps(o + 16 * h + 8 * e, f);
-        }
-#endif
-    }
-  }
-}
-#endif
+void deq_row32(const uint8_t* w, float* o, int64_t nb);
 
 }  // namespace
 
@@ -290,13 +240,15 @@ constexpr int MAX_R = 8;   // 16 accumulators + the block's two vectors fit 32 z
 // costs Q4_1 one more dependent operation per block, ~10% of a one-row product), and each code
 // picks its weight with a permute (which reads only an index's low 4 bits, so the low nibbles need
 // no mask): a third of the instructions of converting and scaling every code
-template <int64_t T>
+// (EXACT: Q4_1's product rounded before the sum, as gguf-py does: dequant_row's bits)
+template <int64_t T, bool EXACT = false>
 inline void dequant32(const uint8_t* b, __m512& lo, __m512& hi) {
   constexpr int64_t QS = F32Block<T>::QS;
   const __m512 codes = T == Q4_0 ? _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7)
                                  : _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   __m512 table;
-  if constexpr (T == Q4_1) table = _mm512_fmadd_ps(codes, _mm512_set1_ps(f16(b)), _mm512_set1_ps(f16(b + 2)));
+  if constexpr (T == Q4_1 && EXACT) table = _mm512_add_ps(_mm512_mul_ps(codes, _mm512_set1_ps(f16(b))), _mm512_set1_ps(f16(b + 2)));
+  else if constexpr (T == Q4_1) table = _mm512_fmadd_ps(codes, _mm512_set1_ps(f16(b)), _mm512_set1_ps(f16(b + 2)));
   else table = _mm512_mul_ps(codes, _mm512_set1_ps(f16(b)));
   const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + QS)));
   lo = _mm512_permutexvar_ps(v, table);
@@ -439,6 +391,35 @@ void fdot32_range(const uint8_t* w, int64_t ws, int64_t N, const float* x, int64
       fdot32_rows<T, MAX_R>(wr, nb, x + m * K, K, R, out);
       for (int r = 0; r < R; ++r) y[(m + r) * ldy + n] = out[r];
     }
+  }
+}
+
+// Whole rows for dequant_row: the float32 prompt path dequantizes every weight once per forward,
+// and the scalar loops (one call per block) cost ~0.8 cycles per weight, a third of a 20-token
+// forward of the guard's blocks; this is ~0.2. The same blocks as the kernels above, rounded as
+// gguf-py rounds (a product, then a sum), so the same bits as the scalar loops.
+template <int64_t T>
+void deq_row32(const uint8_t* w, float* o, int64_t nb) {
+  for (int64_t g = 0; g < nb; ++g, o += 32) {
+    const uint8_t* b = w + g * F32Block<T>::BYTES;
+#if defined(LF_AVX512)
+    if constexpr (T == Q8_0) {   // the kernels above keep Q8_0 codes unscaled: convert and scale here
+      const __m512 d = _mm512_set1_ps(f16(b));
+      for (int h = 0; h < 2; ++h) {
+        const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 2 + 16 * h));
+        _mm512_storeu_ps(o + 16 * h, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)), d));
+      }
+    } else {
+      __m512 lo, hi;
+      dequant32<T, true>(b, lo, hi);
+      _mm512_storeu_ps(o, lo);
+      _mm512_storeu_ps(o + 16, hi);
+    }
+#elif defined(LF_AVX2)
+    __m256 wv[4];
+    dequant32<T>(b, wv);
+    for (int v = 0; v < 4; ++v) _mm256_storeu_ps(o + 8 * v, wv[v]);
+#endif   // (portable builds never call it: dequant_row's scalar loops serve them)
   }
 }
 
