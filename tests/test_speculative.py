@@ -7,7 +7,7 @@ import torch
 from conftest import tiny_model
 from llamaforge.generate import Batch, generate
 from llamaforge.sampling import SamplingParams
-from llamaforge.speculative import NgramIndex, PromptLookup, as_lookup, decode_with_lookup
+from llamaforge.speculative import NgramIndex, PromptLookup, as_lookup
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "eval" / "wikitext2_test.raw"
 # a real paragraph (wikitext-2), with a short stand-in when the shared data is absent
@@ -87,14 +87,11 @@ def test_tiny_sampling_penalties_logprobs_and_processor_follow_plain_decoding(ti
             calls.append(len(out))
             return logits.index_fill(0, torch.tensor([13]), float("-inf"))    # ban a token
 
-        batch = Batch(tiny, max_batch=1, max_seq=128)
+        batch = Batch(tiny, max_batch=1, max_seq=128, lookup=lookup)
         seq = batch.add([9, 8, 7, 9, 8, 7, 9, 8], params)
         seq.logits_processor = processor
-        if lookup is None:
-            while not seq.finish_reason:
-                batch.step()
-        else:
-            list(decode_with_lookup(batch, seq, lookup))
+        while not seq.finish_reason:
+            batch.step()
         return seq.out, seq.logprobs, calls
 
     look = PromptLookup(k=4, ngram_min=1, adaptive=False)    # 1-gram hits too: drafts on sampled text
@@ -145,41 +142,49 @@ def test_bundled_drafts_accepted_and_api_stop_strings(llm):
         llm.complete("hi", lookup=-1)
 
 
-def test_rollback_leaves_the_cache_of_plain_decoding(llm):
-    """A rejected draft's keys stay in the slot past seq.fed; the next rows never see them."""
-    prompt = llm.encode_prompt("The capital of France is")
-    params = SamplingParams(max_tokens=6)
-    plain = Batch(llm.model, llm.tokenizer, max_batch=1, max_seq=64)
-    ref = plain.add(prompt, params)
-    while not ref.finish_reason:
-        plain.step()
-
-    batch = Batch(llm.model, llm.tokenizer, max_batch=1, max_seq=64)
-    seq = batch.add(prompt, params)
-    batch.advance(seq, int(seq.next_logits.argmax()))
-    wrong = [t for t in (11, 12, 13) if t != ref.out[1]][:2]
-    fed = seq.fed
-    logits = batch.logits(batch.forward_rows(seq, [seq.out[-1]] + wrong))    # both draft tokens get rejected
-    assert torch.equal(logits[0], _plain_logits(llm, prompt + ref.out[:1]))
-    batch.advance(seq, int(logits[0].argmax()))
-    batch.rollback(seq, fed + 1)
-    assert seq.out == ref.out[:2]
-    with pytest.raises(ValueError, match="roll back"):
-        batch.rollback(seq, seq.fed + 1)
-    seq.next_logits = batch.logits(batch.forward_rows(seq, seq.out[-1:]))[0]   # overwrites the first stale position
-    while not seq.finish_reason:
-        batch.step()
+def test_rejected_drafts_leave_the_cache_of_plain_decoding(llm):
+    """A rejected draft's keys stay in the slot past seq.fed; the next rows never see them, and the
+    first fed positions hold plain decoding's keys and values bit for bit."""
+    prompt = llm.encode_chat([{"role": "user", "content": f"Repeat this text word for word:\n\n{PASSAGE}"}])
+    params = SamplingParams(max_tokens=40)
+    runs = {}
+    for lookup in (None, PromptLookup(k=6, ngram_min=1, adaptive=False)):
+        batch = Batch(llm.model, llm.tokenizer, max_batch=1, max_seq=len(prompt) + 48, lookup=lookup)
+        seq = batch.add(prompt, params)
+        while not seq.finish_reason:
+            batch.step()
+        runs[lookup is None] = (batch, seq, lookup)
+    (plain, ref, _), (fast, seq, look) = runs[True], runs[False]
     assert seq.out == ref.out
-    n = seq.fed
-    assert torch.equal(batch.cache.k[:, 0, :, :n], plain.cache.k[:, 0, :, :n])
-    assert torch.equal(batch.cache.v[:, 0, :, :n], plain.cache.v[:, 0, :, :n])
+    assert look.stats.accepted > 0 and look.stats.accepted < look.stats.drafted    # some drafts were rejected
+    n = min(seq.fed, ref.fed)
+    assert n >= len(prompt) + 30
+    assert torch.equal(fast.cache.k[:, 0, :, :n], plain.cache.k[:, 0, :, :n])
+    assert torch.equal(fast.cache.v[:, 0, :, :n], plain.cache.v[:, 0, :, :n])
 
 
-def _plain_logits(llm, ids):
-    """Logits after ids by one-token decode steps (what plain generation computes)."""
-    batch = Batch(llm.model, llm.tokenizer, max_batch=1, max_seq=64)
-    seq = batch.add(ids[:-1] or ids, SamplingParams(max_tokens=1))
-    return batch.logits(batch.forward_rows(seq, ids[-1:]))[0]
+def test_batched_drafting_keeps_each_sequence_plain(llm):
+    """In a Batch, sequences draft while at most lookup_max_batch are going: a grounded and a free
+    prompt decoding together give each its own plain greedy tokens; with the default
+    lookup_max_batch=1 nothing is drafted until one of them is left alone."""
+    grounded = llm.encode_chat([{"role": "user", "content": f"Repeat this text word for word:\n\n{PASSAGE}"}])
+    free = llm.encode_chat([{"role": "user", "content": "Write a short story about a lighthouse keeper."}])
+    short, long = SamplingParams(max_tokens=12), SamplingParams(max_tokens=50)
+    plain = [ids_of(generate(llm.model, p, sp, llm.tokenizer)) for p, sp in ((grounded, long), (free, short))]
+    for max_batch_drafting in (2, 1):
+        look = PromptLookup(k=6, adaptive=False)
+        batch = Batch(llm.model, llm.tokenizer, max_batch=2, max_seq=len(grounded) + 64, lookup=look,
+                      lookup_max_batch=max_batch_drafting)
+        seqs = [batch.add(grounded, long), batch.add(free, short)]
+        drafted_together = None
+        while not all(s.finish_reason for s in seqs):
+            before = look.stats.drafted
+            batch.step()
+            if drafted_together is None and seqs[1].finish_reason:
+                drafted_together = before      # drafts made while both were going
+        assert [s.out for s in seqs] == plain
+        assert look.stats.accepted > 0
+        assert (drafted_together > 0) if max_batch_drafting == 2 else (drafted_together == 0)
 
 
 def test_adaptive_budget_drafts_long_when_drafts_are_kept_and_stops_when_they_are_not():

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence as Seq
+from typing import Any, Callable, Iterator, Sequence as Seq
 
 import torch
 
 from .sampling import SamplingParams, make_generator, sample
-from .speculative import DraftModel, PromptLookup, as_lookup, decode_with_lookup
+from .speculative import ATTN_GROUP, DraftModel, PromptLookup, as_lookup
 
 
 class ContextOverflow(ValueError):
@@ -124,6 +125,7 @@ class Sequence:
     reused: int = 0      # prompt tokens whose keys/values were copied from another sequence, not computed
     fed: int = 0         # tokens (prompt, then generated) whose keys/values are in the cache
     adapter: str | None = None   # the LoRA adapter of Batch.adapters this sequence runs with (None: the base)
+    drafter: Any = None          # its speculative drafter (Batch.lookup's, made at its first draft)
 
     @property
     def length(self) -> int:
@@ -162,10 +164,15 @@ class Batch:
     With adapters (a multilora.AdapterBank over model), each sequence may name its own LoRA adapter:
     rows of different adapters decode in one forward, and cached keys are reused only between
     sequences of the same adapter.
+
+    With a lookup (speculative decoding: a PromptLookup or a DraftModel, see speculative.py), a step
+    with at most lookup_max_batch sequences going adds each one's draft as extra rows of the forward
+    and keeps the part of it the model would have produced; the tokens are those of plain decoding.
     """
 
     def __init__(self, model, tokenizer=None, max_batch: int = 1, max_seq: int | None = None,
-                 prefill_chunk: int = 512, prefix_reuse: bool = False, adapters=None):
+                 prefill_chunk: int = 512, prefix_reuse: bool = False, adapters=None,
+                 lookup: "PromptLookup | DraftModel | None" = None, lookup_max_batch: int = 1):
         self.model, self.tok = model, tokenizer
         self.max_seq = min(max_seq or model.args.max_seq_len, model.args.max_seq_len)
         self.cache = model.new_cache(max_batch, self.max_seq)
@@ -177,6 +184,7 @@ class Batch:
         self.prefix_reuse = prefix_reuse
         self.reused_tokens = 0                # prompt tokens taken from the cache instead of prefilled
         self.adapters = adapters
+        self.lookup, self.lookup_max_batch = lookup, lookup_max_batch
         # ids whose keys/values a free slot still holds (its last sequence's, with its adapter), for prefix reuse
         self._kept: dict[int, tuple[str | None, list[int]]] = {}
         self._last: tuple[torch.Tensor, list[Sequence]] | None = None   # the last decode's logits and rows
@@ -306,45 +314,119 @@ class Batch:
         """Sample one token for every active sequence, then run one batched forward for those going on.
 
         emit, if given, gets the events as soon as they are sampled, before the forward, so a server
-        can stream them (and release finished sequences) while the forward runs.
+        can stream them (and release finished sequences) while the forward runs. With a lookup, a
+        sequence's draft is verified after the forward: the tokens it keeps, and the one after them,
+        go to a second emit call (and that sequence samples nothing at the next step's start).
         """
         live = [s for s in self.active if not s.finish_reason]
         if not live:
             return []
         events = []
-        for seq, tid in zip(live, self._greedy_ids(live)):
+        todo = [s for s in live if s.next_logits is not None]   # the others' next token came from a verify
+        for seq, tid in zip(todo, self._greedy_ids(todo)):
             try:
                 events.append((seq, self.advance(seq, tid)))
                 events += [(seq, ev) for ev in self._fast_forward(seq)]
             except Exception as e:  # noqa: BLE001 - a row's failure ends that row only
                 seq.finish_reason, seq.next_logits = "error", None
                 events.append((seq, TokenEvent(-1, "", None, "error", e)))
-        if emit is not None:
+        if emit is not None and events:
             emit(events)
         # rows in slot order: when the slots are 0..B-1 the cache is read in place, not gathered
         going = sorted((s for s in live if not s.finish_reason), key=lambda s: s.slot)
-        if going:
-            # every token not yet in the cache is a one-token row in its sequence's slot: the last
-            # sampled one, and before it any a grammar forced (jump-forward), whose keys join this
-            # forward instead of one of their own (rows of a slot see its earlier rows through the
-            # mask, as a speculative verify's do); only each sequence's last row is projected
-            rows = [(s, t, s.fed + j) for s in going for j, t in enumerate(s.out[s.fed - len(s.prompt):])]
-            toks = torch.tensor([[t] for _, t, _ in rows], device=self.device)
-            pos = torch.tensor([[p] for _, _, p in rows], device=self.device)
-            slots = [s.slot for s, _, _ in rows]
-            slot_t = None if slots == list(range(len(slots))) else torch.tensor(slots, device=self.device)
-            with self._adapter_rows([s for s, _, _ in rows]):
-                h = self.model.hidden(toks, pos, self.cache, slot_t)[:, -1]       # [rows, D]
-            if len(rows) > len(going):
-                last = [i for i, (s, _, _) in enumerate(rows) if i + 1 == len(rows) or rows[i + 1][0] is not s]
-                h = h[torch.tensor(last, device=self.device)]
-            logits = self.model.output(h).float()                                   # [B, V]
-            for s, row in zip(going, logits):
-                s.next_logits = row
-                s.fed = s.length
-            self._last = (logits, going)
+        self._last = None
+        if not going:
+            return events
+        drafts = self._drafts(going)
+        # every token not yet in the cache is a one-token row in its sequence's slot: the last
+        # sampled one, and before it any a grammar forced (jump-forward), whose keys join this
+        # forward instead of one of their own, and after it a draft to verify (rows of a slot see
+        # its earlier rows through the mask); only each sequence's last sampled row is projected
+        # at once, and a draft's rows only if its first token was right
+        rows, first, later = [], [], {}
+        for s in going:
+            pending, draft = s.out[s.fed - len(s.prompt):], drafts.get(s, [])
+            first.append(len(rows) + len(pending) - 1)
+            if draft:
+                later[s] = range(first[-1] + 1, first[-1] + 1 + len(draft))
+            rows += [(s, t, s.fed + j) for j, t in enumerate(pending + draft)]
+        toks = torch.tensor([[t] for _, t, _ in rows], device=self.device)
+        pos = torch.tensor([[p] for _, _, p in rows], device=self.device)
+        slots = [s.slot for s, _, _ in rows]
+        slot_t = None if slots == list(range(len(slots))) else torch.tensor(slots, device=self.device)
+        t0 = time.thread_time()
+        with self._adapter_rows([s for s, _, _ in rows]):
+            h = self.model.hidden(toks, pos, self.cache, slot_t)[:, -1]           # [rows, D]
+        logits = self.model.output(h if len(rows) == len(going) else h[torch.tensor(first, device=self.device)]
+                                   ).float()                                      # [B, V]
+        spent = time.thread_time() - t0
+        plain, after = [], []
+        for s, row in zip(going, logits):
+            s.next_logits = row
+            s.fed = s.length
+            if s in drafts:
+                after += self._verify(s, drafts[s], h, later.get(s), spent if len(going) == 1 else None)
+            else:
+                plain.append(s)
+        if plain:   # _greedy_ids reads the plain rows' argmax from here, one host sync for all
+            self._last = (logits if len(plain) == len(going) else torch.stack([s.next_logits for s in plain]), plain)
+        if emit is not None and after:
+            emit(after)
+        return events + after
+
+    def _drafts(self, going: list[Sequence]) -> dict[Sequence, list[int]]:
+        """The draft of each sequence the lookup drafts for this step ([] when drafting does not pay):
+        while at most lookup_max_batch sequences are going (each draft row costs the whole batch
+        time), for those without a grammar's forced tokens."""
+        if self.lookup is None or len(going) > self.lookup_max_batch:
+            return {}
+        widest = max(s.length for s in going)     # the forward's attended keys without drafts
+        out = {}
+        for s in going:
+            if getattr(s.logits_processor, "forced", None) is not None:
+                continue
+            if s.drafter is None:
+                s.drafter = self.lookup.start(self, s)
+            L = s.length       # keys its last sampled token's row attends (that token is not cached yet)
+            room = min(s.params.max_tokens - len(s.out) - 1,   # the forward yields up to room + 1 tokens
+                       self.max_seq - L,                       # the last row's position stays in the cache
+                       widest // ATTN_GROUP * ATTN_GROUP + ATTN_GROUP - 1 - L)   # see speculative.ATTN_GROUP
+            out[s] = s.drafter.draft(s, room) if room > 0 else []
+        return out
+
+    def _verify(self, seq: Sequence, draft: list[int], h: torch.Tensor, rows: range | None,
+                spent: float | None) -> list[tuple[Sequence, TokenEvent]]:
+        """Emit seq's tokens from its logits rows in order, each chosen by the ordinary sampler, while
+        they equal the draft: the kept draft tokens (their keys are cached) and the model's own token
+        after them (the next step's first row). spent: CPU seconds of the forward when seq was its
+        only sequence (the drafter's cost model learns from those), else None."""
+        events, kept = [], 0
+        try:
+            for i in range(len(draft) + 1):
+                if i == 1:   # the vocabulary projection is a third of a row's cost: only once needed
+                    t0 = time.thread_time()
+                    rest = self.model.output(h[torch.tensor(list(rows), device=self.device)]).float()
+                    spent = None if spent is None else spent + time.thread_time() - t0
+                if i:
+                    seq.next_logits = rest[i - 1]
+                ev = self.advance(seq, int(seq.next_logits.argmax()) if seq.plain_greedy else None)
+                events.append((seq, ev))
+                if seq.finish_reason or i == len(draft) or ev.id != draft[i]:
+                    break
+                kept += 1
+        except Exception as e:  # noqa: BLE001 - a row's failure ends that row only
+            seq.finish_reason, seq.next_logits = "error", None
+            events.append((seq, TokenEvent(-1, "", None, "error", e)))
+        # the kept tokens' keys are cached; the rejected ones' positions hold stale keys that no row
+        # attends (each attends up to its own position) and the next forward overwrites
+        seq.fed += kept
+        seq.drafter.measured(len(draft), kept, spent)
+        stats = self.lookup.stats
+        if draft:
+            stats.verifies, stats.drafted, stats.accepted = stats.verifies + 1, stats.drafted + len(draft), \
+                stats.accepted + kept
         else:
-            self._last = None
+            stats.plain_steps += 1
         return events
 
     def _fast_forward(self, seq: Sequence) -> list[TokenEvent]:
@@ -386,39 +468,6 @@ class Batch:
             if ids[i] is None:
                 ids[i] = int(torch.argmax(live[i].next_logits))
         return ids
-
-    @torch.inference_mode()
-    def forward_rows(self, seq: Sequence, ids: list[int]) -> torch.Tensor:
-        """Feed ids at seq's next positions; final normed hidden states [len(ids), D] (`logits` projects them).
-
-        Each id is a one-token row of its own over seq's slot (rows see their own earlier keys through
-        the mask), so every row computes what a one-token decode step at its position computes; one
-        row is a plain decode step. Speculative decoding's verify forward; see `rollback`.
-        """
-        T = len(ids)
-        toks = torch.tensor(ids, device=self.device).view(T, 1)
-        pos = torch.arange(seq.fed, seq.fed + T, device=self.device).view(T, 1)
-        slots = torch.full((T,), seq.slot, device=self.device)
-        with self._adapter_rows([seq] * T):
-            h = self.model.hidden(toks, pos, self.cache, slots)[:, -1]
-        seq.fed += T
-        self._last = None     # these rows are not a batch step's: _greedy_ids must not read them
-        return h
-
-    @torch.inference_mode()
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """Float32 logits [N, V] of hidden states [N, D] (a verify projects only the rows it reaches)."""
-        return self.model.output(h).float()
-
-    def rollback(self, seq: Sequence, fed: int) -> None:
-        """Keep only seq's first `fed` cached positions (drop a rejected draft's keys and values).
-
-        A slot's valid length is seq.fed alone: the cache attends positions up to each row's own, and
-        the next forward writes over the dropped ones, so nothing in the cache needs erasing.
-        """
-        if not 0 <= fed <= seq.fed:
-            raise ValueError(f"cannot roll back to {fed} cached positions: {seq.fed} are cached")
-        seq.fed = fed
 
     def advance(self, seq: Sequence, tid: int | None = None) -> TokenEvent:
         """Choose seq's next token from seq.next_logits (tid: already chosen by a greedy argmax),
@@ -471,13 +520,9 @@ def generate(model, prompt: Seq[int], params: SamplingParams = SamplingParams(),
     lookup = as_lookup(lookup)
     n = len(prompt)
     need = min(n + max(params.max_tokens, 1), model.args.max_seq_len)
-    batch = Batch(model, tokenizer, max_batch=1, max_seq=max(need, min(max_seq or need, model.args.max_seq_len)))
+    batch = Batch(model, tokenizer, max_batch=1, max_seq=max(need, min(max_seq or need, model.args.max_seq_len)),
+                  lookup=lookup)
     seq = batch.add(prompt, params, stop_ids)
-    if seq.finish_reason:
-        return
-    if lookup is not None:
-        yield from decode_with_lookup(batch, seq, lookup)
-        return
     while not seq.finish_reason:
         for _, ev in batch.step():
             if ev.error is not None:

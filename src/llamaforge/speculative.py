@@ -4,15 +4,17 @@ When the text being written repeats the context (a summary quoting its source, a
 an answer citing a passage, code), the tokens that followed the latest n-gram's earlier occurrence
 are a good guess for what comes next. `PromptLookup` proposes up to k such tokens; one forward over
 [last token + draft] scores them all, and the longest prefix the model itself would have produced
-is kept, plus the model's own token after it. Rejected positions are rolled back by bookkeeping:
-a slot's cache holds `seq.fed` valid positions and the next forward overwrites the rest.
+is kept, plus the model's own token after it. The forward is a `generate.Batch` step (`Batch(...,
+lookup=...)`, `_drafts` and `_verify` there), so `generate()` and the server's continuous batching
+draft alike. Rejected positions are dropped by bookkeeping: a slot's cache holds `seq.fed` valid
+positions and the next forward overwrites the rest.
 
 Exactness. Every emitted token is chosen by the ordinary sampler (`Batch.advance`: penalties,
 logit bias, logits processors, stop rules) from the logits row of its own position, in order, and
 a draft token is accepted only when that choice equals it. The verify forward runs each token as a
 row of its own (a batch of one-token rows over the same slot), so every row takes the arithmetic of
 a one-token decode step; on GGUF block models with the native kernels those logits are bitwise the
-ones plain decoding computes (see `_ATTN_GROUP` for the one condition). Hence greedy output, and
+ones plain decoding computes (see `ATTN_GROUP` for the one condition). Hence greedy output, and
 seeded sampled output, is token for token that of plain decoding. For temperature > 0 the rule
 "sample x ~ p; accept the draft d if x == d, else emit x" is exact speculative sampling for a
 deterministic draft: d is kept with probability p(d), and on rejection x follows p with d removed
@@ -21,18 +23,18 @@ which matters only at an exact near-tie.
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
 # The native decode attention sums a row's softmax terms 16 keys at a time (vector exp) and the
 # keys past the last full group one by one (scalar exp). A verify row at position p attends to
 # p + 1 keys in both plain decoding and the verify forward, but the forward's key count is that of
-# its last row; masked keys add exact zeros, so a row's sums are bitwise the same only while every
-# row's key count lies in the same group of 16 as the last row's. Drafts are cut to stay inside it.
-_ATTN_GROUP = 16
+# its longest row (in a batch, over all its sequences); masked keys add exact zeros, so a row's sums
+# are bitwise those of plain decoding only while the forward's key count stays in the group of 16
+# it has without the draft. Drafts are cut to stay inside it (`Batch._drafts`).
+ATTN_GROUP = 16
 
 
 @dataclass
@@ -115,7 +117,7 @@ class DraftModel:
     def draft(self, seq: Any, room: int) -> list[int]:
         return self.propose(seq.prompt + seq.out, room)
 
-    def measured(self, drafted: int, kept: int, seconds: float) -> None:
+    def measured(self, drafted: int, kept: int, seconds: float | None) -> None:
         """Nothing to learn: the draft model always proposes k tokens."""
 
     @torch.inference_mode()
@@ -261,54 +263,10 @@ class _NgramDrafter:
         draft, self.n = index.draft(self.k)
         return draft[:self.budget.length(self.n, min(len(draft), room))] if draft else []
 
-    def measured(self, drafted: int, kept: int, seconds: float) -> None:
-        """A forward of 1 + drafted rows took `seconds` of CPU time and kept `kept` draft tokens."""
-        self.budget.timed(drafted, seconds)
+    def measured(self, drafted: int, kept: int, seconds: float | None) -> None:
+        """A forward of 1 + drafted rows took `seconds` of CPU time (None: it carried other sequences'
+        rows too, so it says nothing of this draft's cost) and kept `kept` draft tokens."""
+        if seconds is not None:
+            self.budget.timed(drafted, seconds)
         if drafted:
             self.budget.record(self.n, drafted, kept)
-
-
-def decode_with_lookup(batch: Any, seq: Any, lookup: PromptLookup | DraftModel) -> Iterator[Any]:
-    """Yield the generate.TokenEvents of seq, a generate.Sequence just added to the generate.Batch
-    `batch` (its first token not sampled yet), drafting by the lookup's per-sequence drafter
-    (`start`: n-grams of the sequence, or a draft model) and verifying each draft in one forward.
-    (Untyped here: generate imports this module.)"""
-    stats = lookup.stats
-    drafter = lookup.start(batch, seq)
-    ev = batch.advance(seq)
-    yield ev
-    while not seq.finish_reason:
-        L = seq.length           # keys the last token's row attends to (it is not in the cache yet)
-        room = min(seq.params.max_tokens - len(seq.out) - 1,   # the forward yields up to room + 1 tokens
-                   batch.max_seq - L,                           # the last row's position stays in the cache
-                   _ATTN_GROUP - 1 - L % _ATTN_GROUP)           # see _ATTN_GROUP
-        draft = drafter.draft(seq, room)
-        d = len(draft)
-        t0 = time.thread_time()
-        hidden = batch.forward_rows(seq, [seq.out[-1]] + draft)   # [1 + d, D]
-        # the vocabulary projection is a third of a row's cost: row 0 first, the others only if its
-        # token is the draft's (a first-token rejection is the common one)
-        rows = batch.logits(hidden[:1])
-        spent = time.thread_time() - t0
-        kept = 0
-        for i in range(d + 1):
-            if i == 1:
-                t0 = time.thread_time()
-                rows = batch.logits(hidden[1:])
-                spent += time.thread_time() - t0
-            seq.next_logits = row = rows[0 if i == 0 else i - 1]
-            ev = batch.advance(seq, int(row.argmax()) if seq.plain_greedy else None)
-            yield ev
-            if seq.finish_reason or i == d or ev.id != draft[i]:
-                break
-            kept += 1
-        drafter.measured(d, kept, spent)
-        # positions of the rejected draft tokens hold stale keys: forget them (the next forward
-        # overwrites them, and no row attends beyond its own position)
-        batch.rollback(seq, seq.fed - d + kept)
-        if d:
-            stats.verifies += 1
-            stats.drafted += d
-            stats.accepted += kept
-        else:
-            stats.plain_steps += 1

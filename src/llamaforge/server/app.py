@@ -23,6 +23,7 @@ from ..api import Weights
 from ..commands import KVType, Quantize, load_model
 from ..paths import default_model_path
 from ..safety.guard import Guard
+from ..speculative import as_lookup
 from ..safety.taxonomy import Taxonomy, check_taxonomy
 from .gate import MAX_BODY, Gate
 from .routes import WEB, open_routes, router
@@ -35,18 +36,21 @@ DEFAULT_CTX = 2048          # KV cache per slot when --ctx is not given (the cac
 def create_app(llm, *, model_id: str | None = None, api_key: str | None = None, max_batch: int = 8,
                ctx: int | None = None, max_queue: int = 64, guard=None, max_body: int = MAX_BODY,
                threads: int | None = None, adapters: dict[str, str] | None = None,
-               lora_updates: bool = False, guard_taxonomy: Taxonomy = "llama-guard-1") -> FastAPI:
+               lora_updates: bool = False, guard_taxonomy: Taxonomy = "llama-guard-1", lookup: int = 0,
+               lookup_max_batch: int = 1) -> FastAPI:
     """The FastAPI app serving `llm` (a llamaforge.api.Llama); the scheduler runs while the app does.
 
     adapters: LoRA adapter folders by model name, served next to the base; lora_updates: allow
     loading and unloading adapters at run time (POST /v1/load_lora_adapter, /v1/unload_lora_adapter).
     guard_taxonomy: how the guard's refusals name the categories (llama-guard-1 O-codes or mlcommons S-codes).
+    lookup: speculative decoding by prompt lookup, up to this many draft tokens per forward (0: off),
+    while at most lookup_max_batch sequences are decoding.
     """
     check_taxonomy(guard_taxonomy)
     ctx = min(ctx or DEFAULT_CTX, llm.args.max_seq_len)
     srv = Server(llm, model_id=model_id or "llamaforge", api_key=api_key, max_batch=max_batch, ctx=ctx,
                  max_queue=max_queue, guard=guard, threads=threads, adapters=adapters, lora_updates=lora_updates,
-                 guard_taxonomy=guard_taxonomy)
+                 guard_taxonomy=guard_taxonomy, lookup=lookup, lookup_max_batch=lookup_max_batch)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -123,7 +127,8 @@ def serve(*, model: str | None = None, host: str = "127.0.0.1", port: int = 8000
           max_batch: int = 8, ctx: int | None = None, max_queue: int = 64, guard: bool = False,
           weights: Weights | None = None, quantize: Quantize = "none", max_body: int = MAX_BODY,
           threads: int | None = None, kv_type: KVType | None = None, lora: list[str] | None = None,
-          allow_lora_updates: bool = False, guard_taxonomy: Taxonomy = "llama-guard-1") -> int:
+          allow_lora_updates: bool = False, guard_taxonomy: Taxonomy = "llama-guard-1", lookup: int = 0,
+          lookup_max_batch: int = 1) -> int:
     """Serve a model over an OpenAI-compatible HTTP API with continuous batching and a web chat page at /.
 
     model: checkpoint (Meta folder, HF folder or .gguf); the bundled SmolLM2 when omitted
@@ -142,6 +147,8 @@ def serve(*, model: str | None = None, host: str = "127.0.0.1", port: int = 8000
     kv_type: KV cache element type (f16 halves its memory, q8_0 keeps 34/128 of it: more tokens fit); default: f16 for GGUF models computed from their blocks (as llama.cpp), else the model's dtype
     lora: NAME=DIR: serve the PEFT LoRA adapter in DIR as model NAME next to the base (repeatable); rows of different adapters share each batch
     allow_lora_updates: let API clients load and unload adapters (POST /v1/load_lora_adapter {lora_name, lora_path}, /v1/unload_lora_adapter): it reads any adapter folder the server can
+    lookup: speculative decoding by prompt lookup, up to K draft tokens per forward (e.g. 8; 0: off); the same tokens, faster when answers repeat their prompt
+    lookup_max_batch: draft only while at most this many sequences are decoding (on a CPU each draft row costs the whole batch about a sequence's compute)
     """
     if not 0 < port < 65536:
         raise ValueError(f"port {port} is not in 1..65535")
@@ -153,6 +160,9 @@ def serve(*, model: str | None = None, host: str = "127.0.0.1", port: int = 8000
         raise ValueError("max_body must be >= 1")
     if threads is not None and threads < 1:
         raise ValueError("threads must be >= 1")
+    if lookup_max_batch < 1:
+        raise ValueError("lookup_max_batch must be >= 1")
+    as_lookup(lookup)   # a bad K fails before the model loads
     check_taxonomy(guard_taxonomy)
     adapters = {}
     for spec in lora or []:
@@ -170,10 +180,12 @@ def serve(*, model: str | None = None, host: str = "127.0.0.1", port: int = 8000
     model_id = path.stem if path.is_file() else path.name
     app = create_app(llm, model_id=model_id, api_key=api_key, max_batch=max_batch, ctx=ctx, max_queue=max_queue,
                      guard=checker, max_body=max_body, threads=threads, adapters=adapters,
-                     lora_updates=allow_lora_updates, guard_taxonomy=guard_taxonomy)
+                     lora_updates=allow_lora_updates, guard_taxonomy=guard_taxonomy, lookup=lookup,
+                     lookup_max_batch=lookup_max_batch)
     srv = app.state.server
     print(f"llamaforge: serving {model_id!r} on http://{host}:{port}  (batch {max_batch}, context "
           f"{srv.scheduler.max_seq}, queue {max_queue}{', guarded' if checker else ''}"
-          f"{', adapters ' + ', '.join(adapters) if adapters else ''})", flush=True)
+          f"{', adapters ' + ', '.join(adapters) if adapters else ''}"
+          f"{f', prompt lookup {lookup}' if lookup else ''})", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")
     return 0

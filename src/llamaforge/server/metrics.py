@@ -50,6 +50,13 @@ def prometheus(srv: Server) -> str:
     metric("llamaforge_embedding_tokens_total", "counter", "Tokens of embedded inputs.", [("", st.embed_tokens_total)])
     metric("llamaforge_embedding_seconds_total", "counter", "Time in embedding forwards (between decode steps).",
            [("", round(st.embed_seconds_total, 6))])
+    if s.lookup is not None:
+        ls = s.lookup.stats
+        metric("llamaforge_speculative_verifies_total", "counter", "Forwards that verified a prompt-lookup draft.",
+               [("", ls.verifies)])
+        metric("llamaforge_speculative_draft_tokens_total", "counter", "Draft tokens verified.", [("", ls.drafted)])
+        metric("llamaforge_speculative_accepted_tokens_total", "counter",
+               "Draft tokens kept (each saved a decode step).", [("", ls.accepted)])
     metric("llamaforge_http_errors_total", "counter", "Error responses, by status.",
            [(f'{{status="{k}"}}', v) for k, v in sorted(srv.http_errors.items())] or [('{status="400"}', 0)])
     return "\n".join(lines) + "\n"

@@ -22,6 +22,7 @@ import torch
 from ..embedding import pool
 from ..generate import Batch, Sequence, TokenEvent, check_prompt
 from ..sampling import SamplingParams
+from ..speculative import as_lookup
 
 log = logging.getLogger(__name__)
 
@@ -95,18 +96,22 @@ class Scheduler:
 
     def __init__(self, model, tokenizer, *, max_batch: int = 8, max_seq: int | None = None, max_queue: int = 64,
                  prefix_reuse: bool = True, threads: int | None = None, embed_busy: int = 128,
-                 embed_idle: int = 2048, adapters=None):
+                 embed_idle: int = 2048, adapters=None, lookup: int = 0, lookup_max_batch: int = 1):
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
         if max_queue < 0:
             raise ValueError("max_queue must be >= 0")
         if threads is not None and threads < 1:
             raise ValueError("threads must be >= 1")
+        if lookup_max_batch < 1:
+            raise ValueError("lookup_max_batch must be >= 1")
+        self.lookup = as_lookup(lookup)   # prompt-lookup drafting (its stats feed /metrics), or None
         self.threads = threads
         self.threads_in_use: int | None = None
         # the Batch (its KV cache) is made on the scheduler thread, the only one that runs the model
         self._make_batch = lambda: Batch(model, tokenizer, max_batch=max_batch, max_seq=max_seq,
-                                         prefix_reuse=prefix_reuse, adapters=adapters)
+                                         prefix_reuse=prefix_reuse, adapters=adapters, lookup=self.lookup,
+                                         lookup_max_batch=lookup_max_batch)
         self.adapters = adapters              # a multilora.AdapterBank, changed on this thread only (call())
         self._calls: collections.deque = collections.deque()   # (fn, future): run between two steps
         self.batch: Batch | None = None
@@ -386,13 +391,13 @@ class Scheduler:
 
     def _step(self) -> None:
         t0 = time.perf_counter()
-        self.batch.step(emit=self._emit)   # tokens go out before the forward that follows them
+        events = self.batch.step(emit=self._emit)   # tokens go out before the forward that follows them
+        self.stats.step_rows_total += len({id(seq) for seq, _ in events})   # forced or drafted tokens add events, not rows
         self.stats.steps_total += 1
         self.stats.step_seconds_total += time.perf_counter() - t0
 
     def _emit(self, events: list[tuple[Sequence, TokenEvent]]) -> None:
         now = time.perf_counter()
-        self.stats.step_rows_total += len({id(seq) for seq, _ in events})   # forced tokens add events, not rows
         out = []
         for seq, ev in events:
             job = self._running.get(id(seq))

@@ -59,7 +59,8 @@ class Server:
 
     def __init__(self, llm, *, model_id: str, api_key: str | None, max_batch: int, ctx: int, max_queue: int,
                  guard=None, threads: int | None = None, adapters: dict[str, str] | None = None,
-                 lora_updates: bool = False, guard_taxonomy: str = "llama-guard-1"):
+                 lora_updates: bool = False, guard_taxonomy: str = "llama-guard-1", lookup: int = 0,
+                 lookup_max_batch: int = 1):
         self.llm = llm
         self.tok = llm.tokenizer
         self.model_id = model_id
@@ -75,7 +76,7 @@ class Server:
                 raise ValueError(f"adapter name {name!r} is the base model's id; choose another")
             bank.load(name, path)
         self.scheduler = Scheduler(llm.model, llm.tokenizer, max_batch=max_batch, max_seq=ctx, max_queue=max_queue,
-                                   threads=threads, adapters=bank)
+                                   threads=threads, adapters=bank, lookup=lookup, lookup_max_batch=lookup_max_batch)
         self.constrainer = Constrainer(llm.tokenizer, llm.args.vocab_size)
         self.created = int(time.time())
         self.http_errors: dict[int, int] = {}
