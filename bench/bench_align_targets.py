@@ -104,6 +104,7 @@ def main() -> int:
     ap.add_argument("--dpo-steps", type=int, default=50)
     ap.add_argument("--dpo-lr", type=float, default=1e-4)
     ap.add_argument("--ppo-steps", type=int, default=20)
+    ap.add_argument("--ppo-lr", type=float, default=1e-4)
     ap.add_argument("--n-held", type=int, default=60)
     ap.add_argument("--n-harm", type=int, default=60)
     ap.add_argument("--n-benign", type=int, default=60)
@@ -121,7 +122,8 @@ def main() -> int:
     rm = train("reward", work / "rm", {"max_steps": a.rm_steps, "train.eval_every": a.rm_steps})
     runs = {"DPO": train("dpo", work / "dpo", {"max_steps": a.dpo_steps, "train.lr": a.dpo_lr,
                                         "train.eval_every": a.dpo_steps}),
-            "PPO": train("ppo", work / "ppo", {"max_steps": a.ppo_steps, "reward": str(work / "rm")})}
+            "PPO": train("ppo", work / "ppo", {"max_steps": a.ppo_steps, "train.lr": a.ppo_lr,
+                                        "reward": str(work / "rm")})}
 
     from llamaforge.eval.safety_tasks import is_refusal
     from llamaforge.train.reward import Reward
@@ -156,7 +158,7 @@ def main() -> int:
             f"overrides in the command. Reward model: {a.rm_steps} steps (`hh_reward.yaml`), held-out pairwise "
             f"accuracy **{rm.get('val_accuracy', float('nan')):.3f}**, {rm['wall_s'] / 60:.1f} min. "
             f"DPO: {a.dpo_steps} steps, lr {a.dpo_lr:g} (`hh_dpo.yaml`), {runs['DPO']['wall_s'] / 60:.1f} min. "
-            f"PPO: {a.ppo_steps} optimiser steps, {runs['PPO'].get('ppo_epochs', 2)} per rollout of 8 prompts "
+            f"PPO: {a.ppo_steps} optimiser steps, lr {a.ppo_lr:g}, {runs['PPO'].get('ppo_epochs', 2)} per rollout of 8 prompts "
             f"(`hh_ppo.yaml`, against that reward model), "
             f"{runs['PPO']['wall_s'] / 60:.1f} min; last rollout: mean reward {runs['PPO'].get('score', float('nan')):.3f}, "
             f"KL per answer {runs['PPO'].get('kl', float('nan')):.3f}.", "",
@@ -185,7 +187,7 @@ def main() -> int:
     body += ["", f"Generation took {got['start s']:.0f} s (start), {got['DPO s']:.0f} s (DPO), {got['PPO s']:.0f} s (PPO); "
              f"{a.threads} torch thread(s).", "", machine_line(), "",
              f"Command: `.venv/bin/python bench/bench_align_targets.py --rm-steps {a.rm_steps} --dpo-steps {a.dpo_steps} "
-             f"--dpo-lr {a.dpo_lr:g} --ppo-steps {a.ppo_steps} --n-held {a.n_held} --n-harm {a.n_harm} --n-benign "
+             f"--dpo-lr {a.dpo_lr:g} --ppo-steps {a.ppo_steps} --ppo-lr {a.ppo_lr:g} --n-held {a.n_held} --n-harm {a.n_harm} --n-benign "
              f"{a.n_benign} --max-new {a.max_new} --threads {a.threads}`"]
     text = "\n".join(body)
     print(text)

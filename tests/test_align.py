@@ -206,7 +206,9 @@ def test_align_cli_resumes_after_a_kill(method, make_checkpoint, tiny_tokenizer,
     losses, held-out metrics and model files; the output has curves, a model card and openness report."""
     base, _ = make_checkpoint("hf", tokenizer=tiny_tokenizer)
     data = _jsonl(tmp_path / "pairs.jsonl", _records(40))
-    common = ["align", "--method", method, "--model", str(base), "--data", str(data), "--max-steps", "6",
+    extra = _jsonl(tmp_path / "extra.jsonl", _records(5))     # --extra-data: train part only
+    common = ["align", "--method", method, "--model", str(base), "--data", str(data), "--extra-data", str(extra),
+              "--max-steps", "6",
               "--seq-len", "120", "--lora-r", "4", "--lora-dropout", "0.1", "--train.micro-batch-size", "2",
               "--train.save-every", "2", "--train.eval-every", "3", "--train.eval-batches", "2", "--train.lr", "1e-2",
               "--train.warmup-steps", "1", "--train.precision", "fp32", "--no-train.progress"]
@@ -232,7 +234,10 @@ def test_align_cli_resumes_after_a_kill(method, make_checkpoint, tiny_tokenizer,
     assert (out / "loss_curve.png").stat().st_size > 1000
     card = json.loads((out / "model_card.json").read_text())
     assert card["produced_by"] == f"llamaforge align --method {method}" and len(card["openness"]) == 14
-    assert len(card["data_files"][0]["sha256"]) == 64 and card["training_config"]["train_pairs"] == 36
+    assert len(card["data_files"][0]["sha256"]) == 64 and card["training_config"]["train_pairs"] == 36 + 5
+    assert card["training_config"]["held_out_pairs"] == 4
+    assert card["data_files"][1]["path"] == str(extra) and card["data_files"][1]["split"] == "train only"
+    assert len(card["data_files"][1]["sha256"]) == 64
     assert (out / "OPENNESS.md").is_file() and "reward_chosen" in b[-1]
     if method == "reward":
         _reward_folder_round_trip(out)

@@ -17,7 +17,7 @@ import torch
 from ..fileio import atomic_write, load_torch_file
 from ..formats import hf
 from ..lora import LoraConfig, apply_lora, save_adapter_tensors
-from .align_inputs import split_and_base, train_config
+from .align_inputs import data_files, split_and_base, train_config
 from .configs import AlignConfig
 from .distributed import setup
 from .pairs import PairSource, render_pairs
@@ -136,9 +136,7 @@ def run_align(opts: AlignConfig) -> dict:
                         lora_targets=list(lora_cfg.targets))
     card = dict(produced_by=f"llamaforge align --method {opts.method}", base_model=base_name, args=model.args,
                 method=_method_name(opts), license=license, training_config=settings,
-                data_files=[{"path": str(opts.data), "role": "tune",
-                             "split": f"{1 - opts.held_out:.0%} train / {opts.held_out:.0%} held out "
-                                      f"(seed {opts.split_seed})"}])
+                data_files=data_files(opts))
     trainer = Trainer(trained, cfg, train, val, export=export, card=card, ctx=ctx, started=started,
                       objective=objective)
     summary = trainer.fit()

@@ -85,6 +85,7 @@ class AlignConfig:
     method: reward (a scalar-head reward model), dpo, rejection-sampling (best of K by --reward, then SFT) or ppo (LoRA policy against --reward)
     model: base checkpoint (Meta/HF folder or .gguf, dequantized to float32); bundled SmolLM2 when omitted
     data: preference JSONL(.gz): {"prompt" or "messages", "chosen", "rejected", optional "margin"}, or HH-RLHF transcripts
+    extra_data: more preference JSONL files, added to the train part only (never held out), e.g. borderline pairs that keep a safety tune from refusing safe requests
     output: run folder; holds the final model (reward: HF LlamaForSequenceClassification; dpo: adapter or HF model)
     reward: reward model folder (for methods that need one: rejection-sampling, ppo)
     max_steps: optimiser steps (a shortcut for train.max_steps)
@@ -118,6 +119,7 @@ class AlignConfig:
     method: Literal["reward", "dpo", "rejection-sampling", "ppo"] = "dpo"
     model: str | None = path_field()
     data: str | None = path_field()
+    extra_data: list[str] | None = path_field()
     output: str | None = path_field()
     reward: str | None = path_field()
     max_steps: int | None = None

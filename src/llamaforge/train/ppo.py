@@ -229,7 +229,7 @@ def run_ppo(opts, score: Scorer | None = None) -> dict:
 
     from ..cards import sha256_file
     from ..lora import LoraConfig, apply_lora, save_adapter_tensors
-    from .align_inputs import split_and_base, train_config
+    from .align_inputs import data_files, split_and_base, train_config
     from .distributed import setup
     from .rejection import SampleSettings, train_prompts
     from .reward import Reward
@@ -288,9 +288,7 @@ def run_ppo(opts, score: Scorer | None = None) -> dict:
                 method=f"align: PPO (KL coefficient {opts.kl_coef}, clip {opts.cliprange}, GAE γ={opts.gamma} "
                        f"λ={opts.lam}, {opts.ppo_epochs} epoch(s) per rollout) (LoRA r={lora_cfg.r})",
                 license=ckpt.license, training_config=settings_card,
-                data_files=[{"path": str(opts.data), "role": "tune",
-                             "split": f"{1 - opts.held_out:.0%} train / {opts.held_out:.0%} held out "
-                                      f"(seed {opts.split_seed}); prompts of the train part only"}])
+                data_files=data_files(opts, "; prompts of the train part only"))
     trainer = Trainer(model, cfg, source, None, export=export, card=card, ctx=ctx, started=started, objective=objective)
     summary = trainer.fit()
     summary.update(score=trainer._last("score"), kl=trainer._last("kl"), val_accuracy=None)

@@ -316,7 +316,7 @@ def run_rejection(opts) -> dict:
     split's prompts into OUTPUT/samples.jsonl, then fine-tune on it with `finetune` (unless sample_only)."""
     import gc
     from ..cards import sha256_file, write_model_card
-    from .align_inputs import split_and_base, train_config
+    from .align_inputs import data_files as align_data_files, split_and_base, train_config
     from .commands import run_finetune
     from .configs import FinetuneConfig
     from .reward import Reward
@@ -347,7 +347,6 @@ def run_rejection(opts) -> dict:
     rm = Reward.load(opts.reward) if opts.reward else None
     score = (lambda convs: rm.score(convs, batch_size=settings.gen_batch)) if rm else None
     base_name = str(ckpt.path) if ckpt.path else str(opts.model)
-    split = f"{1 - opts.held_out:.0%} train / {opts.held_out:.0%} held out (seed {opts.split_seed}); prompts of the train part only"
     run = {"method": "ghost-attention" if opts.ghost_attention else "rejection-sampling", "policy": base_name,
            "reward_model": str(Path(opts.reward).resolve()) if opts.reward else None, **asdict(settings),
            "seq_len": seq_len, "held_out": opts.held_out, "split_seed": opts.split_seed,
@@ -374,7 +373,7 @@ def run_rejection(opts) -> dict:
     method = (f"align: Ghost Attention data ({settings.k} sample(s) per turn" if opts.ghost_attention
               else f"align: rejection sampling (best of {settings.k} by the reward model") + \
         f", temperature {settings.temperature})"
-    data_files = [{"path": str(opts.data), "role": "tune", "split": split}]
+    data_files = align_data_files(opts, "; prompts of the train part only")
     card = dict(produced_by="llamaforge align --method rejection-sampling", method=method, eval_results=stats,
                 license=ckpt.license)
     if opts.sample_only:
