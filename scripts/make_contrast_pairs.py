@@ -9,9 +9,10 @@ them is in `hard_prompts.csv`, whose safe rows measure over-refusal, nor in AdvB
 StrongREJECT): for a `safe` row the starting model's own greedy answer is `chosen` and a refusal
 `rejected`; for an `unsafe` row (a request only, no harmful content) the refusal is `chosen` and the
 model's answer `rejected`. Rows where the model refused are left out (no answer to contrast).
-Refusals are hand-written sentences, taken in turn, the same ones on both sides, and both sides
-get the same number of pairs (evenly spaced rows of the bigger side are kept), so a refusal's
-wording is neither preferred nor punished on its own: only the request decides.
+Refusals are hand-written sentences, taken in turn, the same ones on both sides. `--safe-per-unsafe R`
+keeps R safe-prompt pairs per unsafe-prompt pair (evenly spaced rows of a side are kept when it has
+more): 1 makes a refusal's wording neither preferred nor punished on its own; the default 2 leans
+against refusing, to offset the harmlessness pairs the file is mixed with.
 
     .venv/bin/python scripts/make_contrast_pairs.py [--model PATH] [--out configs/data/contrast_pairs.jsonl]
 """
@@ -43,6 +44,8 @@ def main() -> int:
     ap.add_argument("--out", default=str(ROOT / "configs" / "data" / "contrast_pairs.jsonl"))
     ap.add_argument("--max-new", type=int, default=96)
     ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--safe-per-unsafe", type=float, default=2.0,
+                    help="safe-prompt pairs kept per unsafe-prompt pair (1: as many of each)")
     a = ap.parse_args()
     from llamaforge.api import Llama
     from llamaforge.eval.harness import LM
@@ -58,9 +61,13 @@ def main() -> int:
     for conv, (_, safe), answer in zip(convs, rows, answers):
         if not is_refusal(answer.strip()):
             usable[safe].append((conv, answer.strip()))
-    n = min(len(usable[True]), len(usable[False]))
+    if a.safe_per_unsafe <= 0:
+        sys.exit("--safe-per-unsafe must be > 0")
+    n_unsafe = min(len(usable[False]), int(len(usable[True]) / a.safe_per_unsafe))
+    count = {False: n_unsafe, True: min(len(usable[True]), round(n_unsafe * a.safe_per_unsafe))}
     lines, kinds = [], {True: 0, False: 0}
     for safe, items in usable.items():
+        n = count[safe]
         for i in range(n):
             conv, answer = items[i * len(items) // n]
             refusal = REFUSALS[i % len(REFUSALS)]
@@ -72,8 +79,8 @@ def main() -> int:
     atomic_write_text(out, "\n".join(lines) + "\n")
     print(f"{out}: {kinds[True]} safe-prompt pairs (answer preferred), {kinds[False]} unsafe-prompt pairs "
           f"(refusal preferred); of {len(rows)} prompts, {len(rows) - len(usable[True]) - len(usable[False])} refused "
-          f"by the model and {len(usable[True]) + len(usable[False]) - len(lines)} beyond the smaller side's count "
-          f"left out")
+          f"by the model and {len(usable[True]) + len(usable[False]) - len(lines)} beyond --safe-per-unsafe "
+          f"{a.safe_per_unsafe:g} left out")
     return 0
 
 
