@@ -348,7 +348,7 @@ class Batch:
             pending, draft = s.out[s.fed - len(s.prompt):], drafts.get(s, [])
             first.append(len(rows) + len(pending) - 1)
             if draft:
-                later[s] = range(first[-1] + 1, first[-1] + 1 + len(draft))
+                later[s] = slice(first[-1] + 1, first[-1] + 1 + len(draft))
             rows += [(s, t, s.fed + j) for j, t in enumerate(pending + draft)]
         toks = torch.tensor([[t] for _, t, _ in rows], device=self.device)
         pos = torch.tensor([[p] for _, _, p in rows], device=self.device)
@@ -394,7 +394,7 @@ class Batch:
             out[s] = s.drafter.draft(s, room) if room > 0 else []
         return out
 
-    def _verify(self, seq: Sequence, draft: list[int], h: torch.Tensor, rows: range | None,
+    def _verify(self, seq: Sequence, draft: list[int], h: torch.Tensor, rows: slice | None,
                 spent: float | None) -> list[tuple[Sequence, TokenEvent]]:
         """Emit seq's tokens from its logits rows in order, each chosen by the ordinary sampler, while
         they equal the draft: the kept draft tokens (their keys are cached) and the model's own token
@@ -405,7 +405,7 @@ class Batch:
             for i in range(len(draft) + 1):
                 if i == 1:   # the vocabulary projection is a third of a row's cost: only once needed
                     t0 = time.thread_time()
-                    rest = self.model.output(h[torch.tensor(list(rows), device=self.device)]).float()
+                    rest = self.model.output(h[rows]).float()
                     spent = None if spent is None else spent + time.thread_time() - t0
                 if i:
                     seq.next_logits = rest[i - 1]
@@ -421,12 +421,7 @@ class Batch:
         # attends (each attends up to its own position) and the next forward overwrites
         seq.fed += kept
         seq.drafter.measured(len(draft), kept, spent)
-        stats = self.lookup.stats
-        if draft:
-            stats.verifies, stats.drafted, stats.accepted = stats.verifies + 1, stats.drafted + len(draft), \
-                stats.accepted + kept
-        else:
-            stats.plain_steps += 1
+        self.lookup.stats.count(len(draft), kept)
         return events
 
     def _fast_forward(self, seq: Sequence) -> list[TokenEvent]:

@@ -45,6 +45,13 @@ class LookupStats:
     accepted: int = 0      # draft tokens kept (each saved one decode step)
     plain_steps: int = 0   # one-token forwards (no n-gram hit, or drafting paused)
 
+    def count(self, drafted: int, kept: int) -> None:
+        """One forward of a sequence: a verify of `drafted` tokens keeping `kept`, or a plain step (0)."""
+        if drafted:
+            self.verifies, self.drafted, self.accepted = self.verifies + 1, self.drafted + drafted, self.accepted + kept
+        else:
+            self.plain_steps += 1
+
     @property
     def acceptance(self) -> float:
         return self.accepted / self.drafted if self.drafted else 0.0
