@@ -269,7 +269,11 @@ def test_align_cli_refuses_bad_input(tmp_path, capsys):
     cases = [(["--method", "ppo", "--data", str(bad)], "--method ppo needs a reward model"),
              (["--method", "dpo", "--data", str(bad)], "bad.jsonl:1: missing field(s) 'rejected'"),
              (["--data", str(tmp_path / "none.jsonl")], "none.jsonl: preference data file not found"),
-             (["--data", str(bad), "--beta", "x"], "invalid float value")]
+             (["--data", str(bad), "--beta", "x"], "invalid float value"),
+             (["--method", "ppo", "--data", str(bad), "--reward", str(tmp_path), "--safety-reward",
+               str(tmp_path / "nope")], "nope: reward model folder not found"),
+             (["--method", "ppo", "--data", str(bad), "--reward", str(tmp_path), "--safety-reward", str(tmp_path),
+               "--safety-threshold", "1.5"], "safety_threshold must be between 0 and 1")]
     for args, message in cases:
         try:
             code = main(["align", *args, *out])

@@ -12,7 +12,8 @@ import torch
 
 from conftest import tiny_model
 from llamaforge.lora import LoraConfig, adapters_disabled, apply_lora
-from llamaforge.train.ppo import PPOObjective, combine_rewards, gae, ppo_losses, token_rewards, whiten
+from llamaforge.train.ppo import (PPOObjective, RolloutSource, combine_rewards, gae, leave_one_out, ppo_losses,
+                                  token_rewards, whiten)
 
 
 def _rollout(seed=0, B=4, W=9):
@@ -77,8 +78,59 @@ def test_clipped_losses_equal_numpy():
     np.testing.assert_allclose(pg.numpy(), want_pg, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(vf.numpy(), want_vf, rtol=1e-5, atol=1e-6)
     assert 0 < clipped.mean() < 1 and np.allclose(clipped.numpy(), np.abs(ratio - 1) > 0.2)
-    got = combine_rewards(torch.tensor([0.1, 0.9, 0.9]), torch.tensor([5.0, 5.0, 5.0]), torch.tensor([0, 1, 0]))
-    assert got.tolist() == pytest.approx([0.1, 0.9, 5.0])   # the paper's eq. 3 cases
+    # the paper's eq. 3 cases on raw scores: sigmoid(-2) = 0.12 < 0.15 -> safety; a safety prompt -> safety; else helpful
+    got = combine_rewards(torch.tensor([-2.0, 1.0, 1.0, -1.5]), torch.tensor([5.0] * 4), torch.tensor([0, 1, 0, 0]))
+    assert got.tolist() == pytest.approx([-2.0, 1.0, 5.0, 5.0])
+
+
+def test_piecewise_reward_labels_safety_prompts_with_the_guard():
+    """--safety-reward: the shipped guard labels the prompt (IS_SAFETY), combine_rewards picks the score."""
+    from llamaforge.safety import Guard
+    from llamaforge.train.ppo import guard_labels, piecewise_scorer
+    convs = [[{"role": "user", "content": "Give me step-by-step instructions to build a pipe bomb at home."},
+              {"role": "assistant", "content": "No."}],
+             [{"role": "user", "content": "What is a good recipe for banana bread?"},
+              {"role": "assistant", "content": "Mash three bananas..."}],
+             [{"role": "user", "content": "How do I repot a cactus?"}, {"role": "assistant", "content": "..."}]]
+    labels = guard_labels(Guard.load())
+    assert labels(convs) == [True, False, False]
+    score = piecewise_scorer(lambda c: [0.5, 0.5, -3.0], lambda c: [9.0, 8.0, 7.0], labels)
+    assert score(convs) == pytest.approx([0.5, 8.0, -3.0])
+
+
+def test_leave_one_out_baseline_and_grouped_rollouts(tiny_tokenizer):
+    """ppo_samples K: each prompt answered K times in consecutive rows (different seeds), and the score on
+    each answer's last token is its score minus the mean of its K - 1 siblings' (NumPy)."""
+    from llamaforge.train.rejection import Policy, SampleSettings
+    x = np.random.default_rng(3).normal(size=12).astype(np.float32)
+    g = x.reshape(4, 3)
+    want = (g - (g.sum(1, keepdims=True) - g) / 2).reshape(-1)
+    np.testing.assert_allclose(leave_one_out(torch.tensor(x), 3).numpy(), want, atol=1e-6)
+    assert torch.equal(leave_one_out(torch.tensor(x), 1), torch.tensor(x))
+
+    torch.manual_seed(0)
+    model = apply_lora(tiny_model(), LoraConfig(r=4, alpha=8))
+    policy = Policy(model, tiny_tokenizer, None, SampleSettings(k=1, temperature=1.0, max_new_tokens=6, seed=0))
+    prompts = [[{"role": "user", "content": f"prompt number {i}"}] for i in range(6)]
+    seen = []
+
+    def score(convs):
+        seen.extend(convs)
+        return [float(len(c[-1]["content"])) for c in convs]
+
+    # β = 0, γ = λ = 1: the returns at every answer token are the answer's (baselined) score itself
+    src = RolloutSource(PPOObjective(model), policy, prompts, score, global_batch=6, samples=3, beta=0.0,
+                        gamma=1.0, lam=1.0)
+    tokens, mask, _, _, returns, *_ = src.rollout(0)
+    asked = [c[0]["content"] for c in seen]
+    assert asked[0] == asked[1] == asked[2] != asked[3] == asked[4] == asked[5]
+    assert len({c[-1]["content"] for c in seen[:3]}) > 1     # one prompt, different samples
+    lens = np.array([len(c[-1]["content"]) for c in seen], np.float32).reshape(2, 3)
+    want = (lens - (lens.sum(1, keepdims=True) - lens) / 2).reshape(-1)
+    for b in range(6):
+        np.testing.assert_allclose(returns[b][mask[b]].numpy(), np.full(int(mask[b].sum()), want[b]), atol=1e-4)
+    with pytest.raises(ValueError, match="divide"):
+        RolloutSource(PPOObjective(model), policy, prompts, score, global_batch=8, samples=3)
 
 
 def test_reference_is_the_model_with_adapters_off():
@@ -100,6 +152,11 @@ def test_reference_is_the_model_with_adapters_off():
     want = torch.log_softmax(logits, -1).gather(2, tokens[:, 1:, None])[..., 0][mask[:, 1:]]
     torch.testing.assert_close(ref, want, atol=1e-5, rtol=0)
     assert (lp - ref).abs().max() > 1e-3
+    obj.temperature = 0.5    # rollouts sampled at temperature T: π is softmax(logits / T), the reference too
+    with torch.no_grad(), adapters_disabled(model):
+        ref_t = obj.logps_values(tokens, mask)[0]
+    want_t = torch.log_softmax(logits / 0.5, -1).gather(2, tokens[:, 1:, None])[..., 0][mask[:, 1:]]
+    torch.testing.assert_close(ref_t, want_t, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="use --tune lora"):
         PPOObjective(tiny_model())
 

@@ -88,6 +88,8 @@ class AlignConfig:
     extra_data: more preference JSONL files, added to the train part only (never held out), e.g. borderline pairs that keep a safety tune from refusing safe requests
     output: run folder; holds the final model (reward: HF LlamaForSequenceClassification; dpo: adapter or HF model)
     reward: reward model folder (for methods that need one: rejection-sampling, ppo)
+    safety_reward: ppo: a safety reward model folder; with it the reward is Llama 2's piecewise one (eq. 3): this model's score on prompts the default guard flags or where its sigmoid is below safety_threshold, else --reward's (helpfulness)
+    safety_threshold: ppo: the piecewise reward's threshold on the safety model's sigmoid score (the paper's 0.15)
     max_steps: optimiser steps (a shortcut for train.max_steps)
     held_out: share of the pairs held out by a fixed-seed split (never trained on; validation)
     split_seed: seed of the held-out split (independent of train.seed)
@@ -111,6 +113,7 @@ class AlignConfig:
     gatt_instructions: ghost attention: instructions to attach (default: rejection.GATT_INSTRUCTIONS)
     kl_coef: ppo: β of the reward's KL penalty, score - β·(log π - log π_ref) per token
     ppo_epochs: ppo: optimiser steps on each rollout (a rollout is one global batch of prompts)
+    ppo_samples: ppo: answers sampled per prompt in a rollout; above 1, each answer's score has the mean of its siblings' scores subtracted (RLOO's leave-one-out baseline: the reward says how much better than the prompt's other answers, not how easy the prompt is)
     gamma: ppo: GAE discount
     lam: ppo: GAE λ
     cliprange: ppo: ε of the clipped ratio (and of the value clipping)
@@ -122,6 +125,8 @@ class AlignConfig:
     extra_data: list[str] | None = path_field()
     output: str | None = path_field()
     reward: str | None = path_field()
+    safety_reward: str | None = path_field()
+    safety_threshold: float = 0.15
     max_steps: int | None = None
     held_out: float = 0.1
     split_seed: int = 0
@@ -149,6 +154,7 @@ class AlignConfig:
     gatt_instructions: list[str] | None = None
     kl_coef: float = 0.05
     ppo_epochs: int = 2
+    ppo_samples: int = 1
     gamma: float = 1.0
     lam: float = 0.95
     cliprange: float = 0.2

@@ -9,7 +9,8 @@ the losses. Per-token tensors are [rows, W] aligned with the tokens: position t 
 token t, which is a response token where ``mask[:, t]``.
 
 Formulas (TRL's 0.x PPOTrainer, the reference implementation of RLHF PPO, uses the same):
-  r_t = -β (log π(y_t) - log π_ref(y_t)), plus the score on the last response token;
+  r_t = -β (log π(y_t) - log π_ref(y_t)), plus the score on the last response token (with
+  ppo_samples K > 1 answers per prompt, the score minus the mean of its K - 1 siblings' scores);
   δ_t = r_t + γ V_{t+1} - V_t, A_t = δ_t + γλ A_{t+1} (V past the end = 0), returns = A + V;
   A is whitened over the rollout's response tokens (mean 0, unbiased variance 1);
   policy loss = mean max(-A ρ, -A clip(ρ, 1-ε, 1+ε)), ρ = exp(log π - log π_old);
@@ -25,7 +26,7 @@ import torch
 from torch import nn
 
 from ..lora import adapters_disabled, lora_modules
-from .rejection import Policy, sample_seed
+from .rejection import Policy, Scorer, sample_seed
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,16 @@ def token_rewards(score: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tenso
     last = (torch.arange(mask.shape[1], device=mask.device) * mask.long()).argmax(1)
     rewards[torch.arange(mask.shape[0]), last] += score.to(rewards.dtype) * (mask.sum(1) > 0)
     return rewards, kl
+
+
+def leave_one_out(score: torch.Tensor, group: int) -> torch.Tensor:
+    """Each score minus the mean score of the other answers to its prompt (RLOO's baseline, Ahmadian et
+    al. 2024): rows come in consecutive groups of `group` answers to one prompt. What is left is how
+    much better an answer is than its siblings, not how easy its prompt is to score well on."""
+    if group <= 1:
+        return score
+    g = score.reshape(-1, group)
+    return ((g - (g.sum(1, keepdim=True) - g) / (group - 1))).reshape(-1)
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0, lam: float = 0.95
@@ -89,9 +100,27 @@ def ppo_losses(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Ten
 
 def combine_rewards(safety: torch.Tensor, helpful: torch.Tensor, is_safety: torch.Tensor,
                     threshold: float = 0.15) -> torch.Tensor:
-    """The paper's piecewise reward (eq. 3, before its logit-whitening): the safety model's score on
-    safety prompts or when it is below the threshold, else the helpfulness model's."""
-    return torch.where(is_safety.bool() | (safety < threshold), safety, helpful)
+    """The paper's piecewise reward (eq. 3) on raw reward-model scores (logits): the safety model's score
+    on safety prompts or when its sigmoid is below the threshold, else the helpfulness model's. The
+    paper's LOGIT of the chosen sigmoid score is the raw score itself; its whitening is the rollout's."""
+    return torch.where(is_safety.bool() | (torch.sigmoid(safety) < threshold), safety, helpful)
+
+
+def piecewise_scorer(safety: Scorer, helpful: Scorer, is_safety: Callable[[list[list[dict[str, str]]]], list[bool]],
+                     threshold: float = 0.15) -> Scorer:
+    """A Scorer of conversations by combine_rewards: `is_safety` labels each conversation's prompt."""
+    def score(convs: list[list[dict[str, str]]]) -> list[float]:
+        s, h = (torch.tensor(f(convs), dtype=torch.float32) for f in (safety, helpful))
+        return combine_rewards(s, h, torch.tensor(is_safety(convs)), threshold).tolist()
+    return score
+
+
+def guard_labels(guard) -> Callable[[list[list[dict[str, str]]]], list[bool]]:
+    """IS_SAFETY(prompt) of the paper from a moderation guard: the last user turn before the answer is flagged."""
+    def label(convs: list[list[dict[str, str]]]) -> list[bool]:
+        prompts = [next(m["content"] for m in reversed(c) if m["role"] == "user") for c in convs]
+        return [not v.safe for v in guard.check_batch(prompts)]
+    return label
 
 
 # ---------------------------------------------------------------- the objective
@@ -104,7 +133,7 @@ class PPOObjective(nn.Module):
     loss_label = "loss (per response token)"
 
     def __init__(self, model: nn.Module, *, cliprange: float = 0.2, cliprange_value: float = 0.2,
-                 vf_coef: float = 0.1, seed: int = 0):
+                 vf_coef: float = 0.1, seed: int = 0, temperature: float = 1.0):
         super().__init__()
         if not lora_modules(model):
             raise ValueError("PPO trains LoRA adapters (the reference is the model with them disabled): use --tune lora")
@@ -114,12 +143,14 @@ class PPOObjective(nn.Module):
         with torch.no_grad():
             self.value_head.weight.copy_(torch.randn(self.value_head.weight.shape, generator=g) * 0.02)
         self.cliprange, self.cliprange_value, self.vf_coef = cliprange, cliprange_value, vf_coef
+        self.temperature = temperature
 
     def logps_values(self, tokens: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """log π(token) and V at every response position, flattened in mask[:, 1:] order."""
+        """log π(token) and V at every response position, flattened in mask[:, 1:] order. π is the
+        distribution the rollouts sample from: the logits divided by the sampling temperature."""
         tmask = mask[:, 1:].bool()
         h = self.model.hidden(tokens[:, :-1])[tmask]
-        logits = self.model.output(h).float()
+        logits = self.model.output(h).float() / self.temperature
         logp = torch.log_softmax(logits, -1).gather(1, tokens[:, 1:][tmask].unsqueeze(1)).squeeze(1)
         return logp, self.value_head(h.to(self.value_head.weight.dtype)).squeeze(-1).float()
 
@@ -151,20 +182,23 @@ class PPOObjective(nn.Module):
 
 # ---------------------------------------------------------------- rollouts
 
-Scorer = Callable[[list[list[dict[str, str]]]], list[float]]
-
 
 class RolloutSource:
     """Rollouts as the trainer's batches: global batch G of step s comes from rollout s // ppo_epochs,
-    G prompts (a seeded permutation per pass over the prompts) answered by the current policy."""
+    G / samples prompts (a seeded permutation per pass over the prompts), each answered `samples`
+    times by the current policy (consecutive rows)."""
 
     def __init__(self, objective: PPOObjective, policy: Policy, prompts: Sequence[list[dict[str, str]]],
                  score: Scorer, *, global_batch: int, ppo_epochs: int = 1, beta: float = 0.05, gamma: float = 1.0,
-                 lam: float = 0.95, seed: int = 0, pad_id: int = 0):
+                 lam: float = 0.95, seed: int = 0, pad_id: int = 0, samples: int = 1):
         if not prompts:
             raise ValueError("no prompts for PPO rollouts")
+        if samples < 1 or global_batch % samples:
+            raise ValueError(f"ppo_samples ({samples}) must be >= 1 and divide the rollout's {global_batch} answers "
+                             "(train.micro_batch_size x train.grad_accum)")
         self.obj, self.policy, self.prompts, self.score = objective, policy, list(prompts), score
         self.G, self.epochs, self.beta, self.gamma, self.lam = global_batch, ppo_epochs, beta, gamma, lam
+        self.samples = samples
         self.seed, self.pad_id = seed, pad_id
         self._cache: tuple[int, tuple[torch.Tensor, ...]] | None = None
 
@@ -189,7 +223,8 @@ class RolloutSource:
         was = model.training
         model.eval()   # no LoRA dropout while sampling and in the old/reference log-probs
         try:
-            picks = [self._prompt(n * self.G + j) for j in range(self.G)]
+            per = self.G // self.samples
+            picks = [self._prompt(n * per + j // self.samples) for j in range(self.G)]
             ids = [self.policy.prompt_ids(self.prompts[p]) for p in picks]
             seqs = self.policy.generate(ids, [sample_seed(self.seed, n, j) for j in range(self.G)])
             rows = [(p + list(q.out)) for p, q in zip(ids, seqs)]
@@ -210,7 +245,7 @@ class RolloutSource:
                 ref_logp[:, 1:][tmask] = self.obj.logps_values(tokens, mask)[0]
         finally:
             model.train(was)
-        rewards, kl = token_rewards(score, old_logp, ref_logp, mask, self.beta)
+        rewards, kl = token_rewards(leave_one_out(score, self.samples), old_logp, ref_logp, mask, self.beta)
         adv, returns = gae(rewards, old_values * mask, mask, self.gamma, self.lam)
         adv = whiten(adv, mask)
         n_tok = mask[:, 1:].sum(1).float()
@@ -240,8 +275,15 @@ def run_ppo(opts, score: Scorer | None = None) -> dict:
         raise ValueError("--method ppo trains LoRA adapters (its reference is the model with them disabled): use --tune lora")
     if score is None and not opts.reward:
         raise ValueError("--method ppo needs a reward model: --reward DIR (train one with --method reward)")
-    if opts.reward and not Path(opts.reward).is_dir():
-        raise FileNotFoundError(f"{opts.reward}: reward model folder not found")
+    for folder in (opts.reward, opts.safety_reward):
+        if folder and not Path(folder).is_dir():
+            raise FileNotFoundError(f"{folder}: reward model folder not found")
+    if opts.safety_reward and not opts.reward:
+        raise ValueError("--safety-reward combines with the helpfulness reward model: pass --reward DIR too")
+    if not 0.0 < float(opts.safety_threshold) < 1.0:
+        raise ValueError(f"safety_threshold must be between 0 and 1, got {opts.safety_threshold}")
+    if float(opts.temperature) <= 0:
+        raise ValueError(f"PPO samples its rollouts: --temperature must be > 0, got {opts.temperature}")
     if int(opts.ppo_epochs) < 1:
         raise ValueError(f"ppo_epochs must be >= 1, got {opts.ppo_epochs}")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -265,18 +307,27 @@ def run_ppo(opts, score: Scorer | None = None) -> dict:
     if score is None:
         rm = Reward.load(opts.reward)
         score = lambda convs: rm.score(convs, batch_size=8)  # noqa: E731
-    objective = PPOObjective(model, cliprange=float(opts.cliprange), vf_coef=float(opts.vf_coef), seed=cfg.seed)
+        if opts.safety_reward:
+            from ..safety import Guard
+            srm = Reward.load(opts.safety_reward)
+            score = piecewise_scorer(lambda convs: srm.score(convs, batch_size=8), score, guard_labels(Guard.load()),
+                                     float(opts.safety_threshold))
+    objective = PPOObjective(model, cliprange=float(opts.cliprange), vf_coef=float(opts.vf_coef), seed=cfg.seed,
+                             temperature=settings.temperature)
     source = RolloutSource(objective, policy, [p for _, p in items], score,
                            global_batch=cfg.micro_batch_size * cfg.grad_accum, ppo_epochs=int(opts.ppo_epochs),
                            beta=float(opts.kl_coef), gamma=float(opts.gamma), lam=float(opts.lam),
-                           seed=int(opts.sample_seed), pad_id=tok.pad_id if tok.pad_id is not None else (tok.eos_id or 0))
+                           seed=int(opts.sample_seed), pad_id=tok.pad_id if tok.pad_id is not None else (tok.eos_id or 0),
+                           samples=int(opts.ppo_samples))
     base_name = str(ckpt.path) if ckpt.path else str(opts.model)
 
     def export(state: dict[str, torch.Tensor], directory: Path) -> None:
         save_adapter_tensors(state, model.args, lora_cfg, directory, base_model=base_name)
 
     settings_card = {"method": "ppo", "reward_model": str(Path(opts.reward).resolve()) if opts.reward else "a function",
-                     "kl_coef": opts.kl_coef, "ppo_epochs": opts.ppo_epochs, "gamma": opts.gamma, "lam": opts.lam,
+                     "safety_reward_model": str(Path(opts.safety_reward).resolve()) if opts.safety_reward else None,
+                     "safety_threshold": opts.safety_threshold if opts.safety_reward else None,
+                     "kl_coef": opts.kl_coef, "ppo_epochs": opts.ppo_epochs, "ppo_samples": opts.ppo_samples, "gamma": opts.gamma, "lam": opts.lam,
                      "cliprange": opts.cliprange, "vf_coef": opts.vf_coef, "temperature": opts.temperature,
                      "top_p": opts.top_p, "max_new_tokens": opts.max_new_tokens, "sample_seed": opts.sample_seed,
                      "seq_len": seq_len, "held_out": opts.held_out, "split_seed": opts.split_seed,
