@@ -305,3 +305,21 @@ def test_precomputed_reference_equals_adapters_off(tiny_tokenizer):
     t2 = reference_table(DPOObjective(full, reference="copy"), src, batch_size=5)
     with torch.no_grad():
         torch.testing.assert_close(t2[index, 0], sequence_logps(full, tokens, mask)[:5], atol=1e-5, rtol=0)
+
+
+def test_shipped_align_configs_build():
+    """Every configs/hh_*.yaml builds into AlignConfig with its files in place, and PPO's two reward
+    models are the outputs of the two reward configs."""
+    from llamaforge.options import build
+    from llamaforge.train.configs import AlignConfig
+    root = Path(__file__).resolve().parents[1] / "configs"
+    outputs, ppo = {}, None
+    for f in sorted(root.glob("hh_*.yaml")):
+        opts = build(AlignConfig, f, {})
+        for extra in opts.extra_data or []:
+            assert Path(extra).is_file(), (f.name, extra)
+        outputs[f.name] = Path(opts.output).resolve()
+        ppo = opts if opts.method == "ppo" else ppo
+    assert ppo is not None and ppo.ppo_samples > 1 and ppo.temperature > 0
+    assert Path(ppo.reward).resolve() == outputs["hh_borderline_reward.yaml"]
+    assert Path(ppo.safety_reward).resolve() == outputs["hh_reward.yaml"]
