@@ -40,7 +40,7 @@ BENIGN = ROOT / "src" / "llamaforge" / "safety" / "data" / "hard_prompts.csv"
 
 def train(method: str, out: Path, overrides: dict) -> dict:
     """One `llamaforge align --config configs/hh_<method>.yaml` run (skipped when out/ holds a finished one);
-    method names the config (reward, borderline_reward, dpo, ppo)."""
+    method names the config (reward, dpo, ppo)."""
     from llamaforge.options import build
     from llamaforge.train.align import run_align
     from llamaforge.train.configs import AlignConfig
@@ -121,11 +121,10 @@ def main() -> int:
     work = Path(a.workdir or tempfile.mkdtemp(prefix="llamaforge-align-targets-"))
     work.mkdir(parents=True, exist_ok=True)
     rm = train("reward", work / "rm", {"max_steps": a.rm_steps, "train.eval_every": a.rm_steps})
-    rm_b = train("borderline_reward", work / "rm_borderline", {"max_steps": a.rm_steps, "train.eval_every": a.rm_steps})
     runs = {"DPO": train("dpo", work / "dpo", {"max_steps": a.dpo_steps, "train.lr": a.dpo_lr,
                                         "train.eval_every": a.dpo_steps}),
             "PPO": train("ppo", work / "ppo", {"max_steps": a.ppo_steps, "train.lr": a.ppo_lr,
-                                        "reward": str(work / "rm_borderline"), "safety_reward": str(work / "rm")})}
+                                        "reward": str(work / "rm")})}
 
     from llamaforge.eval.safety_tasks import is_refusal
     from llamaforge.train.reward import Reward
@@ -160,16 +159,14 @@ def main() -> int:
     body = ["## Alignment targets: DPO and PPO policies vs the starting policy (`bench/bench_align_targets.py`)", "",
             f"Bundled SmolLM2-135M-Instruct (GGUF dequantized to float32), LoRA r=16 on all projections, Anthropic "
             f"HH-RLHF harmless-base split 90/10 by the fixed seed; each run from its config in `configs/` with the "
-            f"overrides in the command. Reward model (the judge below, and PPO's safety model): {a.rm_steps} steps "
+            f"overrides in the command. Reward model (PPO's reward and the judge below): {a.rm_steps} steps "
             f"(`hh_reward.yaml`), held-out pairwise accuracy **{rm.get('val_accuracy', float('nan')):.3f}**, "
-            f"{rm['wall_s'] / 60:.1f} min. PPO's model for prompts the guard does not flag: {a.rm_steps} steps "
-            f"(`hh_borderline_reward.yaml`: the same pairs + the contrast pairs), held-out HH pairwise accuracy "
-            f"{rm_b.get('val_accuracy', float('nan')):.3f}, {rm_b['wall_s'] / 60:.1f} min. "
+            f"{rm['wall_s'] / 60:.1f} min. "
             f"DPO: {a.dpo_steps} steps, lr {a.dpo_lr:g} (`hh_dpo.yaml`), {runs['DPO']['wall_s'] / 60:.1f} min. "
             f"PPO: {a.ppo_steps} optimiser steps, lr {a.ppo_lr:g}, {ppo.ppo_epochs} per rollout of "
             f"{ppo.train.micro_batch_size * ppo.train.grad_accum} answers ({ppo.ppo_samples} per prompt"
-            f"{', each score minus the mean of its siblings' if ppo.ppo_samples > 1 else ''}; `hh_ppo.yaml`: the "
-            f"piecewise reward of the two models, threshold {ppo.safety_threshold:g}), "
+            f"{', each score minus the mean of its siblings' if ppo.ppo_samples > 1 else ''}; temperature "
+            f"{ppo.temperature:g}, λ {ppo.lam:g}; `hh_ppo.yaml`), "
             f"{runs['PPO']['wall_s'] / 60:.1f} min; last rollout: mean reward {runs['PPO'].get('score', float('nan')):.3f}, "
             f"KL per answer {runs['PPO'].get('kl', float('nan')):.3f}.", "",
             f"Answers: greedy, up to {a.max_new} new tokens, to the first {n} distinct held-out prompts (never trained "
